@@ -1,0 +1,35 @@
+// Operator schemas of ksl_ops, and nothing else: kernels live in cpu/ and cuda/, autograd and fake
+// (meta) kernels are registered from Python (ksl_ops/functional.py).
+//
+// `reduction` is 0 = none, 1 = mean, 2 = sum (ksl::Reduction). Backward ops take the gradients of
+// the forward's loss outputs and whatever the forward saved for them.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing ksl_ops._C runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ksl_ops, m) {
+  // KSL-P (eq. 3-6). Returns (pp, pa, row_lse): row_lse [B, N] float32 is log-sum-exp of logits/T,
+  // saved for the backward.
+  m.def("prob_consensus(Tensor logits, float temperature, bool detach_target, int reduction) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("prob_consensus_backward(Tensor grad_pp, Tensor grad_pa, Tensor logits, Tensor row_lse, "
+        "float temperature, bool detach_target, int reduction) -> Tensor");
+
+  // KSL-E (eq. 7-10). Returns (ep, ea).
+  m.def("embedding_consensus(Tensor emb, int reduction) -> (Tensor, Tensor)");
+  m.def("embedding_consensus_backward(Tensor grad_ep, Tensor grad_ea, Tensor emb, int reduction) -> Tensor");
+
+  // Per-branch (eq. 2) and cross-branch (KSL-H, eq. 11) batch-hard triplets. Returns
+  // (self, cross, pos_idx, neg_idx); the indices are int32 [B, B, N], -1 for an invalid anchor.
+  m.def("branch_triplet(Tensor emb, Tensor labels, float margin, bool soft_margin, int reduction) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("branch_triplet_backward(Tensor grad_self, Tensor grad_cross, Tensor emb, Tensor pos_idx, "
+        "Tensor neg_idx, float margin, bool soft_margin, int reduction) -> Tensor");
+}

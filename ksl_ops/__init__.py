@@ -1,0 +1,41 @@
+"""ksl-ops: fused loss kernels for Knowledge-Supervised Learning (KSL) in person re-identification.
+
+    import ksl_ops
+    pp, pa = ksl_ops.prob_consensus(logits)               # KSL-P, eq. 3-6
+    ep, ea = ksl_ops.embedding_consensus(embeddings)      # KSL-E, eq. 7-10
+    aux_t, ksl_h = ksl_ops.branch_triplet(embeddings, labels)  # eq. 2 triplets and KSL-H, eq. 11
+    crit = ksl_ops.KSLLoss(num_classes)                   # eq. 1
+"""
+from . import _ext
+from ._version import __version__
+from .functional import branch_triplet, embedding_consensus, prob_consensus
+from .losses import KSLLoss, KSLOutput
+
+__all__ = [
+    "__version__",
+    "backend",
+    "prob_consensus",
+    "embedding_consensus",
+    "branch_triplet",
+    "KSLLoss",
+    "KSLOutput",
+    "models",
+    "data",
+    "engine",
+]
+
+
+def backend() -> str:
+    """What is compiled in: "cpu" or "cpu+cuda" ("none" if the extension failed to load)."""
+    if not _ext.available():
+        return "none"
+    return "cpu+cuda" if _ext.has_cuda_kernels() else "cpu"
+
+
+def __getattr__(name):
+    # The training pieces import heavier modules; load them on first use.
+    if name in ("models", "data", "engine"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ksl_ops' has no attribute {name!r}")
