@@ -7,11 +7,20 @@ registered here with torch.library so that opcheck and torch.compile(fullgraph=T
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import _ext
+
+
+def _reference():
+    """The pure-PyTorch reference (reference/ in the repository, installed as ksl_ops.reference)."""
+    try:
+        from . import reference
+    except ImportError:  # a source checkout used without installing: reference/ is on sys.path
+        import reference
+    return reference
 
 TensorOrBranches = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -75,9 +84,48 @@ def _stack_branches(x: TensorOrBranches, name: str, shape: str) -> torch.Tensor:
     return stacked
 
 
+def _check_positive_number(value, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or value != value or value == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def _must_validate_values() -> bool:
+    """Reading tensor values (label range) would sync a GPU and break CUDA-graph capture and
+    torch.compile's full graph; skip that one check there."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
+    n = emb.size(1)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an int64 tensor of shape [N] = [{n}], got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 (torch.long) of shape [N] = [{n}], got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.numel() != n:
+        raise ValueError(f"labels must have shape [N] = [{n}] (one label per sample, shared by all branches), "
+                         f"got shape {tuple(labels.shape)}")
+    if labels.device != emb.device:
+        raise ValueError(f"labels must be on the embeddings' device {emb.device}, got {labels.device}")
+    if _must_validate_values() and bool((labels < 0).any()):
+        raise ValueError(f"labels must be non-negative identity indices, got min {int(labels.min())}")
+    return labels
+
+
 # ---------------------------------------------------------------------------------------------
 # KSL-P: prob_consensus
 # ---------------------------------------------------------------------------------------------
+
+
+def _prob_consensus_fused(z, temperature, detach_target, reduction):  # TODO(op helper): fused path
+    raise NotImplementedError("_prob_consensus_fused is not implemented yet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +133,78 @@ def _stack_branches(x: TensorOrBranches, name: str, shape: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _embedding_consensus_fused(e, reduction):  # TODO(op helper): fused path
+    raise NotImplementedError("_embedding_consensus_fused is not implemented yet")
+
+
 # ---------------------------------------------------------------------------------------------
 # Triplets within and across branches: branch_triplet
 # ---------------------------------------------------------------------------------------------
+
+
+def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):  # TODO(op helper): fused path
+    raise NotImplementedError("_branch_triplet_fused is not implemented yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API (DESIGN.md §4)
+# ---------------------------------------------------------------------------------------------
+
+
+def prob_consensus(logits: TensorOrBranches, temperature: float = 1.0, detach_target: bool = True,
+                   reduction: str = "mean", backend: str = "fused"):
+    """KSL-P (eq. 3-6): returns (pp, pa).
+
+    pp = (1/N) Σ_n Σ_{u≠v} KL(p^u_n || p^v_n); pa = (1/N) Σ_n Σ_b KL(a^b_n || p^b_n) with a^b the
+    average of the other branches' probabilities; p^b = softmax(logits^b / temperature); both times
+    temperature². With detach_target the targets (p^u, a^b) carry no gradient.
+    logits: [B, N, K] or a list of B tensors [N, K]. reduction: "mean" | "sum" | "none" (pp [B, B, N],
+    pa [B, N]).
+    """
+    z = _stack_branches(logits, "logits", "[B, N, K]")
+    if z.size(2) == 0:
+        raise ValueError(f"logits must have at least one class (K >= 1), got shape {tuple(z.shape)}")
+    temperature = _check_positive_number(temperature, "temperature")
+    code = _reduction_code(reduction)
+    if _check_backend(backend) == "reference":
+        return _reference().prob_consensus(z, temperature, bool(detach_target), reduction)
+    return _prob_consensus_fused(z, temperature, bool(detach_target), code)
+
+
+def embedding_consensus(embeddings: TensorOrBranches, reduction: str = "mean", backend: str = "fused"):
+    """KSL-E (eq. 7-10): returns (ep, ea).
+
+    ep = (1/N) Σ_n Σ_{u<v} ||e^u_n − e^v_n||₂; ea = (1/N) Σ_n Σ_b ||m^b_n − e^b_n||₂ with m^b the
+    average of the other branches' embeddings. embeddings: [B, N, L] or a list of B tensors [N, L].
+    reduction: "mean" | "sum" | "none" (ep [B, B, N] filled for u < v, ea [B, N]).
+    """
+    e = _stack_branches(embeddings, "embeddings", "[B, N, L]")
+    if e.size(2) == 0:
+        raise ValueError(f"embeddings must have at least one dimension (L >= 1), got shape {tuple(e.shape)}")
+    code = _reduction_code(reduction)
+    if _check_backend(backend) == "reference":
+        return _reference().embedding_consensus(e, reduction)
+    return _embedding_consensus_fused(e, code)
+
+
+def branch_triplet(embeddings: TensorOrBranches, labels: torch.Tensor, margin: Optional[float] = 0.3,
+                   reduction: str = "mean", backend: str = "fused"):
+    """Batch-hard triplets within each branch (L_aux_t, eq. 2) and across branches (KSL-H, eq. 11):
+    returns (aux_t, ksl_h).
+
+    For branches (u, v) and anchor m of branch u, d⁺ is the largest distance to a same-identity sample
+    n ≠ m of branch v and d⁻ the smallest to another identity; the term is [d⁺ − d⁻ + margin]₊, or
+    log(1 + exp(d⁺ − d⁻)) with margin=None. aux_t sums u = v over branches, ksl_h sums u ≠ v; "mean"
+    averages over valid anchors (those with a positive and a negative). reduction "none" gives
+    aux_t [B, N] and ksl_h [B, B, N].
+    """
+    e = _stack_branches(embeddings, "embeddings", "[B, N, L]")
+    if e.size(2) == 0:
+        raise ValueError(f"embeddings must have at least one dimension (L >= 1), got shape {tuple(e.shape)}")
+    _check_labels(labels, e)
+    soft_margin = margin is None
+    margin_value = 0.0 if soft_margin else _check_positive_number(margin, "margin", allow_zero=True)
+    code = _reduction_code(reduction)
+    if _check_backend(backend) == "reference":
+        return _reference().branch_triplet(e, labels, None if soft_margin else margin_value, reduction)
+    return _branch_triplet_fused(e, labels, margin_value, soft_margin, code)

@@ -1,0 +1,119 @@
+"""KSLLoss: the whole objective of eq. 1 for a multi-branch network."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import (TensorOrBranches, _check_backend, _check_positive_number, _stack_branches,
+                         branch_triplet, embedding_consensus, prob_consensus)
+
+
+@dataclass
+class KSLOutput:
+    """`total` is the scalar to backpropagate; `terms` holds each named part as a 0-d tensor.
+
+    `parts` converts the terms to Python floats on access (one device sync), so a training step that
+    does not read them stays sync-free and traceable by torch.compile.
+    """
+
+    total: torch.Tensor
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> Dict[str, float]:
+        return {name: float(value.detach()) for name, value in self.terms.items()}
+
+
+class KSLLoss(nn.Module):
+    """Eq. 1: L_aux + L_ksl_p + L_ksl_e + L_ksl_h, every weight 1 (the paper adds no hyper-parameter).
+
+    - L_aux (eq. 2): per-branch label-smoothed cross-entropy ("ce", summed over branches) and per-branch
+      batch-hard triplet ("triplet", from `triplet_start_epoch` on).
+    - KSL-P (eq. 3-6): "ksl_pp" + "ksl_pa" when `use_p`.
+    - KSL-E (eq. 7-10): "ksl_ep" + "ksl_ea" when `use_e`.
+    - KSL-H (eq. 11): "ksl_h" when `use_h`; it is a triplet loss too, so it starts with the per-branch
+      triplet at `triplet_start_epoch` (the paper: triplets from the start diverge from scratch).
+
+    Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
+    int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
+    `epoch=None` switches every term on.
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.1, margin: Optional[float] = 0.3,
+                 temperature: float = 1.0, use_p: bool = True, use_e: bool = True, use_h: bool = True,
+                 triplet_start_epoch: int = 150, backend: str = "fused"):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if margin is not None:
+            _check_positive_number(margin, "margin", allow_zero=True)
+        _check_positive_number(temperature, "temperature")
+        self.num_classes = num_classes
+        self.label_smoothing = float(label_smoothing)
+        self.margin = margin
+        self.temperature = float(temperature)
+        self.use_p, self.use_e, self.use_h = bool(use_p), bool(use_e), bool(use_h)
+        self.triplet_start_epoch = int(triplet_start_epoch)
+        self.backend = _check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, margin={self.margin}, "
+                f"temperature={self.temperature}, use_p={self.use_p}, use_e={self.use_e}, use_h={self.use_h}, "
+                f"triplet_start_epoch={self.triplet_start_epoch}, backend={self.backend!r}")
+
+    def triplet_active(self, epoch: Optional[int]) -> bool:
+        return epoch is None or epoch >= self.triplet_start_epoch
+
+    def forward(self, logits: TensorOrBranches, embeddings: TensorOrBranches, labels: torch.Tensor,
+                epoch: Optional[int] = None) -> KSLOutput:
+        z = _as_branches(logits, "logits")
+        e = _as_branches(embeddings, "embeddings")
+        B, N, K = z.shape
+        if K != self.num_classes:
+            raise ValueError(f"logits must have num_classes={self.num_classes} classes in the last dim, got {K}")
+        if e.shape[:2] != (B, N):
+            raise ValueError(f"embeddings must be [B, N, L] with B={B}, N={N} as logits, got {tuple(e.shape)}")
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (N,):
+            raise ValueError(f"labels must be an int64 tensor of shape [N] = [{N}], got "
+                             f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+
+        terms: Dict[str, torch.Tensor] = {}
+        # Σ_b mean_n CE(z^b_n, y_n) as one call over the B·N rows.
+        terms["ce"] = B * F.cross_entropy(z.reshape(B * N, K), labels.repeat(B),
+                                          label_smoothing=self.label_smoothing)
+        kw = dict(backend=self.backend)
+        if self.triplet_active(epoch):
+            if B == 1:
+                # branch_triplet needs two branches; two copies of one branch give each term twice.
+                aux_t, _ = branch_triplet(e.expand(2, N, e.size(2)), labels, self.margin, **kw)
+                terms["triplet"] = aux_t / 2
+            else:
+                aux_t, ksl_h = branch_triplet(e, labels, self.margin, **kw)
+                terms["triplet"] = aux_t
+                if self.use_h:
+                    terms["ksl_h"] = ksl_h
+        if B > 1 and self.use_p:
+            terms["ksl_pp"], terms["ksl_pa"] = prob_consensus(z, self.temperature, True, **kw)
+        if B > 1 and self.use_e:
+            terms["ksl_ep"], terms["ksl_ea"] = embedding_consensus(e, **kw)
+        total = torch.stack([t.to(z.dtype) for t in terms.values()]).sum()
+        return KSLOutput(total, terms)
+
+
+def _as_branches(x: TensorOrBranches, name: str) -> torch.Tensor:
+    """Like functional._stack_branches but also accepts a single branch (B = 1): [N, D] or [1, N, D]."""
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
+        x = x.unsqueeze(0)
+    if isinstance(x, (list, tuple)) and len(x) == 1 and isinstance(x[0], torch.Tensor):
+        x = x[0].unsqueeze(0)
+    if isinstance(x, torch.Tensor) and x.dim() == 3 and x.size(0) == 1:
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        return x
+    return _stack_branches(x, name, "[B, N, D]")
