@@ -1,0 +1,51 @@
+"""Backbones and isomorphic auxiliary branches for KSL.
+
+    model = build_backbone("cmsnet", num_classes=751)   # or "mobilenetv2", "shufflenetv2"
+    net = with_isomorphic_branches(model)                # branches at model.default_taps
+    net.train(); outs = net(x)        # [(logits, emb)] * B, main branch first
+    net.eval();  emb = net(x)         # main-branch 512-D embedding
+    count_params(model), count_flops(model, 256, 128)
+
+All networks are plain ``torch.nn`` and initialised from scratch (the paper's "KSL-scratch").
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .cmsnet import CMSNet
+from .flops import count_flops, count_params
+from .head import FEATURE_DIM, ReIDBackbone, ReIDHead, init_weights
+from .isomorphic import AuxiliaryBranch, IsomorphicNet, with_isomorphic_branches
+from .mobilenetv2 import MobileNetV2
+from .shufflenetv2 import ShuffleNetV2
+
+__all__ = [
+    "BACKBONES",
+    "build_backbone",
+    "with_isomorphic_branches",
+    "IsomorphicNet",
+    "AuxiliaryBranch",
+    "ReIDBackbone",
+    "ReIDHead",
+    "CMSNet",
+    "MobileNetV2",
+    "ShuffleNetV2",
+    "count_params",
+    "count_flops",
+    "init_weights",
+    "FEATURE_DIM",
+]
+
+BACKBONES = {
+    "cmsnet": CMSNet,
+    "mobilenetv2": MobileNetV2,
+    "shufflenetv2": ShuffleNetV2,
+}
+
+
+def build_backbone(name: str, num_classes: int = 751) -> nn.Module:
+    """A freshly initialised backbone with the Re-ID head; ``name`` in :data:`BACKBONES`."""
+    key = name.lower() if isinstance(name, str) else None
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[key](num_classes=num_classes)
