@@ -263,27 +263,27 @@ __global__ void triplet_coef_kernel(const scalar_t* __restrict__ emb, const int3
   const int64_t E = static_cast<int64_t>(B) * B * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < E;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-  const int p = pos_idx[i], q = neg_idx[i];
-  if (p < 0 || q < 0) {
-    cp[i] = cn[i] = acc_t(0);
-    continue;
-  }
-  const int64_t m = i % N, uv = i / N;
-  const int64_t u = uv / B, v = uv % B;
-  const scalar_t* a = emb + (u * N + m) * L;
-  const acc_t sqp = squared_distance<scalar_t, acc_t>(a, emb + (v * N + p) * L, L);
-  const acc_t sqn = squared_distance<scalar_t, acc_t>(a, emb + (v * N + q) * L, L);
-  const acc_t dp = distance(sqp), dn = distance(sqn);
-  acc_t up;
-  if (reduction == ksl::kNone) {
-    up = u == v ? grad_self[u * N + m] : grad_cross[i];
-  } else {
-    up = u == v ? grad_self[0] : grad_cross[0];
-    if (reduction == ksl::kMean) up /= mean_count<acc_t>(*n_valid);
-  }
-  const acc_t g = up * term_grad(dp - dn, margin, soft_margin);
-  cp[i] = g * inv_distance_grad(sqp, dp);
-  cn[i] = g * inv_distance_grad(sqn, dn);
+    const int p = pos_idx[i], q = neg_idx[i];
+    if (p < 0 || q < 0) {
+      cp[i] = cn[i] = acc_t(0);
+      continue;
+    }
+    const int64_t m = i % N, uv = i / N;
+    const int64_t u = uv / B, v = uv % B;
+    const scalar_t* a = emb + (u * N + m) * L;
+    const acc_t sqp = squared_distance<scalar_t, acc_t>(a, emb + (v * N + p) * L, L);
+    const acc_t sqn = squared_distance<scalar_t, acc_t>(a, emb + (v * N + q) * L, L);
+    const acc_t dp = distance(sqp), dn = distance(sqn);
+    acc_t up;
+    if (reduction == ksl::kNone) {
+      up = u == v ? grad_self[u * N + m] : grad_cross[i];
+    } else {
+      up = u == v ? grad_self[0] : grad_cross[0];
+      if (reduction == ksl::kMean) up /= mean_count<acc_t>(*n_valid);
+    }
+    const acc_t g = up * term_grad(dp - dn, margin, soft_margin);
+    cp[i] = g * inv_distance_grad(sqp, dp);
+    cn[i] = g * inv_distance_grad(sqn, dn);
   }
 }
 
@@ -394,22 +394,22 @@ __global__ void triplet_scatter_kernel(const scalar_t* __restrict__ emb, const i
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   // Whole warps take the same entries (no shuffles here, but coalesced l).
   for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; i < E; i += warps) {
-  const int p = pos_idx[i];
-  if (p < 0) continue;
-  const int q = neg_idx[i];
-  const int64_t m = i % N, uv = i / N;
-  const int64_t u = uv / B, v = uv % B;
-  const scalar_t* a = emb + (u * N + m) * L;
-  const scalar_t* P = emb + (v * N + p) * L;
-  const scalar_t* Q = emb + (v * N + q) * L;
-  acc_t* gp = grad + (v * N + p) * L;
-  acc_t* gq = grad + (v * N + q) * L;
-  const acc_t cpi = cp[i], cni = cn[i];
-  for (int l = lane; l < L; l += 32) {
-    const acc_t al = static_cast<acc_t>(a[l]);
-    atomicAdd(gp + l, -cpi * (al - static_cast<acc_t>(P[l])));
-    atomicAdd(gq + l, cni * (al - static_cast<acc_t>(Q[l])));
-  }
+    const int p = pos_idx[i];
+    if (p < 0) continue;
+    const int q = neg_idx[i];
+    const int64_t m = i % N, uv = i / N;
+    const int64_t u = uv / B, v = uv % B;
+    const scalar_t* a = emb + (u * N + m) * L;
+    const scalar_t* P = emb + (v * N + p) * L;
+    const scalar_t* Q = emb + (v * N + q) * L;
+    acc_t* gp = grad + (v * N + p) * L;
+    acc_t* gq = grad + (v * N + q) * L;
+    const acc_t cpi = cp[i], cni = cn[i];
+    for (int l = lane; l < L; l += 32) {
+      const acc_t al = static_cast<acc_t>(a[l]);
+      atomicAdd(gp + l, -cpi * (al - static_cast<acc_t>(P[l])));
+      atomicAdd(gq + l, cni * (al - static_cast<acc_t>(Q[l])));
+    }
   }
 }
 
