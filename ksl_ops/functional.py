@@ -142,8 +142,51 @@ def _embedding_consensus_fused(e, reduction):  # TODO(op helper): fused path
 # ---------------------------------------------------------------------------------------------
 
 
-def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):  # TODO(op helper): fused path
-    raise NotImplementedError("_branch_triplet_fused is not implemented yet")
+def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):
+    """One pass of torch.ops.ksl_ops.branch_triplet; the winners' indices stay internal (saved for
+    the backward by the autograd registration below)."""
+    self_loss, cross_loss, _, _ = _ext.ops().branch_triplet(e, labels, margin, soft_margin, reduction)
+    return self_loss, cross_loss
+
+
+def _branch_triplet_register():
+    """Fake kernels and the autograd formula of branch_triplet (only once the extension loaded)."""
+
+    def loss_shapes(emb, reduction):
+        B, N = emb.shape[0], emb.shape[1]
+        if reduction == 0:
+            return emb.new_empty((B, N)), emb.new_empty((B, B, N))
+        return emb.new_empty(()), emb.new_empty(())
+
+    @torch.library.register_fake("ksl_ops::branch_triplet")
+    def _(emb, labels, margin, soft_margin, reduction):
+        B, N = emb.shape[0], emb.shape[1]
+        self_loss, cross_loss = loss_shapes(emb, reduction)
+        pos_idx = emb.new_empty((B, B, N), dtype=torch.int32)
+        return self_loss, cross_loss, pos_idx, torch.empty_like(pos_idx)
+
+    @torch.library.register_fake("ksl_ops::branch_triplet_backward")
+    def _(grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction):
+        return torch.empty_like(emb, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        emb, _, margin, soft_margin, reduction = inputs
+        _, _, pos_idx, neg_idx = output
+        ctx.save_for_backward(emb, pos_idx, neg_idx)
+        ctx.options = (margin, soft_margin, reduction)
+
+    def backward(ctx, grad_self, grad_cross, _grad_pos, _grad_neg):
+        emb, pos_idx, neg_idx = ctx.saved_tensors
+        margin, soft_margin, reduction = ctx.options
+        grad_emb = torch.ops.ksl_ops.branch_triplet_backward(
+            grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction)
+        return grad_emb, None, None, None, None
+
+    torch.library.register_autograd("ksl_ops::branch_triplet", backward, setup_context=setup_context)
+
+
+if _ext.available():
+    _branch_triplet_register()
 
 
 # ---------------------------------------------------------------------------------------------

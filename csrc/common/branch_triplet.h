@@ -1,0 +1,101 @@
+// Arithmetic of the batch-hard triplets (eq. 2 and KSL-H, eq. 11) shared by the CPU and CUDA
+// kernels. Torch-free: tests/cpp/test_branch_triplet.cpp compiles it on its own.
+//
+// Every rule here mirrors what the reference (reference/triplet.py) does through torch, so the fused
+// op picks the same hardest positive / negative and differentiates the same way:
+//   d(a, b)  = sqrt(max(Σ_l (a_l − b_l)², 1e-12))            (clamp_min then sqrt)
+//   ∂d/∂a    = (a − b) / d where Σ² >= 1e-12, else 0         (clamp_min passes its gradient at >=)
+//   winners  = torch.max / torch.min order: a NaN beats any number (the first NaN wins), otherwise
+//              the larger (smaller) value, and on equal values the lowest index n.
+//   term     = relu(d⁺ − d⁻ + margin)  or  softplus(d⁺ − d⁻) (beta 1, threshold 20, as F.softplus).
+#pragma once
+
+#include <math.h>
+
+#include "common/macros.h"
+
+namespace ksl {
+namespace triplet {
+
+// Squared distances below this are clamped: d stays >= 1e-6 and its gradient finite at
+// coincident points.
+constexpr double kDistEps = 1e-12;
+// F.softplus's default threshold: above it softplus(x) is x (and its derivative 1).
+constexpr double kSoftplusThreshold = 20.0;
+
+KSL_HOST_DEVICE float sqrt_(float x) { return sqrtf(x); }
+KSL_HOST_DEVICE double sqrt_(double x) { return sqrt(x); }
+KSL_HOST_DEVICE float exp_(float x) { return expf(x); }
+KSL_HOST_DEVICE double exp_(double x) { return exp(x); }
+KSL_HOST_DEVICE float log1p_(float x) { return log1pf(x); }
+KSL_HOST_DEVICE double log1p_(double x) { return log1p(x); }
+
+template <typename T>
+KSL_HOST_DEVICE bool is_nan(T x) { return x != x; }
+
+// d from the squared distance. A NaN squared distance stays NaN (clamp_min propagates NaN).
+template <typename T>
+KSL_HOST_DEVICE T distance(T squared) {
+  const T eps = static_cast<T>(kDistEps);
+  return sqrt_(squared < eps ? eps : squared);
+}
+
+// ∂d/∂(a − b) = (a − b) · inv_distance_grad(squared, d): 1/d where the clamp is not active, else 0.
+template <typename T>
+KSL_HOST_DEVICE T inv_distance_grad(T squared, T d) {
+  return squared >= static_cast<T>(kDistEps) ? T(1) / d : T(0);
+}
+
+// Does candidate (value, index) beat the running hardest positive (best, best_index)?
+// best_index < 0 means "none yet". A total order on (value, index), so combining partial winners
+// in any order (threads, tiles) gives the same result as one left-to-right scan.
+template <typename T>
+KSL_HOST_DEVICE bool beats_max(T value, int index, T best, int best_index) {
+  if (best_index < 0) return true;
+  if (index < 0) return false;
+  const bool vn = is_nan(value), bn = is_nan(best);
+  if (vn || bn) return vn && (!bn || index < best_index);
+  return value > best || (value == best && index < best_index);
+}
+
+// Same for the hardest negative: smaller wins.
+template <typename T>
+KSL_HOST_DEVICE bool beats_min(T value, int index, T best, int best_index) {
+  if (best_index < 0) return true;
+  if (index < 0) return false;
+  const bool vn = is_nan(value), bn = is_nan(best);
+  if (vn || bn) return vn && (!bn || index < best_index);
+  return value < best || (value == best && index < best_index);
+}
+
+// The per-anchor loss of a valid anchor from gap = d⁺ − d⁻.
+template <typename T>
+KSL_HOST_DEVICE T term(T gap, T margin, bool soft_margin) {
+  if (soft_margin) {
+    return gap > static_cast<T>(kSoftplusThreshold) ? gap : log1p_(exp_(gap));
+  }
+  const T x = gap + margin;
+  return x < T(0) ? T(0) : x;  // NaN passes through, as torch.relu
+}
+
+// ∂term/∂gap (so ∂term/∂d⁺ = this, ∂term/∂d⁻ = −this).
+template <typename T>
+KSL_HOST_DEVICE T term_grad(T gap, T margin, bool soft_margin) {
+  if (soft_margin) {
+    if (gap > static_cast<T>(kSoftplusThreshold)) return T(1);
+    const T z = exp_(gap);
+    return z / (z + T(1));
+  }
+  // torch.relu's backward keeps the gradient unless the output is <= 0 (so NaN keeps it).
+  return (gap + margin) <= T(0) ? T(0) : T(1);
+}
+
+// `mean` divides by the number of valid anchors, and by 1 when there is none (the sum is then 0).
+// Divide (rather than multiply by the reciprocal) as the reference does.
+template <typename T>
+KSL_HOST_DEVICE T mean_count(long long n_valid) {
+  return static_cast<T>(n_valid > 0 ? n_valid : 1);
+}
+
+}  // namespace triplet
+}  // namespace ksl
