@@ -53,6 +53,25 @@ KSL_HOST_DEVICE S square_root(S x) {
 
 // Adds one coordinate's contribution to the P + B sums of squares. x[b] = e^b_l.
 //   sq[pair_index(u, v)] += (x_u − x_v)²,   sq[P + b] += R_b²,   R_b = Σ_{j≠b} (x_j − x_b).
+//
+// x[b * stride] = e^b_l, read as V: stride is 1 for a gathered column, or the distance between two
+// branches' rows when reading the embeddings in place (the GPU's generic path for large B).
+
+// R_b = Σ_{j≠b} (x_j − x_b), summed in increasing j from the first j ≠ b (no 0 + ..., so that the
+// result does not depend on how V spells zero).
+template <int kB, typename V, typename X, typename I = int>
+KSL_HOST_DEVICE V average_residual(const X* x, int B_runtime, int b, I stride = 1) {
+  const int B = kB > 0 ? kB : B_runtime;
+  const int j0 = b == 0 ? 1 : 0;
+  const V xb = static_cast<V>(x[b * stride]);
+  V r = static_cast<V>(x[j0 * stride]) - xb;
+  KSL_EMB_UNROLL
+  for (int j = j0 + 1; j < B; ++j) {
+    if (j != b) r = r + (static_cast<V>(x[j * stride]) - xb);
+  }
+  return r;
+}
+
 template <int kB, typename V>
 KSL_HOST_DEVICE void accumulate_squares(const V* x, int B_runtime, V* sq) {
   const int B = kB > 0 ? kB : B_runtime;
@@ -68,16 +87,25 @@ KSL_HOST_DEVICE void accumulate_squares(const V* x, int B_runtime, V* sq) {
   }
   KSL_EMB_UNROLL
   for (int b = 0; b < B; ++b) {
-    // Sum the differences in increasing j, starting from the first j ≠ b (no 0 + ..., so that the
-    // result does not depend on how V spells zero).
-    const int j0 = b == 0 ? 1 : 0;
-    V r = x[j0] - x[b];
-    KSL_EMB_UNROLL
-    for (int j = j0 + 1; j < B; ++j) {
-      if (j != b) r = r + (x[j] - x[b]);
-    }
+    const V r = average_residual<kB, V>(x, B, b);
     sq[p + b] = sq[p + b] + r * r;
   }
+}
+
+// The pair (u, v) of pair index p (inverse of pair_index), for the GPU's one-term-per-block path.
+KSL_HOST_DEVICE void pair_of_index(int p, int B, int* u, int* v) {
+  int first = 0;
+  for (int a = 0; a < B - 1; ++a) {
+    const int count = B - 1 - a;
+    if (p < first + count) {
+      *u = a;
+      *v = a + 1 + (p - first);
+      return;
+    }
+    first += count;
+  }
+  *u = B - 2;
+  *v = B - 1;
 }
 
 // Norm of term q from its sum of squares: pair terms as they are, average terms times 1/(B−1).
@@ -128,17 +156,18 @@ KSL_HOST_DEVICE void backward_coefficients(int B, const S* g_pair, const S* g_av
 
 // Gradient of branch w at one coordinate (see backward_coefficients). C is the coefficient type:
 // the scalar on the GPU, a pre-broadcast lane vector on the CPU.
-template <int kB, typename V, typename C>
-KSL_HOST_DEVICE V grad_element(const V* x, int B_runtime, int w, const C* mix, const C* self) {
+template <int kB, typename V, typename X, typename C, typename I = int>
+KSL_HOST_DEVICE V grad_element(const X* x, int B_runtime, int w, const C* mix, const C* self, I stride = 1) {
   const int B = kB > 0 ? kB : B_runtime;
   const int j0 = w == 0 ? 1 : 0;
-  V y = x[j0] - x[w];
+  const V xw = static_cast<V>(x[w * stride]);
+  V y = static_cast<V>(x[j0 * stride]) - xw;
   V Y = y;
   V acc = mix[w * B + j0] * y;
   KSL_EMB_UNROLL
   for (int j = j0 + 1; j < B; ++j) {
     if (j == w) continue;
-    y = x[j] - x[w];
+    y = static_cast<V>(x[j * stride]) - xw;
     Y = Y + y;
     acc = acc + mix[w * B + j] * y;
   }

@@ -274,7 +274,7 @@ void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const a
         for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, count);
 #pragma GCC unroll 8
         for (int w = 0; w < (kB > 0 ? kB : B); ++w)
-          store_lanes<scalar_t, acc_t, W>(out[w] + l, emb::grad_element<kB>(x, B, w, mixv, selfv), count);
+          store_lanes<scalar_t, acc_t, W>(out[w] + l, emb::grad_element<kB, V>(x, B, w, mixv, selfv), count);
       }
     }
   });

@@ -94,7 +94,13 @@ void check(int B, int L, std::mt19937& rng, bool identical) {
   for (int l = 0; l < L; ++l) {
     for (int b = 0; b < B; ++b) col[b] = x[b * L + l];
     for (int w = 0; w < B; ++w) {
-      const double got = grad_element<kB>(col.data(), B, w, mix.data(), self.data());
+      const double got = grad_element<kB, double>(col.data(), B, w, mix.data(), self.data());
+      // The same read in place from x (branch rows L apart), as the GPU's generic path does.
+      const double strided = grad_element<kB, double>(x.data() + l, B, w, mix.data(), self.data(), L);
+      if (strided != got) {
+        std::printf("FAIL strided grad_element differs (B=%d, L=%d)\n", B, L);
+        ++failures;
+      }
       if (identical) {
         if (got != 0.0) {
           std::printf("FAIL identical branches give a non-zero gradient %g (B=%d)\n", got, B);
