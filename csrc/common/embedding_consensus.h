@@ -28,6 +28,17 @@
 #define KSL_EMB_UNROLL
 #endif
 
+// The per-coordinate functions are forced inline on the host as well: the CPU kernel compiles its
+// loops twice (baseline and AVX2+FMA, chosen at run time) and these must be inlined into each copy
+// to be compiled for that instruction set.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KSL_EMB_INLINE KSL_HOST_DEVICE
+#elif defined(__GNUC__) || defined(__clang__)
+#define KSL_EMB_INLINE inline __attribute__((always_inline))
+#else
+#define KSL_EMB_INLINE inline
+#endif
+
 namespace ksl {
 namespace emb {
 
@@ -60,7 +71,7 @@ KSL_HOST_DEVICE S square_root(S x) {
 // R_b = Σ_{j≠b} (x_j − x_b), summed in increasing j from the first j ≠ b (no 0 + ..., so that the
 // result does not depend on how V spells zero).
 template <int kB, typename V, typename X, typename I = int>
-KSL_HOST_DEVICE V average_residual(const X* x, int B_runtime, int b, I stride = 1) {
+KSL_EMB_INLINE V average_residual(const X* x, int B_runtime, int b, I stride = 1) {
   const int B = kB > 0 ? kB : B_runtime;
   const int j0 = b == 0 ? 1 : 0;
   const V xb = static_cast<V>(x[b * stride]);
@@ -73,7 +84,7 @@ KSL_HOST_DEVICE V average_residual(const X* x, int B_runtime, int b, I stride = 
 }
 
 template <int kB, typename V>
-KSL_HOST_DEVICE void accumulate_squares(const V* x, int B_runtime, V* sq) {
+KSL_EMB_INLINE void accumulate_squares(const V* x, int B_runtime, V* sq) {
   const int B = kB > 0 ? kB : B_runtime;
   int p = 0;
   KSL_EMB_UNROLL
@@ -157,7 +168,7 @@ KSL_HOST_DEVICE void backward_coefficients(int B, const S* g_pair, const S* g_av
 // Gradient of branch w at one coordinate (see backward_coefficients). C is the coefficient type:
 // the scalar on the GPU, a pre-broadcast lane vector on the CPU.
 template <int kB, typename V, typename X, typename C, typename I = int>
-KSL_HOST_DEVICE V grad_element(const X* x, int B_runtime, int w, const C* mix, const C* self, I stride = 1) {
+KSL_EMB_INLINE V grad_element(const X* x, int B_runtime, int w, const C* mix, const C* self, I stride = 1) {
   const int B = kB > 0 ? kB : B_runtime;
   const int j0 = w == 0 ? 1 : 0;
   const V xw = static_cast<V>(x[w * stride]);

@@ -12,9 +12,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "common/embedding_consensus.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define KSL_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define KSL_CPU_INLINE inline
+#endif
+
+// x86-64 with GCC/Clang: the row loops are also compiled for AVX2+FMA and picked at run time (the
+// build itself targets the baseline ISA, so the extension still loads on any x86-64).
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define KSL_EMB_HAVE_AVX2_CLONE 1
+#else
+#define KSL_EMB_HAVE_AVX2_CLONE 0
+#endif
 
 namespace ksl {
 namespace {
@@ -26,25 +41,25 @@ template <typename T, int W>
 struct Lanes {
   T v[W];
   Lanes() = default;
-  explicit Lanes(T s) {
+  KSL_CPU_INLINE explicit Lanes(T s) {
     for (int k = 0; k < W; ++k) v[k] = s;
   }
-  friend Lanes operator+(const Lanes& a, const Lanes& b) {
+  friend KSL_CPU_INLINE Lanes operator+(const Lanes& a, const Lanes& b) {
     Lanes r;
     for (int k = 0; k < W; ++k) r.v[k] = a.v[k] + b.v[k];
     return r;
   }
-  friend Lanes operator-(const Lanes& a, const Lanes& b) {
+  friend KSL_CPU_INLINE Lanes operator-(const Lanes& a, const Lanes& b) {
     Lanes r;
     for (int k = 0; k < W; ++k) r.v[k] = a.v[k] - b.v[k];
     return r;
   }
-  friend Lanes operator*(const Lanes& a, const Lanes& b) {
+  friend KSL_CPU_INLINE Lanes operator*(const Lanes& a, const Lanes& b) {
     Lanes r;
     for (int k = 0; k < W; ++k) r.v[k] = a.v[k] * b.v[k];
     return r;
   }
-  T sum() const {
+  KSL_CPU_INLINE T sum() const {
     T s = v[0];
     for (int k = 1; k < W; ++k) s += v[k];
     return s;
@@ -58,7 +73,7 @@ constexpr int kLanes = 64 / static_cast<int>(sizeof(acc_t));
 // Loads `count` (≤ W) values converted to acc_t; missing lanes are 0, which adds nothing to a sum
 // of squares of differences.
 template <typename scalar_t, typename acc_t, int W>
-inline Lanes<acc_t, W> load_lanes(const scalar_t* p, int count) {
+KSL_CPU_INLINE Lanes<acc_t, W> load_lanes(const scalar_t* p, int count) {
   Lanes<acc_t, W> r;
   if (count == W) {
     for (int k = 0; k < W; ++k) r.v[k] = static_cast<acc_t>(p[k]);
@@ -69,63 +84,140 @@ inline Lanes<acc_t, W> load_lanes(const scalar_t* p, int count) {
 }
 
 template <typename scalar_t, typename acc_t, int W>
-inline void store_lanes(scalar_t* p, const Lanes<acc_t, W>& x, int count) {
+KSL_CPU_INLINE void store_lanes(scalar_t* p, const Lanes<acc_t, W>& x, int count) {
   for (int k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(x.v[k]);
 }
 
-// Stack storage when B is a compile-time constant (lets the compiler keep it in registers), heap
-// storage otherwise.
-template <typename T, int kStatic>
-struct Scratch {
-  T data[kStatic];
-  explicit Scratch(int) {}
-  T* get() { return data; }
-};
-template <typename T>
-struct Scratch<T, 0> {
-  std::vector<T> data;
-  explicit Scratch(int n) : data(static_cast<size_t>(n)) {}
-  T* get() { return data.data(); }
-};
-
-constexpr int static_terms(int kB) { return kB > 0 ? emb::term_count(kB) : 0; }
 
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
 
+// The hot loops over l of one sample, written once and compiled per instruction set below.
+// `scratch` holds T + B lane vectors and is used only when B is not a compile-time constant.
+
+// Sums of squares of one sample: sums[q] for the T = P + B terms.
+template <typename scalar_t, int kB>
+KSL_CPU_INLINE void row_squares_body(const scalar_t* const* row, int B, int64_t L,
+                                     Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* scratch,
+                                     at::opmath_type<scalar_t>* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int W = kLanes<acc_t>;
+  using V = Lanes<acc_t, W>;
+  const int T = emb::term_count(B);
+  V sq_local[kB > 0 ? emb::term_count(kB) : 1], x_local[kB > 0 ? kB : 1];
+  V* sq = kB > 0 ? sq_local : scratch;
+  V* x = kB > 0 ? x_local : scratch + T;
+  for (int q = 0; q < T; ++q) sq[q] = V(acc_t(0));
+  int64_t l = 0;
+  for (; l + W <= L; l += W) {
+    for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, W);
+    emb::accumulate_squares<kB>(x, B, sq);
+  }
+  if (l < L) {  // tail: missing lanes load as 0 and add nothing
+    const int count = static_cast<int>(L - l);
+    for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, count);
+    emb::accumulate_squares<kB>(x, B, sq);
+  }
+  for (int q = 0; q < T; ++q) sums[q] = sq[q].sum();
+}
+
+// Gradient rows out[w] of one sample, from the per-sample coefficients (pre-broadcast).
+template <typename scalar_t, int kB>
+KSL_CPU_INLINE void row_gradient_body(const scalar_t* const* row, scalar_t* const* out, int B, int64_t L,
+                                      const Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* mixv,
+                                      const Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* selfv,
+                                      Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int W = kLanes<acc_t>;
+  using V = Lanes<acc_t, W>;
+  V x_local[kB > 0 ? kB : 1], mix_local[kB > 0 ? kB * kB : 1], self_local[kB > 0 ? kB : 1];
+  V* x = kB > 0 ? x_local : scratch;
+  const V* mix = mixv;
+  const V* self = selfv;
+  if constexpr (kB > 0) {  // local copies: lets the compiler keep the coefficients in registers
+    for (int i = 0; i < kB * kB; ++i) mix_local[i] = mixv[i];
+    for (int b = 0; b < kB; ++b) self_local[b] = selfv[b];
+    mix = mix_local;
+    self = self_local;
+  }
+  for (int64_t l = 0; l < L; l += W) {
+    const int count = static_cast<int>(std::min<int64_t>(W, L - l));
+    for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, count);
+#pragma GCC unroll 8
+    for (int w = 0; w < (kB > 0 ? kB : B); ++w)
+      store_lanes<scalar_t, acc_t, W>(out[w] + l, emb::grad_element<kB, V>(x, B, w, mix, self), count);
+  }
+}
+
+template <typename scalar_t, int kB>
+void row_squares_base(const scalar_t* const* row, int B, int64_t L,
+                      Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* scratch,
+                      at::opmath_type<scalar_t>* sums) {
+  row_squares_body<scalar_t, kB>(row, B, L, scratch, sums);
+}
+template <typename scalar_t, int kB>
+void row_gradient_base(const scalar_t* const* row, scalar_t* const* out, int B, int64_t L,
+                       const Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* mixv,
+                       const Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* selfv,
+                       Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* scratch) {
+  row_gradient_body<scalar_t, kB>(row, out, B, L, mixv, selfv, scratch);
+}
+
+#if KSL_EMB_HAVE_AVX2_CLONE
+// Same bodies for AVX2+FMA. FMA contraction changes the last bit of some sums relative to the
+// baseline copy; each machine always runs the same copy, so results stay reproducible there.
+template <typename scalar_t, int kB>
+__attribute__((target("avx2,fma"))) void row_squares_avx2(
+    const scalar_t* const* row, int B, int64_t L,
+    Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* scratch, at::opmath_type<scalar_t>* sums) {
+  row_squares_body<scalar_t, kB>(row, B, L, scratch, sums);
+}
+template <typename scalar_t, int kB>
+__attribute__((target("avx2,fma"))) void row_gradient_avx2(
+    const scalar_t* const* row, scalar_t* const* out, int B, int64_t L,
+    const Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* mixv,
+    const Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* selfv,
+    Lanes<at::opmath_type<scalar_t>, kLanes<at::opmath_type<scalar_t>>>* scratch) {
+  row_gradient_body<scalar_t, kB>(row, out, B, L, mixv, selfv, scratch);
+}
+#endif
+
+// AVX2+FMA where the CPU has it, unless KSL_OPS_CPU_BASELINE=1 (to test the baseline copy).
+bool use_avx2() {
+#if KSL_EMB_HAVE_AVX2_CLONE
+  static const bool ok = [] {
+    const char* force = std::getenv("KSL_OPS_CPU_BASELINE");
+    if (force != nullptr && force[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t, int kB>
 void forward_rows(const scalar_t* emb, int B, int64_t N, int64_t L, int64_t n_begin, int64_t n_end,
                   at::opmath_type<scalar_t>* norms, scalar_t* ep_terms, scalar_t* ea_terms) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int W = kLanes<acc_t>;
-  using V = Lanes<acc_t, W>;
+  using V = Lanes<acc_t, kLanes<acc_t>>;
   const int P = emb::pair_count(B), T = emb::term_count(B);
   const acc_t inv_bm1 = acc_t(1) / acc_t(B - 1);
-
-  Scratch<V, static_terms(kB)> sq_store(T);
-  Scratch<V, (kB > 0 ? kB : 0)> x_store(B);
-  V* sq = sq_store.get();
-  V* x = x_store.get();
-  const scalar_t* rows[kB > 0 ? kB : 1];
-  std::vector<const scalar_t*> rows_dyn(kB > 0 ? 0 : B);
-  const scalar_t** row = kB > 0 ? rows : rows_dyn.data();
+  auto* squares = &row_squares_base<scalar_t, kB>;
+#if KSL_EMB_HAVE_AVX2_CLONE
+  if (use_avx2()) squares = &row_squares_avx2<scalar_t, kB>;
+#endif
+  std::vector<V> scratch(kB > 0 ? 0 : T + B);
+  std::vector<const scalar_t*> row(B);
+  std::vector<acc_t> sums(T);
 
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int b = 0; b < B; ++b) row[b] = emb + (static_cast<int64_t>(b) * N + n) * L;
-    for (int q = 0; q < T; ++q) sq[q] = V(acc_t(0));
-    int64_t l = 0;
-    for (; l + W <= L; l += W) {
-      for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, W);
-      emb::accumulate_squares<kB>(x, B, sq);
-    }
-    if (l < L) {
-      const int count = static_cast<int>(L - l);
-      for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, count);
-      emb::accumulate_squares<kB>(x, B, sq);
-    }
+    squares(row.data(), B, L, scratch.data(), sums.data());
     acc_t* out = norms + n * T;
-    for (int q = 0; q < T; ++q) out[q] = emb::term_norm(sq[q].sum(), q, B, inv_bm1);
+    for (int q = 0; q < T; ++q) out[q] = emb::term_norm(sums[q], q, B, inv_bm1);
     if (ep_terms != nullptr) {  // reduction "none": ep [B, B, N] (u < v filled), ea [B, N]
       for (int u = 0; u < B; ++u)
         for (int v = 0; v < B; ++v)
@@ -225,8 +317,7 @@ template <typename scalar_t, int kB>
 void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const at::Tensor& emb,
                    const at::Tensor& norms, int64_t reduction, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int W = kLanes<acc_t>;
-  using V = Lanes<acc_t, W>;
+  using V = Lanes<acc_t, kLanes<acc_t>>;
   const int B = static_cast<int>(emb.size(0));
   const int64_t N = emb.size(1), L = emb.size(2);
   const int P = emb::pair_count(B), T = emb::term_count(B);
@@ -243,13 +334,13 @@ void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const a
   const acc_t gea_all = none ? acc_t(0) : static_cast<acc_t>(gea[0]) * row_scale;
 
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, B * L));
+  auto* gradient = &row_gradient_base<scalar_t, kB>;
+#if KSL_EMB_HAVE_AVX2_CLONE
+  if (use_avx2()) gradient = &row_gradient_avx2<scalar_t, kB>;
+#endif
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g_pair(P), g_avg(B), mix(static_cast<size_t>(B) * B), self(B);
-    Scratch<V, (kB > 0 ? kB * kB : 0)> mixv_store(B * B);
-    Scratch<V, (kB > 0 ? kB : 0)> selfv_store(B), x_store(B);
-    V* mixv = mixv_store.get();
-    V* selfv = selfv_store.get();
-    V* x = x_store.get();
+    std::vector<V> mixv(static_cast<size_t>(B) * B), selfv(B), scratch(kB > 0 ? 0 : B);
     std::vector<const scalar_t*> row(B);
     std::vector<scalar_t*> out(B);
     for (int64_t n = begin; n < end; ++n) {
@@ -269,13 +360,7 @@ void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const a
         row[b] = e + (static_cast<int64_t>(b) * N + n) * L;
         out[b] = g + (static_cast<int64_t>(b) * N + n) * L;
       }
-      for (int64_t l = 0; l < L; l += W) {
-        const int count = static_cast<int>(std::min<int64_t>(W, L - l));
-        for (int b = 0; b < B; ++b) x[b] = load_lanes<scalar_t, acc_t, W>(row[b] + l, count);
-#pragma GCC unroll 8
-        for (int w = 0; w < (kB > 0 ? kB : B); ++w)
-          store_lanes<scalar_t, acc_t, W>(out[w] + l, emb::grad_element<kB, V>(x, B, w, mixv, selfv), count);
-      }
+      gradient(row.data(), out.data(), B, L, mixv.data(), selfv.data(), scratch.data());
     }
   });
 }
