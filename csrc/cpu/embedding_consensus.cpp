@@ -183,6 +183,14 @@ __attribute__((target("avx2,fma"))) void row_gradient_avx2(
 }
 #endif
 
+// Rows per parallel task: at least 2^18 values (~100 µs of work). Each value costs some twenty
+// flops, far more than the elementwise ops ATen's GRAIN_SIZE is tuned for, but below this a thread
+// team's fork/join costs about what it saves, and on a busy machine a team waiting for a descheduled
+// thread costs milliseconds. The Re-ID size (B·N·L ≈ 10^5) therefore runs on one thread.
+int64_t rows_per_task(int64_t B, int64_t L) {
+  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, B * L));
+}
+
 // AVX2+FMA where the CPU has it, unless KSL_OPS_CPU_BASELINE=1 (to test the baseline copy).
 bool use_avx2() {
 #if KSL_EMB_HAVE_AVX2_CLONE
@@ -240,8 +248,7 @@ void forward_impl(const at::Tensor& emb, int64_t reduction, at::Tensor& ep, at::
   scalar_t* ep_terms = none ? ep.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* ea_terms = none ? ea.mutable_data_ptr<scalar_t>() : nullptr;
 
-  // Enough rows per task that a task is worth the thread hand-off.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, B * L));
+  const int64_t grain = rows_per_task(B, L);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     forward_rows<scalar_t, kB>(e, B, N, L, begin, end, nrm, ep_terms, ea_terms);
   });
@@ -333,7 +340,7 @@ void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const a
   const acc_t gep_all = none ? acc_t(0) : static_cast<acc_t>(gep[0]) * row_scale;
   const acc_t gea_all = none ? acc_t(0) : static_cast<acc_t>(gea[0]) * row_scale;
 
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, B * L));
+  const int64_t grain = rows_per_task(B, L);
   auto* gradient = &row_gradient_base<scalar_t, kB>;
 #if KSL_EMB_HAVE_AVX2_CLONE
   if (use_avx2()) gradient = &row_gradient_avx2<scalar_t, kB>;
