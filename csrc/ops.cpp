@@ -22,9 +22,11 @@ TORCH_LIBRARY(ksl_ops, m) {
   m.def("prob_consensus_backward(Tensor grad_pp, Tensor grad_pa, Tensor logits, Tensor row_lse, "
         "float temperature, bool detach_target, int reduction) -> Tensor");
 
-  // KSL-E (eq. 7-10). Returns (ep, ea).
-  m.def("embedding_consensus(Tensor emb, int reduction) -> (Tensor, Tensor)");
-  m.def("embedding_consensus_backward(Tensor grad_ep, Tensor grad_ea, Tensor emb, int reduction) -> Tensor");
+  // KSL-E (eq. 7-10). Returns (ep, ea, norms): norms [N, B(B-1)/2 + B] (float32; float64 for
+  // float64 emb) holds every sample's pair norms then average norms, saved for the backward so
+  // that it makes one pass over emb instead of two.
+  m.def("embedding_consensus(Tensor emb, int reduction) -> (Tensor, Tensor, Tensor)");
+  m.def("embedding_consensus_backward(Tensor grad_ep, Tensor grad_ea, Tensor emb, Tensor norms, int reduction) -> Tensor");
 
   // Per-branch (eq. 2) and cross-branch (KSL-H, eq. 11) batch-hard triplets. Returns
   // (self, cross, pos_idx, neg_idx); the indices are int32 [B, B, N], -1 for an invalid anchor.

@@ -133,8 +133,58 @@ def _prob_consensus_fused(z, temperature, detach_target, reduction):  # TODO(op 
 # ---------------------------------------------------------------------------------------------
 
 
-def _embedding_consensus_fused(e, reduction):  # TODO(op helper): fused path
-    raise NotImplementedError("_embedding_consensus_fused is not implemented yet")
+# The op returns (ep, ea, norms); norms [N, P + B] (P = B(B-1)/2) are every sample's pair norms then
+# average norms in float32 (float64 for float64 input), saved so that the backward is one pass.
+
+
+def _embedding_norms_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _embedding_consensus_fake(emb, reduction):
+    B, N = emb.shape[0], emb.shape[1]
+    if reduction == 0:
+        ep, ea = emb.new_empty(B, B, N), emb.new_empty(B, N)
+    else:
+        ep, ea = emb.new_empty(()), emb.new_empty(())
+    norms = emb.new_empty(N, B * (B - 1) // 2 + B, dtype=_embedding_norms_dtype(emb.dtype))
+    return ep, ea, norms
+
+
+def _embedding_consensus_backward_fake(grad_ep, grad_ea, emb, norms, reduction):
+    return torch.empty_like(emb, memory_format=torch.contiguous_format)
+
+
+def _embedding_consensus_setup_context(ctx, inputs, output):
+    emb, reduction = inputs
+    ctx.reduction = reduction
+    ctx.save_for_backward(emb, output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _embedding_consensus_backward(ctx, grad_ep, grad_ea, _grad_norms):
+    emb, norms = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    # An output that did not reach the loss may arrive as None; it contributes nothing.
+    if grad_ep is None:
+        grad_ep = emb.new_zeros((emb.shape[0], emb.shape[0], emb.shape[1]) if ctx.reduction == 0 else ())
+    if grad_ea is None:
+        grad_ea = emb.new_zeros((emb.shape[0], emb.shape[1]) if ctx.reduction == 0 else ())
+    grad = torch.ops.ksl_ops.embedding_consensus_backward(grad_ep, grad_ea, emb, norms, ctx.reduction)
+    return grad, None
+
+
+if _ext.available():  # without the extension only backend="reference" works; nothing to register
+    torch.library.register_fake("ksl_ops::embedding_consensus")(_embedding_consensus_fake)
+    torch.library.register_fake("ksl_ops::embedding_consensus_backward")(_embedding_consensus_backward_fake)
+    torch.library.register_autograd("ksl_ops::embedding_consensus", _embedding_consensus_backward,
+                                    setup_context=_embedding_consensus_setup_context)
+
+
+def _embedding_consensus_fused(e, reduction):
+    ep, ea, _ = _ext.ops().embedding_consensus(e, reduction)
+    return ep, ea
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,466 @@
+// KSL-E (eq. 7-10) on the GPU: forward and backward of ksl_ops::embedding_consensus.
+//
+// Forward: one block per sample n reads the B rows e^b_n once (16-byte loads where aligned), each
+// thread accumulates all P + B sums of squares for its coordinates (csrc/common/
+// embedding_consensus.h), a warp-shuffle + shared-memory reduction in a fixed order gives the
+// sample's norms. mean/sum then run one small single-block kernel over the saved norms [N, P + B]:
+// no atomics anywhere, so results are bitwise reproducible and the op is CUDA-graph capturable
+// (no host synchronisation, no data-dependent shapes).
+// Backward: one block per sample computes the P + B upstream coefficients once, then every thread
+// reads the B rows for its coordinates and writes all B gradient rows: one pass.
+// B > 8 (no compile-time specialisation) takes a generic path: one block per (sample, term) in the
+// forward and per (sample, branch) in the backward, reading the rows in place.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/embedding_consensus.h"
+
+namespace ksl {
+namespace {
+
+constexpr int kThreads = 128;  // one block per sample: 128 threads × 16 B covers L = 512 float32 in one step
+constexpr int kWarps = kThreads / 32;
+constexpr int kFinalThreads = 256;
+
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / static_cast<int>(sizeof(T));
+  T v[kSize];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sums v over the block; the result is valid in thread 0. Fixed order, so deterministic.
+template <typename acc_t, int kBlock>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared /* [kBlock / 32] */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  acc_t s = acc_t(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kBlock / 32; ++w) s += shared[w];
+  }
+  __syncthreads();
+  return s;
+}
+
+// Writes the "none" outputs of sample n from its norms (in shared memory).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_terms(const acc_t* nrm, int B, int64_t N, int64_t n, scalar_t* ep_terms,
+                                            scalar_t* ea_terms) {
+  const int P = emb::pair_count(B);
+  for (int i = threadIdx.x; i < B * B; i += blockDim.x) {
+    const int u = i / B, v = i % B;
+    ep_terms[static_cast<int64_t>(i) * N + n] = u < v ? static_cast<scalar_t>(nrm[emb::pair_index(u, v, B)]) : scalar_t(0);
+  }
+  for (int b = threadIdx.x; b < B; b += blockDim.x) ea_terms[static_cast<int64_t>(b) * N + n] = static_cast<scalar_t>(nrm[P + b]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward, B known at compile time
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, int kB>
+__global__ void __launch_bounds__(kThreads)
+forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vectorised,
+               at::opmath_type<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
+               scalar_t* __restrict__ ea_terms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int T = emb::term_count(kB);
+  const int64_t n = blockIdx.x;
+  const acc_t inv_bm1 = acc_t(1) / acc_t(kB - 1);
+
+  acc_t sq[T];
+#pragma unroll
+  for (int q = 0; q < T; ++q) sq[q] = acc_t(0);
+
+  if (vectorised) {
+    using PackT = Pack<scalar_t>;
+    constexpr int V = PackT::kSize;
+    const int64_t packs = L / V;
+    const PackT* rows[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) rows[b] = reinterpret_cast<const PackT*>(emb + (b * N + n) * L);
+    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+      PackT p[kB];
+#pragma unroll
+      for (int b = 0; b < kB; ++b) p[b] = rows[b][i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc_t x[kB];
+#pragma unroll
+        for (int b = 0; b < kB; ++b) x[b] = static_cast<acc_t>(p[b].v[k]);
+        emb::accumulate_squares<kB>(x, kB, sq);
+      }
+    }
+  } else {
+    for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+      acc_t x[kB];
+#pragma unroll
+      for (int b = 0; b < kB; ++b) x[b] = static_cast<acc_t>(emb[(b * N + n) * L + l]);
+      emb::accumulate_squares<kB>(x, kB, sq);
+    }
+  }
+
+  __shared__ acc_t partial[kWarps][T];
+  __shared__ acc_t nrm[T];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int q = 0; q < T; ++q) {
+    const acc_t s = warp_sum(sq[q]);
+    if (lane == 0) partial[warp][q] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < T) {
+    const int q = threadIdx.x;
+    acc_t s = partial[0][q];
+    for (int w = 1; w < kWarps; ++w) s += partial[w][q];
+    const acc_t value = emb::term_norm(s, q, kB, inv_bm1);
+    nrm[q] = value;
+    norms[n * T + q] = value;
+  }
+  if (ep_terms != nullptr) {
+    __syncthreads();
+    write_terms(nrm, kB, N, n, ep_terms, ea_terms);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward, any B: one block per (sample, term)
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+forward_term_kernel(const scalar_t* __restrict__ emb, int B, int64_t N, int64_t L,
+                    at::opmath_type<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
+                    scalar_t* __restrict__ ea_terms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x;
+  const int q = blockIdx.y, P = emb::pair_count(B), T = emb::term_count(B);
+  const int64_t branch_stride = N * L;
+  const scalar_t* x0 = emb + n * L;  // branch b at x0 + b * branch_stride
+  acc_t s = acc_t(0);
+  if (q < P) {
+    int u, v;
+    emb::pair_of_index(q, B, &u, &v);
+    for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+      const acc_t d = static_cast<acc_t>(x0[u * branch_stride + l]) - static_cast<acc_t>(x0[v * branch_stride + l]);
+      s += d * d;
+    }
+  } else {
+    for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+      const acc_t r = emb::average_residual<0, acc_t>(x0 + l, B, q - P, branch_stride);
+      s += r * r;
+    }
+  }
+  __shared__ acc_t shared[kWarps];
+  s = block_sum<acc_t, kThreads>(s, shared);
+  if (threadIdx.x == 0) {
+    const acc_t value = emb::term_norm(s, q, B, acc_t(1) / acc_t(B - 1));
+    norms[n * T + q] = value;
+    if (ep_terms != nullptr) {  // ep was zero-filled: only u < v is written
+      if (q < P) {
+        int u, v;
+        emb::pair_of_index(q, B, &u, &v);
+        ep_terms[(static_cast<int64_t>(u) * B + v) * N + n] = static_cast<scalar_t>(value);
+      } else {
+        ea_terms[static_cast<int64_t>(q - P) * N + n] = static_cast<scalar_t>(value);
+      }
+    }
+  }
+}
+
+// mean / sum over the saved norms [N, T]: one block, fixed order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kFinalThreads)
+reduce_kernel(const at::opmath_type<scalar_t>* __restrict__ norms, int B, int64_t N, bool mean,
+              scalar_t* __restrict__ ep, scalar_t* __restrict__ ea) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int P = emb::pair_count(B), T = emb::term_count(B);
+  acc_t sp = acc_t(0), sa = acc_t(0);
+  for (int64_t n = threadIdx.x; n < N; n += kFinalThreads) {
+    const acc_t* row = norms + n * T;
+    for (int q = 0; q < P; ++q) sp += row[q];
+    for (int q = P; q < T; ++q) sa += row[q];
+  }
+  __shared__ acc_t shared[kFinalThreads / 32];
+  sp = block_sum<acc_t, kFinalThreads>(sp, shared);
+  sa = block_sum<acc_t, kFinalThreads>(sa, shared);
+  if (threadIdx.x == 0) {
+    const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(N) : acc_t(1);
+    *ep = static_cast<scalar_t>(sp * scale);
+    *ea = static_cast<scalar_t>(sa * scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
+
+// Upstream gradient of term q of sample n: per term for "none", the scalar's (÷ N for mean) else.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t term_grad(const scalar_t* grad_ep, const scalar_t* grad_ea, int q, int B, int64_t N,
+                                           int64_t n, int64_t reduction) {
+  const int P = emb::pair_count(B);
+  if (reduction == kNone) {
+    if (q < P) {
+      int u, v;
+      emb::pair_of_index(q, B, &u, &v);
+      return static_cast<acc_t>(grad_ep[(static_cast<int64_t>(u) * B + v) * N + n]);
+    }
+    return static_cast<acc_t>(grad_ea[static_cast<int64_t>(q - P) * N + n]);
+  }
+  const acc_t g = static_cast<acc_t>(q < P ? grad_ep[0] : grad_ea[0]);
+  return reduction == kMean ? g / static_cast<acc_t>(N) : g;
+}
+
+template <typename scalar_t, int kB>
+__global__ void __launch_bounds__(kThreads)
+backward_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict__ grad_ea,
+                const scalar_t* __restrict__ emb, const at::opmath_type<scalar_t>* __restrict__ norms,
+                int64_t N, int64_t L, int64_t reduction, bool vectorised, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int P = emb::pair_count(kB), T = emb::term_count(kB);
+  const int64_t n = blockIdx.x;
+  __shared__ acc_t g[T], nrm[T], mix_s[kB * kB], self_s[kB];
+  if (threadIdx.x < T) {
+    g[threadIdx.x] = term_grad<scalar_t, acc_t>(grad_ep, grad_ea, threadIdx.x, kB, N, n, reduction);
+    nrm[threadIdx.x] = norms[n * T + threadIdx.x];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) emb::backward_coefficients(kB, g, g + P, nrm, acc_t(1) / acc_t(kB - 1), mix_s, self_s);
+  __syncthreads();
+  acc_t mix[kB * kB], self[kB];
+#pragma unroll
+  for (int i = 0; i < kB * kB; ++i) mix[i] = mix_s[i];
+#pragma unroll
+  for (int b = 0; b < kB; ++b) self[b] = self_s[b];
+
+  if (vectorised) {
+    using PackT = Pack<scalar_t>;
+    constexpr int V = PackT::kSize;
+    const int64_t packs = L / V;
+    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+      PackT p[kB], out[kB];
+#pragma unroll
+      for (int b = 0; b < kB; ++b) p[b] = reinterpret_cast<const PackT*>(emb + (b * N + n) * L)[i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc_t x[kB];
+#pragma unroll
+        for (int b = 0; b < kB; ++b) x[b] = static_cast<acc_t>(p[b].v[k]);
+#pragma unroll
+        for (int w = 0; w < kB; ++w) out[w].v[k] = static_cast<scalar_t>(emb::grad_element<kB, acc_t>(x, kB, w, mix, self));
+      }
+#pragma unroll
+      for (int b = 0; b < kB; ++b) reinterpret_cast<PackT*>(grad + (b * N + n) * L)[i] = out[b];
+    }
+  } else {
+    for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+      acc_t x[kB];
+#pragma unroll
+      for (int b = 0; b < kB; ++b) x[b] = static_cast<acc_t>(emb[(b * N + n) * L + l]);
+#pragma unroll
+      for (int w = 0; w < kB; ++w)
+        grad[(w * N + n) * L + l] = static_cast<scalar_t>(emb::grad_element<kB, acc_t>(x, kB, w, mix, self));
+    }
+  }
+}
+
+// Any B: a thread per sample computes its coefficients into a workspace [N, B·B + B] ...
+template <typename scalar_t>
+__global__ void coefficients_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict__ grad_ea,
+                                    const at::opmath_type<scalar_t>* __restrict__ norms, int B, int64_t N,
+                                    int64_t reduction, at::opmath_type<scalar_t>* __restrict__ work) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int P = emb::pair_count(B), T = emb::term_count(B);
+  // Workspace row of this sample: mix [B·B], self [B], then the T upstream gradients.
+  acc_t* row = work + n * (static_cast<int64_t>(B) * B + B + T);
+  acc_t* g = row + B * B + B;
+  for (int q = 0; q < T; ++q) g[q] = term_grad<scalar_t, acc_t>(grad_ep, grad_ea, q, B, N, n, reduction);
+  emb::backward_coefficients(B, g, g + P, norms + n * T, acc_t(1) / acc_t(B - 1), row, row + B * B);
+}
+
+// ... then one block per (sample, branch w) writes that branch's gradient row, reading the B rows
+// in place.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+backward_branch_kernel(const scalar_t* __restrict__ emb, const at::opmath_type<scalar_t>* __restrict__ work, int B,
+                       int64_t N, int64_t L, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x;
+  const int w = blockIdx.y, T = emb::term_count(B);
+  const acc_t* row = work + n * (static_cast<int64_t>(B) * B + B + T);
+  const int64_t branch_stride = N * L;
+  const scalar_t* x0 = emb + n * L;
+  scalar_t* out = grad + (w * N + n) * L;
+  for (int64_t l = threadIdx.x; l < L; l += kThreads)
+    out[l] = static_cast<scalar_t>(emb::grad_element<0, acc_t>(x0 + l, B, w, row, row + B * B, branch_stride));
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+
+void check_inputs(const at::Tensor& emb, int64_t reduction) {
+  TORCH_CHECK(emb.dim() == 3, "embedding_consensus: emb must be [B, N, L], got shape ", emb.sizes());
+  TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
+              "embedding_consensus: emb must be float16, bfloat16, float32 or float64, got ", emb.scalar_type());
+  TORCH_CHECK(emb.size(0) >= 2, "embedding_consensus: emb needs at least 2 branches (B >= 2), got B=", emb.size(0));
+  TORCH_CHECK(emb.size(1) >= 1, "embedding_consensus: emb has no samples (N = 0)");
+  TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");
+  TORCH_CHECK(emb.size(1) <= 2147483647LL, "embedding_consensus: N must fit a CUDA grid (< 2^31), got ", emb.size(1));
+  TORCH_CHECK(emb::term_count(static_cast<int>(std::min<int64_t>(emb.size(0), 1024))) <= 65535,
+              "embedding_consensus: at most 360 branches are supported on CUDA, got B=", emb.size(0));
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+bool can_vectorise(const void* p, int64_t L, int64_t elem_size) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (L * elem_size) % 16 == 0;
+}
+
+template <typename scalar_t, int kB>
+void launch_forward_static(const scalar_t* e, int64_t N, int64_t L, bool vec, at::opmath_type<scalar_t>* nrm,
+                           scalar_t* ep_terms, scalar_t* ea_terms, cudaStream_t stream) {
+  forward_kernel<scalar_t, kB><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(e, N, L, vec, nrm, ep_terms, ea_terms);
+}
+
+template <typename scalar_t, int kB>
+void launch_backward_static(const scalar_t* ge, const scalar_t* ga, const scalar_t* e,
+                            const at::opmath_type<scalar_t>* nrm, int64_t N, int64_t L, int64_t reduction, bool vec,
+                            scalar_t* out, cudaStream_t stream) {
+  backward_kernel<scalar_t, kB><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(ge, ga, e, nrm, N, L, reduction, vec, out);
+}
+
+// Calls FN<scalar_t, B>(args...) for B = 2..8; returns false for other B (the generic path).
+#define KSL_EMB_CUDA_STATIC_B(B, FN, ...)          \
+  [&]() -> bool {                                  \
+    switch (B) {                                   \
+      case 2: FN<scalar_t, 2>(__VA_ARGS__); return true; \
+      case 3: FN<scalar_t, 3>(__VA_ARGS__); return true; \
+      case 4: FN<scalar_t, 4>(__VA_ARGS__); return true; \
+      case 5: FN<scalar_t, 5>(__VA_ARGS__); return true; \
+      case 6: FN<scalar_t, 6>(__VA_ARGS__); return true; \
+      case 7: FN<scalar_t, 7>(__VA_ARGS__); return true; \
+      case 8: FN<scalar_t, 8>(__VA_ARGS__); return true; \
+      default: return false;                       \
+    }                                              \
+  }()
+static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_CUDA_STATIC_B lists B = 2..8");
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at::Tensor& emb_in, int64_t reduction) {
+  check_inputs(emb_in, reduction);
+  const c10::cuda::CUDAGuard guard(emb_in.device());
+  const at::Tensor emb = emb_in.contiguous();
+  const int B = static_cast<int>(emb.size(0));
+  const int64_t N = emb.size(1), L = emb.size(2);
+  const auto acc_dtype = emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor norms = at::empty({N, emb::term_count(B)}, emb.options().dtype(acc_dtype));
+  const bool none = reduction == kNone;
+  const bool generic = B > emb::kMaxStaticBranches;
+  at::Tensor ep, ea;
+  if (none) {
+    ep = generic ? at::zeros({B, B, N}, emb.options()) : at::empty({B, B, N}, emb.options());
+    ea = at::empty({B, N}, emb.options());
+  } else {
+    ep = at::empty({}, emb.options());
+    ea = at::empty({}, emb.options());
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* e = emb.const_data_ptr<scalar_t>();
+    acc_t* nrm = norms.mutable_data_ptr<acc_t>();
+    scalar_t* ep_terms = none ? ep.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ea_terms = none ? ea.mutable_data_ptr<scalar_t>() : nullptr;
+    const bool vec = can_vectorise(e, L, sizeof(scalar_t));
+    if (!KSL_EMB_CUDA_STATIC_B(B, launch_forward_static, e, N, L, vec, nrm, ep_terms, ea_terms, stream)) {
+      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(emb::term_count(B)));
+      forward_term_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, B, N, L, nrm, ep_terms, ea_terms);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!none) {
+      reduce_kernel<scalar_t><<<1, kFinalThreads, 0, stream>>>(nrm, B, N, reduction == kMean,
+                                                               ep.mutable_data_ptr<scalar_t>(),
+                                                               ea.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {ep, ea, norms};
+}
+
+at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at::Tensor& grad_ea,
+                                             const at::Tensor& emb_in, const at::Tensor& norms_in, int64_t reduction) {
+  check_inputs(emb_in, reduction);
+  const c10::cuda::CUDAGuard guard(emb_in.device());
+  const at::Tensor emb = emb_in.contiguous();
+  const int B = static_cast<int>(emb.size(0));
+  const int64_t N = emb.size(1), L = emb.size(2);
+  const auto acc_dtype = emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t T = emb::term_count(B);
+  TORCH_CHECK(norms_in.dim() == 2 && norms_in.size(0) == N && norms_in.size(1) == T && norms_in.scalar_type() == acc_dtype,
+              "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", T, "] of dtype ", acc_dtype,
+              ", got ", norms_in.sizes(), " ", norms_in.scalar_type());
+  TORCH_CHECK(norms_in.device() == emb_in.device() && grad_ep.device() == emb_in.device() &&
+                  grad_ea.device() == emb_in.device(),
+              "embedding_consensus_backward: grad_ep, grad_ea, emb and norms must be on one device");
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_ep.sizes() == at::IntArrayRef({B, B, N}) && grad_ea.sizes() == at::IntArrayRef({B, N}),
+                "embedding_consensus_backward: with reduction none grad_ep must be [B, B, N] and grad_ea [B, N], got ",
+                grad_ep.sizes(), " and ", grad_ea.sizes());
+  } else {
+    TORCH_CHECK(grad_ep.numel() == 1 && grad_ea.numel() == 1,
+                "embedding_consensus_backward: grad_ep and grad_ea must be scalars, got ", grad_ep.sizes(), " and ",
+                grad_ea.sizes());
+  }
+  const at::Tensor norms = norms_in.contiguous();
+  const at::Tensor gep = grad_ep.to(emb.scalar_type()).contiguous();
+  const at::Tensor gea = grad_ea.to(emb.scalar_type()).contiguous();
+  at::Tensor grad = at::empty_like(emb, at::MemoryFormat::Contiguous);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* e = emb.const_data_ptr<scalar_t>();
+    const acc_t* nrm = norms.const_data_ptr<acc_t>();
+    const scalar_t* ge = gep.const_data_ptr<scalar_t>();
+    const scalar_t* ga = gea.const_data_ptr<scalar_t>();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    const bool vec = can_vectorise(e, L, sizeof(scalar_t)) && can_vectorise(out, L, sizeof(scalar_t));
+    if (!KSL_EMB_CUDA_STATIC_B(B, launch_backward_static, ge, ga, e, nrm, N, L, reduction, vec, out, stream)) {
+      at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T}, emb.options().dtype(acc_dtype));
+      acc_t* w = work.mutable_data_ptr<acc_t>();
+      coefficients_kernel<scalar_t><<<static_cast<unsigned>((N + 127) / 128), 128, 0, stream>>>(ge, ga, nrm, B, N,
+                                                                                                reduction, w);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(B));
+      backward_branch_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, w, B, N, L, out);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace ksl
+
+TORCH_LIBRARY_IMPL(ksl_ops, CUDA, m) {
+  m.impl("embedding_consensus", &ksl::embedding_consensus_cuda);
+  m.impl("embedding_consensus_backward", &ksl::embedding_consensus_backward_cuda);
+}
