@@ -161,6 +161,9 @@ def _prob_consensus_setup_context(ctx, inputs, output):
     _, _, row_lse, grad_dir = output
     ctx.temperature, ctx.detach_target, ctx.reduction = temperature, detach_target, reduction
     ctx.branches = logits.shape[0]
+    # row_lse and grad_dir are saved state, not losses: no zero-filled [B, N, K] gradient for them.
+    ctx.mark_non_differentiable(row_lse, grad_dir)
+    ctx.set_materialize_grads(False)
     ctx.uses_grad_dir = bool(save_grad) and _prob_saves_grad(detach_target, reduction)
     if ctx.uses_grad_dir:
         ctx.save_for_backward(grad_dir)
@@ -169,6 +172,12 @@ def _prob_consensus_setup_context(ctx, inputs, output):
 
 
 def _prob_consensus_backward(ctx, grad_pp, grad_pa, _grad_lse, _grad_dir):
+    if grad_pp is None and grad_pa is None:
+        return None, None, None, None, None
+    if grad_pp is None:
+        grad_pp = torch.zeros_like(grad_pa)
+    if grad_pa is None:
+        grad_pa = torch.zeros_like(grad_pp)
     if ctx.uses_grad_dir:
         (grad_dir,) = ctx.saved_tensors
         return grad_dir * (grad_pp * (ctx.branches - 1) + grad_pa), None, None, None, None

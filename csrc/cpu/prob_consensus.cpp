@@ -64,8 +64,10 @@ bool cpu_has_avx2_fma() {
 
 // Pass 1 for one branch row: log-sum-exp of x = z / T. The max and the sum run on kLanes partial
 // accumulators (fixed order, so the result does not depend on threads) to let the loop vectorise.
+// The exp(x − max) of every class are kept in `e` (B·K values of thread-local scratch): pass 2 takes
+// p = e / Σe from there instead of a second exp.
 template <typename scalar_t, typename acc_t>
-KSL_CPU_INLINE acc_t row_logsumexp(const scalar_t* z, int64_t K, acc_t inv_t) {
+KSL_CPU_INLINE acc_t row_logsumexp(const scalar_t* z, int64_t K, acc_t inv_t, acc_t* e, acc_t& inv_sum) {
   acc_t mx[kLanes];
   for (int l = 0; l < kLanes; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
   int64_t k = 0;
@@ -86,11 +88,18 @@ KSL_CPU_INLINE acc_t row_logsumexp(const scalar_t* z, int64_t K, acc_t inv_t) {
   acc_t sm[kLanes] = {};
   k = 0;
   for (; k + kLanes <= K; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) sm[l] += fexp(static_cast<acc_t>(z[k + l]) * inv_t - m);
+    for (int l = 0; l < kLanes; ++l) {
+      e[k + l] = fexp(static_cast<acc_t>(z[k + l]) * inv_t - m);
+      sm[l] += e[k + l];
+    }
   }
   acc_t sum = 0;
-  for (; k < K; ++k) sum += fexp(static_cast<acc_t>(z[k]) * inv_t - m);
+  for (; k < K; ++k) {
+    e[k] = fexp(static_cast<acc_t>(z[k]) * inv_t - m);
+    sum += e[k];
+  }
   for (int l = 0; l < kLanes; ++l) sum += sm[l];
+  inv_sum = acc_t(1) / sum;
   return m + std::log(sum);
 }
 
@@ -99,6 +108,8 @@ template <typename scalar_t, typename acc_t, int kB>
 struct SampleRows {
   const scalar_t* z[kB];  // branch b's logits of this sample
   acc_t lse[kB];          // its log-sum-exp of z / T
+  const acc_t* e[kB];     // forward only: exp(z / T − max) of every class, from pass 1
+  acc_t inv_sum[kB];      // forward only: 1 / Σ_k e, so that p = e · inv_sum
   acc_t inv_t;
   acc_t inv_bm1;          // 1 / (B − 1)
   acc_t log_bm1;          // log(B − 1)
@@ -106,7 +117,7 @@ struct SampleRows {
 
 // One block of kLanes classes starting at k0 (cnt of them valid): s, p, log a, a for every branch.
 // Invalid tail lanes get s = 0 for every branch, which gives finite values that are masked out.
-template <typename scalar_t, typename acc_t, int kB>
+template <bool kFromPass1, typename scalar_t, typename acc_t, int kB>
 KSL_CPU_INLINE void class_block(const SampleRows<scalar_t, acc_t, kB>& r, int64_t k0, int cnt, acc_t (&s)[kB][kLanes],
                         acc_t (&p)[kB][kLanes], acc_t (&log_a)[kB][kLanes], acc_t (&a)[kB][kLanes]) {
   const acc_t threshold = ksl::prob::log_a_fast_threshold<acc_t>();
@@ -119,8 +130,20 @@ KSL_CPU_INLINE void class_block(const SampleRows<scalar_t, acc_t, kB>& r, int64_
       for (int l = 0; l < kLanes; ++l) s[b][l] = l < cnt ? static_cast<acc_t>(r.z[b][k0 + l]) * r.inv_t - r.lse[b] : acc_t(0);
     }
   }
-  for (int b = 0; b < kB; ++b) {
-    for (int l = 0; l < kLanes; ++l) p[b][l] = fexp(s[b][l]);
+  if constexpr (kFromPass1) {
+    if (cnt == kLanes) {
+      for (int b = 0; b < kB; ++b) {
+        for (int l = 0; l < kLanes; ++l) p[b][l] = r.e[b][k0 + l] * r.inv_sum[b];
+      }
+    } else {  // tail lanes: p = exp(0) = 1, as s = 0 there
+      for (int b = 0; b < kB; ++b) {
+        for (int l = 0; l < kLanes; ++l) p[b][l] = l < cnt ? r.e[b][k0 + l] * r.inv_sum[b] : acc_t(1);
+      }
+    }
+  } else {
+    for (int b = 0; b < kB; ++b) {
+      for (int l = 0; l < kLanes; ++l) p[b][l] = fexp(s[b][l]);
+    }
   }
   int needs_exact = 0;
   for (int b = 0; b < kB; ++b) {
@@ -153,7 +176,7 @@ KSL_CPU_INLINE void forward_sample(const SampleRows<scalar_t, acc_t, kB>& r, int
   acc_t s[kB][kLanes], p[kB][kLanes], log_a[kB][kLanes], a[kB][kLanes];
   for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
     const int cnt = static_cast<int>(K - k0 < kLanes ? K - k0 : kLanes);
-    class_block(r, k0, cnt, s, p, log_a, a);
+    class_block<true>(r, k0, cnt, s, p, log_a, a);
     // Tail lanes hold s = 0 in every branch: p = 1, a = 1 and s^u − s^v = 0, but log a carries the
     // rounding of log((B−1)·1) − log(B−1), so pa is masked explicitly.
     for (int u = 0; u < kB; ++u) {
@@ -200,7 +223,8 @@ struct ForwardArgs {
 };
 
 template <typename scalar_t, typename acc_t, int kB>
-KSL_CPU_INLINE void forward_samples_body(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end) {
+KSL_CPU_INLINE void forward_samples_body(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end,
+                                         acc_t* scratch) {
   const int64_t N = f.N, K = f.K;
   for (int64_t n = begin; n < end; ++n) {
     SampleRows<scalar_t, acc_t, kB> r;
@@ -210,7 +234,8 @@ KSL_CPU_INLINE void forward_samples_body(const ForwardArgs<scalar_t, acc_t, kB>&
     r.log_bm1 = static_cast<acc_t>(std::log(static_cast<double>(kB - 1)));
     for (int b = 0; b < kB; ++b) {
       r.z[b] = f.z + (b * N + n) * K;
-      r.lse[b] = row_logsumexp(r.z[b], K, f.inv_t);
+      r.lse[b] = row_logsumexp(r.z[b], K, f.inv_t, scratch + b * K, r.inv_sum[b]);
+      r.e[b] = scratch + b * K;
       f.row_lse[b * N + n] = r.lse[b];
       gdir[b] = f.grad_dir ? f.grad_dir + (b * N + n) * K : nullptr;
     }
@@ -222,15 +247,16 @@ KSL_CPU_INLINE void forward_samples_body(const ForwardArgs<scalar_t, acc_t, kB>&
 }
 
 template <typename scalar_t, typename acc_t, int kB>
-void forward_samples_baseline(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end) {
-  forward_samples_body(f, begin, end);
+void forward_samples_baseline(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end,
+                              acc_t* scratch) {
+  forward_samples_body(f, begin, end, scratch);
 }
 
 #if KSL_CPU_AVX2_CLONE
 template <typename scalar_t, typename acc_t, int kB>
 __attribute__((target("avx2,fma"))) void forward_samples_avx2(const ForwardArgs<scalar_t, acc_t, kB>& f,
-                                                              int64_t begin, int64_t end) {
-  forward_samples_body(f, begin, end);
+                                                              int64_t begin, int64_t end, acc_t* scratch) {
+  forward_samples_body(f, begin, end, scratch);
 }
 #endif
 
@@ -252,10 +278,11 @@ void forward_impl(const at::Tensor& z, double temperature, at::Tensor& row_lse, 
   f.grad_dir = grad_dir ? grad_dir->mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kB * f.K));
   at::parallel_for(0, f.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(static_cast<size_t>(kB * f.K));  // pass 1's exp, reused by pass 2
 #if KSL_CPU_AVX2_CLONE
-    if (cpu_has_avx2_fma()) return forward_samples_avx2(f, begin, end);
+    if (cpu_has_avx2_fma()) return forward_samples_avx2(f, begin, end, scratch.data());
 #endif
-    forward_samples_baseline(f, begin, end);
+    forward_samples_baseline(f, begin, end, scratch.data());
   });
 }
 
@@ -294,7 +321,7 @@ void backward_impl(const at::Tensor& z, const at::Tensor& row_lse, const at::Ten
         acc_t kl[kB * kB] = {}, ph[kB * kB] = {};
         for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
           const int cnt = static_cast<int>(K - k0 < kLanes ? K - k0 : kLanes);
-          class_block(r, k0, cnt, s, p, log_a, a);
+          class_block<false>(r, k0, cnt, s, p, log_a, a);
           for (int l = 0; l < cnt; ++l) {
             acc_t cs[kB], cp[kB], cla[kB], ca[kB];
             for (int j = 0; j < kB; ++j) cs[j] = s[j][l], cp[j] = p[j][l], cla[j] = log_a[j][l], ca[j] = a[j][l];
@@ -307,7 +334,7 @@ void backward_impl(const at::Tensor& z, const at::Tensor& row_lse, const at::Ten
       }
       for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
         const int cnt = static_cast<int>(K - k0 < kLanes ? K - k0 : kLanes);
-        class_block(r, k0, cnt, s, p, log_a, a);
+        class_block<false>(r, k0, cnt, s, p, log_a, a);
         for (int l = 0; l < cnt; ++l) {
           acc_t cs[kB], cp[kB], cla[kB], ca[kB];
           for (int j = 0; j < kB; ++j) cs[j] = s[j][l], cp[j] = p[j][l], cla[j] = log_a[j][l], ca[j] = a[j][l];
