@@ -158,7 +158,8 @@ def _prob_consensus_backward_fake(grad_pp, grad_pa, logits, row_lse, temperature
 
 def _prob_consensus_setup_context(ctx, inputs, output):
     logits, temperature, detach_target, reduction, save_grad = inputs
-    _, _, row_lse, grad_dir = output
+    pp, pa, row_lse, grad_dir = output
+    ctx.loss_shapes = (pp.shape, pa.shape)
     ctx.temperature, ctx.detach_target, ctx.reduction = temperature, detach_target, reduction
     ctx.branches = logits.shape[0]
     # row_lse and grad_dir are saved state, not losses: no zero-filled [B, N, K] gradient for them.
@@ -175,9 +176,9 @@ def _prob_consensus_backward(ctx, grad_pp, grad_pa, _grad_lse, _grad_dir):
     if grad_pp is None and grad_pa is None:
         return None, None, None, None, None
     if grad_pp is None:
-        grad_pp = torch.zeros_like(grad_pa)
+        grad_pp = grad_pa.new_zeros(ctx.loss_shapes[0])
     if grad_pa is None:
-        grad_pa = torch.zeros_like(grad_pp)
+        grad_pa = grad_pp.new_zeros(ctx.loss_shapes[1])
     if ctx.uses_grad_dir:
         (grad_dir,) = ctx.saved_tensors
         return grad_dir * (grad_pp * (ctx.branches - 1) + grad_pa), None, None, None, None

@@ -403,3 +403,14 @@ def test_cuda_large_vs_float64(detach):
     assert abs(pp.item() - want[0].item()) <= 1e-4 * want[0].item()
     assert abs(pa.item() - want[1].item()) <= 1e-4 * want[1].item()
     assert ((g.double() - gw).abs().max() / gw.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradient_of_one_loss_only(device, detach, reduction):
+    # only pa (or only pp) reaches the loss: the other output's gradient is absent, not zero-filled
+    z = torch.randn(3, 5, 11, dtype=torch.float64, device=device, requires_grad=True)
+    for which in (0, 1):
+        got = _fused(z, 1.2, detach, reduction)[which].sum()
+        want = _ref(z, 1.2, detach, reduction)[which].sum()
+        assert _rel_err(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0]) < 1e-12
