@@ -6,7 +6,8 @@
 // B(B−1) + B KL terms at once, class by class, from the B log-probabilities of that class (the
 // arithmetic of csrc/common/prob_consensus.h). Pass 2 runs on blocks of kLanes classes held in small
 // lane arrays so that the compiler vectorises it (exp and log are the header's branch-free
-// polynomials for float; libm for double).
+// polynomials for float; libm for double). Pass 1 keeps exp(z/T − max) in thread-local scratch
+// (B·K values, 48 KB at K = 4101), so pass 2 needs one log per branch and class and no exp.
 //
 // Loss and gradient together: with detach_target and a scalar reduction the gradient of both losses
 // is proportional to the same tensor, ∂pp/∂z^b = (B−1)·∂pa/∂z^b = (B−1)·T·c·(p^b − a^b) (c = 1/N for
@@ -23,6 +24,8 @@
 // selects of the header's exp/log polynomials, and the class loops below stay scalar (5x slower).
 // Floating-point exceptions are never enabled in PyTorch, so the whole translation unit drops the
 // assumption; it changes no result (IEEE rounding, NaN and Inf behaviour are untouched).
+// fp-contract=off: no fused multiply-add contraction in the AVX2+FMA copy, so both copies round
+// alike and exact zeros stay exact (K = 1, identical branches, any temperature).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math", "fp-contract=off")
 #endif
