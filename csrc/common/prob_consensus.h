@@ -149,8 +149,6 @@ KSL_HOST_DEVICE acc_t log_average_excluding(const acc_t* s, int B, int b, acc_t 
 template <typename acc_t>
 KSL_HOST_DEVICE void average_branch(const acc_t* s, const acc_t* p, int B, acc_t inv_bm1, acc_t log_bm1,
                                     acc_t* log_a, acc_t* a) {
-  acc_t total = 0;
-  for (int j = 0; j < B; ++j) total += p[j];
   for (int b = 0; b < B; ++b) {
     // Σ_{j≠b} p^j summed directly (not total − p^b, which cancels when p^b dominates).
     acc_t others = 0;
@@ -162,7 +160,6 @@ KSL_HOST_DEVICE void average_branch(const acc_t* s, const acc_t* p, int B, acc_t
     }
     a[b] = others * inv_bm1;
   }
-  (void)total;
 }
 
 // Adds one class's contribution to the per-sample KL sums: pp[u*B+v] += p^u (s^u − s^v) for u ≠ v,
