@@ -15,10 +15,13 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ksl_ops, m) {
-  // KSL-P (eq. 3-6). Returns (pp, pa, row_lse): row_lse [B, N] float32 is log-sum-exp of logits/T,
-  // saved for the backward.
-  m.def("prob_consensus(Tensor logits, float temperature, bool detach_target, int reduction) "
-        "-> (Tensor, Tensor, Tensor)");
+  // KSL-P (eq. 3-6). Returns (pp, pa, row_lse, grad_dir): row_lse [B, N] (float32, float64 for
+  // float64 logits) is log-sum-exp of logits/T, saved for the backward. With save_grad,
+  // detach_target and reduction mean/sum, grad_dir [B, N, K] is the gradient computed with the loss
+  // (d pa / d logits; d pp / d logits = (B-1) grad_dir) and the backward only scales it; otherwise
+  // it is empty and the backward recomputes from row_lse.
+  m.def("prob_consensus(Tensor logits, float temperature, bool detach_target, int reduction, "
+        "bool save_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("prob_consensus_backward(Tensor grad_pp, Tensor grad_pa, Tensor logits, Tensor row_lse, "
         "float temperature, bool detach_target, int reduction) -> Tensor");
 

@@ -124,8 +124,75 @@ def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prob_consensus_fused(z, temperature, detach_target, reduction):  # TODO(op helper): fused path
-    raise NotImplementedError("_prob_consensus_fused is not implemented yet")
+# The op returns (pp, pa, row_lse, grad_dir). With detach_target and a scalar reduction, both losses'
+# gradients are multiples of one tensor (d pp/dz = (B-1) d pa/dz = (B-1) T c (p - a)), which the
+# forward writes as grad_dir while the logits are in cache; the backward then only scales it. It
+# is asked for only when a gradient will be needed, so inference and no_grad calls write nothing.
+
+
+def _prob_saves_grad(detach_target: bool, reduction: int) -> bool:
+    return bool(detach_target) and reduction != 0
+
+
+def _prob_consensus_fused(z, temperature, detach_target, reduction):
+    save_grad = _prob_saves_grad(detach_target, reduction) and z.requires_grad and torch.is_grad_enabled()
+    pp, pa, _, _ = _ext.ops().prob_consensus(z, temperature, detach_target, reduction, save_grad)
+    return pp, pa
+
+
+def _prob_consensus_fake(logits, temperature, detach_target, reduction, save_grad):
+    B, N, K = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if reduction == 0:
+        pp, pa = logits.new_empty((B, B, N)), logits.new_empty((B, N))
+    else:
+        pp, pa = logits.new_empty(()), logits.new_empty(())
+    row_lse = logits.new_empty((B, N), dtype=acc)
+    grad_dir = logits.new_empty((B, N, K) if save_grad and _prob_saves_grad(detach_target, reduction) else (0,))
+    return pp, pa, row_lse, grad_dir
+
+
+def _prob_consensus_backward_fake(grad_pp, grad_pa, logits, row_lse, temperature, detach_target, reduction):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _prob_consensus_setup_context(ctx, inputs, output):
+    logits, temperature, detach_target, reduction, save_grad = inputs
+    pp, pa, row_lse, grad_dir = output
+    ctx.loss_shapes = (pp.shape, pa.shape)
+    ctx.temperature, ctx.detach_target, ctx.reduction = temperature, detach_target, reduction
+    ctx.branches = logits.shape[0]
+    # row_lse and grad_dir are saved state, not losses: no zero-filled [B, N, K] gradient for them.
+    ctx.mark_non_differentiable(row_lse, grad_dir)
+    ctx.set_materialize_grads(False)
+    ctx.uses_grad_dir = bool(save_grad) and _prob_saves_grad(detach_target, reduction)
+    if ctx.uses_grad_dir:
+        ctx.save_for_backward(grad_dir)
+    else:
+        ctx.save_for_backward(logits, row_lse)
+
+
+def _prob_consensus_backward(ctx, grad_pp, grad_pa, _grad_lse, _grad_dir):
+    if grad_pp is None and grad_pa is None:
+        return None, None, None, None, None
+    if grad_pp is None:
+        grad_pp = grad_pa.new_zeros(ctx.loss_shapes[0])
+    if grad_pa is None:
+        grad_pa = grad_pp.new_zeros(ctx.loss_shapes[1])
+    if ctx.uses_grad_dir:
+        (grad_dir,) = ctx.saved_tensors
+        return grad_dir * (grad_pp * (ctx.branches - 1) + grad_pa), None, None, None, None
+    logits, row_lse = ctx.saved_tensors
+    grad = _ext.ops().prob_consensus_backward(grad_pp, grad_pa, logits, row_lse, ctx.temperature,
+                                              ctx.detach_target, ctx.reduction)
+    return grad, None, None, None, None
+
+
+if _ext.available():
+    torch.library.register_fake("ksl_ops::prob_consensus")(_prob_consensus_fake)
+    torch.library.register_fake("ksl_ops::prob_consensus_backward")(_prob_consensus_backward_fake)
+    torch.library.register_autograd("ksl_ops::prob_consensus", _prob_consensus_backward,
+                                    setup_context=_prob_consensus_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
