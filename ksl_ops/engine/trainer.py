@@ -1,0 +1,496 @@
+"""The KSL training loop (paper §4.2) with evaluation, checkpoints, metrics and curves.
+
+    cfg = TrainConfig.from_preset("cpu", backbone="cmsnet", losses="ksl")
+    trainer = Trainer(cfg)
+    result = trainer.fit()          # trains, evaluates, writes output_dir/{last.ckpt,metrics.json,curves.png}
+
+A step: the network's B branches give (logits, embeddings); KSLLoss turns them into eq. 1; SGD steps.
+The loss is differentiated in two phases -- first the loss alone w.r.t. the network outputs, then
+the network with those gradients -- which gives exactly the gradients of one backward pass, and lets
+the step time spent in the losses (forward + backward) be measured on its own.
+
+Randomness is re-seeded at the start of every epoch from (seed, epoch), so an epoch draws the same
+shuffles, augmentations and dropout whether the run was interrupted before it or not: `--resume`
+continues exactly (the RNG states are also saved in the checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from .config import LOSS_PRESETS, TrainConfig
+from .evaluation import cosine_distance, evaluate_reid, extract_features
+from .rerank import re_ranking
+
+__all__ = ["Trainer", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device", "load_dataset",
+           "build_model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+# ---------------------------------------------------------------------------------------------
+
+class WarmupCosineLR:
+    """Linear warm-up then cosine annealing, evaluated at a *fractional* epoch.
+
+    Stepping with the fractional epoch (epoch + iteration / iterations_this_epoch) makes the curve
+    smooth within epochs and independent of how many iterations an epoch has, which changes when
+    the P×K sampler takes over. Its state is just the last position, so resuming is exact.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
+                 min_lr_ratio: float = 0.0):
+        self.optimizer = optimizer
+        self.epochs = int(epochs)
+        self.warmup_epochs = int(warmup_epochs)
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        for g, lr in zip(optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = lr
+        self.last_epoch = 0.0
+        self.step(0.0)
+
+    def factor(self, t: float) -> float:
+        if self.warmup_epochs > 0 and t < self.warmup_epochs:
+            # Start at a small fraction rather than 0 so the first step already moves.
+            return max(t / self.warmup_epochs, 0.01)
+        span = max(self.epochs - self.warmup_epochs, 1e-12)
+        progress = min(max((t - self.warmup_epochs) / span, 0.0), 1.0)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def step(self, t: float) -> None:
+        self.last_epoch = float(t)
+        f = self.factor(self.last_epoch)
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * f
+
+    def get_last_lr(self) -> List[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epochs": self.epochs, "warmup_epochs": self.warmup_epochs, "min_lr_ratio": self.min_lr_ratio,
+                "base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epochs, self.warmup_epochs = state["epochs"], state["warmup_epochs"]
+        self.min_lr_ratio, self.base_lrs = state["min_lr_ratio"], list(state["base_lrs"])
+        self.step(state["last_epoch"])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build")
+    return dev
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Distinct, reproducible stream per (seed, epoch); the constant keeps epoch e of seed s away
+    # from epoch 0 of seed s+e.
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2 ** 31)
+
+
+def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print):
+    """Render (if synthetic) and parse the dataset of a config."""
+    from ..data import build_dataset
+
+    root = cfg.resolved_data_root()
+    if cfg.dataset == "synthetic":
+        from ..data import render_synthetic
+
+        params = dict(cfg.synthetic)
+        params.setdefault("height", cfg.height)
+        params.setdefault("width", cfg.width)
+        t0 = time.perf_counter()
+        root = render_synthetic(root, **params)
+        log(f"synthetic set ready in {root} ({time.perf_counter() - t0:.1f}s; "
+            f"{params['num_train_ids']} train ids, {params['num_test_ids']} test ids, "
+            f"{params['num_cams']} cameras, rendered at {params['height']}x{params['width']})")
+    return build_dataset(cfg.dataset, root)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    from ..models import build_backbone, with_isomorphic_branches
+
+    model = build_backbone(cfg.backbone, num_classes=num_classes)
+    if cfg.branches:
+        model = with_isomorphic_branches(model)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    # Adam / AMSGrad with L2 weight decay, as the Re-ID code that trains OSNet-like nets from scratch.
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
+                            amsgrad=cfg.optimizer == "amsgrad")
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    import ksl_ops
+
+    return "fused" if ksl_ops.backend() != "none" else "reference"
+
+
+def _progress_enabled(mode: str) -> bool:
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    # Bars only for a person watching a terminal: not in CI logs, not in pipes.
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Builds data, model, KSL loss, optimizer and schedule from a TrainConfig and runs them."""
+
+    CHECKPOINT = "last.ckpt"
+    METRICS = "metrics.json"
+    CURVES = "curves.png"
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print, dataset=None):
+        from ..losses import KSLLoss
+
+        self.cfg = cfg.validated()
+        self.log = log
+        self.device = resolve_device(cfg.device)
+        _seed_everything(cfg.seed)
+        self.dataset = dataset if dataset is not None else load_dataset(cfg, log)
+        self.num_classes = int(self.dataset.num_train_pids)
+        self.model = build_model(cfg, self.num_classes).to(self.device)
+        _, use_p, use_e, use_h = LOSS_PRESETS[cfg.losses]
+        self.backend = _resolve_backend(cfg.backend)
+        self.criterion = KSLLoss(self.num_classes, label_smoothing=cfg.label_smoothing, margin=cfg.margin,
+                                 temperature=cfg.temperature, use_p=use_p, use_e=use_e, use_h=use_h,
+                                 triplet_start_epoch=cfg.triplet_start, backend=self.backend)
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.scheduler = WarmupCosineLR(self.optimizer, cfg.epochs, cfg.warmup_epochs, cfg.min_lr_ratio)
+        self.output_dir = Path(cfg.output_dir)
+        self.start_epoch = 0
+        self.history: List[Dict[str, Any]] = []
+        self._loaders: Dict[str, Any] = {}
+        self._test_loaders = None
+
+    # -- data --------------------------------------------------------------------------------
+    def sampler_for(self, epoch: int) -> str:
+        """The random sampler before the triplets start, P×K from then on (paper §4.2)."""
+        return "pk" if epoch >= self.cfg.triplet_start else "random"
+
+    def train_loader(self, epoch: int):
+        from ..data import build_train_loader
+
+        kind = self.sampler_for(epoch)
+        if kind not in self._loaders:
+            from ..data import build_transforms
+
+            cfg = self.cfg
+            # The usual pad-and-crop pads 10 pixels at 256x128; scale it with the input, or a 64x32
+            # input would be shifted by a third of its width.
+            pad = max(1, round(10 * cfg.height / 256))
+            tf = build_transforms(cfg.height, cfg.width, train=True, padding=pad)
+            self._loaders[kind] = build_train_loader(self.dataset, cfg.height, cfg.width, cfg.batch_size,
+                                                     sampler=kind, num_instances=cfg.num_instances,
+                                                     workers=cfg.workers, seed=cfg.seed, transform=tf)
+        loader = self._loaders[kind]
+        # Make the epoch's order a function of (seed, epoch) only, whatever came before.
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        gen = getattr(loader, "generator", None)
+        if gen is not None:
+            gen.manual_seed(_epoch_seed(self.cfg.seed, epoch))
+        return loader
+
+    def test_loaders(self):
+        if self._test_loaders is None:
+            from ..data import build_test_loaders
+
+            self._test_loaders = build_test_loaders(self.dataset, self.cfg.height, self.cfg.width,
+                                                    self.cfg.eval_batch_size, workers=self.cfg.workers)
+        return self._test_loaders
+
+    # -- resume --------------------------------------------------------------------------------
+    def resume(self, path) -> int:
+        """Load model, optimizer, schedule, history and RNG from a checkpoint; returns the next epoch."""
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, map_location=self.device,
+                                restore_rng=True)
+        self.start_epoch = int(state["epoch"])
+        self.history = list((state.get("metrics") or {}).get("history", []))
+        self.log(f"resumed from {path} after epoch {self.start_epoch}/{self.cfg.epochs}")
+        return self.start_epoch
+
+    # -- one epoch -----------------------------------------------------------------------------
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_epoch(self, epoch: int) -> Dict[str, Any]:
+        cfg = self.cfg
+        seed = _epoch_seed(cfg.seed, epoch)
+        _seed_everything(seed)
+        loader = self.train_loader(epoch)
+        self.model.train()
+        iters = len(loader)
+        if cfg.max_iters_per_epoch is not None:
+            iters = min(iters, cfg.max_iters_per_epoch)
+        if iters == 0:
+            raise RuntimeError(f"the train loader yields no batch (batch_size={cfg.batch_size}, "
+                               f"{len(self.dataset.train)} train images); lower --batch-size")
+        sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, int] = {}
+        n_images = 0
+        loss_time = 0.0
+        lr_start = self.optimizer.param_groups[0]["lr"]
+
+        bar = None
+        if _progress_enabled(cfg.progress):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        self._sync()
+        t_epoch = time.perf_counter()
+        for it, batch in enumerate(loader):
+            if it >= iters:
+                break
+            self.scheduler.step(epoch + it / iters)
+            images = batch[0].to(self.device, non_blocking=True)
+            labels = batch[1].to(self.device, non_blocking=True).long()
+            out, dt = self._step(images, labels, epoch)
+            loss_time += dt
+            n_images += images.size(0)
+            for name, value in out.terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+                counts[name] = counts.get(name, 0) + 1
+            sums["total"] = sums.get("total", 0.0) + out.total.detach()
+            counts["total"] = counts.get("total", 0) + 1
+            # Checked every 10 steps, not every step: the check is a host sync on a GPU.
+            if (it % 10 == 0 or it == iters - 1) and not bool(torch.isfinite(out.total.detach())):
+                raise FloatingPointError(
+                    f"the loss became {float(out.total)} at epoch {epoch + 1}, iteration {it + 1} "
+                    f"(parts: {out.parts}); lower --lr (now {cfg.lr}) or check the data")
+            if bar is not None:
+                bar.update(1)
+                if it % 5 == 0 or it == iters - 1:
+                    bar.set_postfix({k: f"{float(v) / counts[k]:.3f}" for k, v in sums.items()}, refresh=False)
+        self.scheduler.step(epoch + 1)
+        self._sync()
+        elapsed = time.perf_counter() - t_epoch
+        if bar is not None:
+            bar.close()
+        loss = {k: float(v) / counts[k] for k, v in sums.items()}
+        return {
+            "epoch": epoch + 1,
+            "lr": lr_start,
+            "sampler": self.sampler_for(epoch),
+            "iters": iters,
+            "time_s": elapsed,
+            "images_per_s": n_images / max(elapsed, 1e-9),
+            "loss": loss,
+            "loss_time_s": loss_time,
+            "loss_time_share": loss_time / max(elapsed, 1e-9),
+        }
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
+        outs = self.model(images)
+        if isinstance(outs, tuple) and len(outs) == 2 and isinstance(outs[0], torch.Tensor):
+            outs = [outs]  # a plain backbone: one branch
+        logits = [o[0] for o in outs]
+        embs = [o[1] for o in outs]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.time_losses:
+            # Phase 1: the loss alone, from detached copies of the network outputs.
+            leaves = [t.detach().requires_grad_() for t in logits + embs]
+            self._sync()
+            t0 = time.perf_counter()
+            out = self.criterion(leaves[: len(logits)], leaves[len(logits):], labels, epoch=epoch)
+            grads = torch.autograd.grad(out.total, leaves, allow_unused=True)
+            self._sync()
+            dt = time.perf_counter() - t0
+            # Phase 2: the network, fed the loss's gradients (outputs the loss did not use get none).
+            pairs = [(t, g) for t, g in zip(logits + embs, grads) if g is not None]
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        else:
+            out = self.criterion(logits, embs, labels, epoch=epoch)
+            out.total.backward()
+            dt = 0.0
+        self.optimizer.step()
+        return out, dt
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, rerank: Optional[bool] = None) -> Dict[str, Any]:
+        """Single-query CMC/mAP of the main branch on cosine distance (+ re-ranking if asked)."""
+        return evaluate_model(self.model, self.test_loaders(), self.device, self.cfg.max_rank,
+                              self.cfg.rerank if rerank is None else rerank)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log(f"train: {cfg.describe()}")
+        self.log(f"data: {self.dataset.name} ({len(self.dataset.train)} train images, "
+                 f"{self.num_classes} ids) | device {self.device} | loss backend {self.backend} | "
+                 f"output {self.output_dir}")
+        t_run = time.perf_counter()
+        final_eval = None
+        for epoch in range(self.start_epoch, cfg.epochs):
+            record = self.train_epoch(epoch)
+            last = epoch + 1 == cfg.epochs
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                record["eval"] = self.evaluate()
+                final_eval = record["eval"] if last else final_eval
+            self.history.append(record)
+            self.log(self._epoch_line(record))
+            if last or (epoch + 1) % cfg.checkpoint_every == 0:
+                self.save(epoch + 1)
+            self._write_metrics()
+        if final_eval is None:  # resumed a finished run: evaluate what is there
+            final_eval = self.evaluate()
+        result = {"config": cfg.to_dict(), "final": final_eval, "train_time_s": time.perf_counter() - t_run,
+                  "history": self.history}
+        self._write_metrics(final=final_eval)
+        try:
+            from .plots import plot_training_curves
+
+            plot_training_curves(self.history, self.output_dir / self.CURVES,
+                                 title=f"{cfg.backbone} / {cfg.losses} / {cfg.height}x{cfg.width}")
+        except Exception as exc:  # a plotting failure must not lose a finished run
+            self.log(f"warning: could not write {self.CURVES}: {exc}")
+        return result
+
+    def _epoch_line(self, r: Dict[str, Any]) -> str:
+        parts = " ".join(f"{k}={v:.3f}" for k, v in r["loss"].items())
+        line = (f"epoch {r['epoch']:>3}/{self.cfg.epochs} | lr {r['lr']:.2e} | {r['sampler']:>6} | "
+                f"{parts} | {r['images_per_s']:.0f} img/s | loss share {100 * r['loss_time_share']:.1f}% | "
+                f"{r['time_s']:.1f}s")
+        if "eval" in r:
+            e = r["eval"]
+            line += f" | R1 {e['R1']:.1f} R5 {e['R5']:.1f} mAP {e['mAP']:.1f}"
+        return line
+
+    def save(self, epoch: int) -> Path:
+        return save_checkpoint(self.output_dir / self.CHECKPOINT, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, epoch=epoch, config=self.cfg.to_dict(),
+                               metrics={"history": self.history},
+                               extra={"num_classes": self.num_classes, "backend": self.backend})
+
+    def _write_metrics(self, final: Optional[Dict[str, Any]] = None) -> None:
+        obj = {"config": self.cfg.to_dict(), "history": self.history}
+        if final is not None:
+            obj["final"] = final
+        _write_json(obj, self.output_dir / self.METRICS)
+
+
+def evaluate_model(model, loaders, device, max_rank: int = 50, rerank: bool = False) -> Dict[str, Any]:
+    """R1/R5/R10/mAP (in %) of the main-branch embeddings; with rerank also the re-ranked ones."""
+    query_loader, gallery_loader = loaders
+    t0 = time.perf_counter()
+    qf, q_pids, q_camids = extract_features(model, query_loader, device)
+    gf, g_pids, g_camids = extract_features(model, gallery_loader, device)
+    max_rank = min(max_rank, len(g_pids))
+    dist = cosine_distance(qf, gf)
+    r = evaluate_reid(dist, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
+    out = _summary(r)
+    if rerank:
+        rr = re_ranking(dist, cosine_distance(qf, qf), cosine_distance(gf, gf))
+        out["rerank"] = _summary(evaluate_reid(rr, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank))
+    out["num_query"], out["num_gallery"] = int(len(q_pids)), int(len(g_pids))
+    out["time_s"] = time.perf_counter() - t0
+    return out
+
+
+def _summary(r: Dict[str, Any]) -> Dict[str, Any]:
+    cmc = r["cmc"]
+    at = lambda k: float(100.0 * cmc[min(k, len(cmc)) - 1])  # noqa: E731
+    return {"R1": at(1), "R5": at(5), "R10": at(10), "mAP": float(100.0 * r["mAP"]),
+            "num_valid_queries": int(r["num_valid_queries"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# functional entry points
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    trainer = Trainer(cfg, log=log)
+    if resume:
+        trainer.resume(resume)
+    return trainer.fit()
+
+
+def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional[str] = None,
+                        rerank: bool = False, device: str = "auto", workers: Optional[int] = None,
+                        log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Evaluate the main branch of a saved checkpoint (on its own dataset unless another is given)."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a ksl_ops training checkpoint (no config/model)")
+    cfg = TrainConfig.from_dict(state["config"])
+    if dataset is not None:
+        cfg.dataset = dataset
+    if data_root is not None:
+        cfg.data_root = data_root
+    if workers is not None:
+        cfg.workers = workers
+    dev = resolve_device(device)
+    num_classes = int(state.get("num_classes") or state["model"][_classifier_key(state["model"])].shape[0])
+    model = build_model(cfg, num_classes)
+    model.load_state_dict(state["model"])
+    model.to(dev)
+    ds = load_dataset(cfg, log)
+    from ..data import build_test_loaders
+
+    loaders = build_test_loaders(ds, cfg.height, cfg.width, cfg.eval_batch_size, workers=cfg.workers)
+    res = evaluate_model(model, loaders, dev, cfg.max_rank, rerank)
+    res["checkpoint"], res["epoch"] = str(path), int(state.get("epoch", 0))
+    res["config"] = cfg.to_dict()
+    return res
+
+
+def _classifier_key(state_dict: Dict[str, torch.Tensor]) -> str:
+    keys = [k for k in state_dict if k.endswith("classifier.weight")]
+    if not keys:
+        raise ValueError("cannot find the classifier weight in the checkpoint to infer num_classes")
+    return min(keys, key=len)
