@@ -327,7 +327,7 @@ void check_inputs(const at::Tensor& emb, int64_t reduction) {
   TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");
   TORCH_CHECK(emb.size(1) <= 2147483647LL, "embedding_consensus: N must fit a CUDA grid (< 2^31), got ", emb.size(1));
   TORCH_CHECK(emb::term_count(static_cast<int>(std::min<int64_t>(emb.size(0), 1024))) <= 65535,
-              "embedding_consensus: at most 360 branches are supported on CUDA, got B=", emb.size(0));
+              "embedding_consensus: at most 361 branches are supported on CUDA, got B=", emb.size(0));
   TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
               "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }

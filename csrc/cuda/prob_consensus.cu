@@ -54,6 +54,14 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
+// x = z / T, rounded once and never fused into a following subtraction. nvcc contracts a * b − c
+// into one FMA by default, which would make pass 2's s = x − lse use the exact product while pass 1
+// built lse from the rounded one: with K = 1 (or identical rows) at T ≠ 1, s would be the product's
+// rounding error instead of exactly 0 and the loss would not be exactly 0 (the CPU build turns
+// contraction off for the same reason). __fmul_rn / __dmul_rn are never contracted.
+__device__ __forceinline__ float scaled_logit(float z, float inv_t) { return __fmul_rn(z, inv_t); }
+__device__ __forceinline__ double scaled_logit(double z, double inv_t) { return __dmul_rn(z, inv_t); }
+
 // Online log-sum-exp state (m = running max, s = Σ exp(x − m)). x = −inf adds 0 (and never meets
 // m = −inf as exp(−inf − (−inf)) = NaN); a NaN x never becomes the max but makes s NaN.
 template <typename acc_t>
@@ -117,7 +125,7 @@ __device__ void sample_logsumexp(const scalar_t* __restrict__ z, int64_t N, int6
   for (int b = 0; b < kB; ++b) m[b] = neg_inf<acc_t>(), s[b] = 0;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
 #pragma unroll
-    for (int b = 0; b < kB; ++b) lse_push(m[b], s[b], static_cast<acc_t>(z[(b * N + n) * K + k]) * inv_t);
+    for (int b = 0; b < kB; ++b) lse_push(m[b], s[b], scaled_logit(static_cast<acc_t>(z[(b * N + n) * K + k]), inv_t));
   }
 #pragma unroll
   for (int b = 0; b < kB; ++b) {
@@ -153,7 +161,7 @@ __device__ __forceinline__ void class_values(const scalar_t* __restrict__ z, int
                                              acc_t (&s)[kB], acc_t (&p)[kB], acc_t (&log_a)[kB], acc_t (&a)[kB]) {
 #pragma unroll
   for (int b = 0; b < kB; ++b) {
-    s[b] = static_cast<acc_t>(z[(b * N + n) * K + k]) * inv_t - lse[b];
+    s[b] = scaled_logit(static_cast<acc_t>(z[(b * N + n) * K + k]), inv_t) - lse[b];
     p[b] = ksl::prob::fexp(s[b]);
   }
   ksl::prob::average_branch(s, p, kB, inv_bm1, log_bm1, log_a, a);
