@@ -102,31 +102,38 @@ def plot(results, path: Path):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    runs = results["training"]
+    runs = results.get("training") or {}
     abl = results.get("ablation")
-    ncols = 3 if abl else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
-    names = list(runs)
-    backends = sorted({b for r in runs.values() for b in r})
-    width = 0.8 / max(len(backends), 1)
-    for j, b in enumerate(backends):
-        xs = [i + j * width for i in range(len(names))]
-        axes[0].bar(xs, [runs[n][b]["images_per_s"] if b in runs[n] else 0 for n in names], width, label=b)
-        axes[1].bar(xs, [100 * runs[n][b]["loss_time_share"] if b in runs[n] else 0 for n in names], width, label=b)
-    for ax, title in ((axes[0], "training images/s"), (axes[1], "loss fwd+bwd share of step time (%)")):
-        ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(names))])
-        ax.set_xticklabels(names)
-        ax.set_title(title)
-        ax.legend()
+    panels = (["img/s", "loss share", "accuracy"] if runs else []) + (["ablation"] if abl else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    if runs:
+        names = list(runs)
+        backends = sorted({b for r in runs.values() for b in r})
+        width = 0.8 / max(len(backends), 1)
+        for j, b in enumerate(backends):
+            xs = [i + j * width for i in range(len(names))]
+            get = lambda key, scale=1.0: [scale * runs[n][b][key] if b in runs[n] else 0 for n in names]  # noqa: E731
+            axes["img/s"].bar(xs, get("images_per_s"), width, label=b)
+            axes["loss share"].bar(xs, get("loss_time_share", 100.0), width, label=b)
+            axes["accuracy"].bar(xs, get("R1"), width, label=f"R1 ({b})")
+            axes["accuracy"].plot(xs, get("mAP"), "k_", markersize=14, label="mAP" if j == 0 else None)
+        for key, title in (("img/s", "training images/s"), ("loss share", "loss fwd+bwd share of step time (%)"),
+                           ("accuracy", "final R1 (bars) and mAP (dashes), %")):
+            ax = axes[key]
+            ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(names))])
+            ax.set_xticklabels(names)
+            ax.set_title(title)
+            ax.legend(fontsize=8)
     if abl:
-        ax = axes[2]
+        ax = axes["ablation"]
         keys = list(abl)
         for j, metric in enumerate(("R1", "mAP")):
             ax.bar([i + j * 0.4 for i in range(len(keys))], [abl[k][metric][0] for k in keys], 0.4,
                    yerr=[abl[k][metric][1] for k in keys], label=metric, capsize=3)
         ax.set_xticks([i + 0.2 for i in range(len(keys))])
         ax.set_xticklabels(keys, rotation=30)
-        ax.set_title(f"Table-4 ablation (CMSNet, {len(results['ablation_seeds'])} seeds)")
+        ax.set_title(f"Table-4 ablation (CMSNet, {len(results['ablation_seeds'])} seeds, mean ± std)")
         ax.legend()
     fig.suptitle(f"KSL training bench on {results['device']} ({results['dataset']}, {results['input']})", fontsize=9)
     fig.tight_layout()
@@ -150,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true", help="also run the Table-4 ablation on CMSNet")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the ablation")
     p.add_argument("--no-costs", action="store_true", help="skip the parameter / MAC table")
+    p.add_argument("--skip-training", action="store_true",
+                   help="skip the per-backbone runs (with --ablation: only the ablation, written to ablation_*.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--output", default=str(HERE / "results"), help="folder for the JSON and PNG")
@@ -200,9 +209,10 @@ def main(argv=None) -> int:
             print(f"  {name:<13} {c['params'] / 1e6:5.2f} M params {c['macs_256x128'] / 1e6:7.1f} M MACs | "
                   f"paper {c['paper_params_M']:.1f} M / {c['paper_macs_M']} M")
 
-    print("\nfull KSL training (fused vs reference losses)")
     training = {}
-    for name in args.backbones:
+    if not args.skip_training:
+        print("\nfull KSL training (fused vs reference losses)")
+    for name in ([] if args.skip_training else args.backbones):
         training[name] = {}
         for backend in backends:
             cfg = TrainConfig.from_dict({**base.to_dict(), "backbone": name, "losses": "ksl", "backend": backend,
@@ -232,7 +242,7 @@ def main(argv=None) -> int:
         results["ablation"] = abl
         results["ablation_seeds"] = args.seeds
 
-    tag = "quick_" if args.quick else ""
+    tag = ("quick_" if args.quick else "") + ("ablation_" if args.skip_training else "")
     dev_tag = "cuda" if dev.type == "cuda" else "cpu"
     json_path = out_dir / f"train_{tag}{dev_tag}.json"
     png_path = out_dir / f"train_{tag}{dev_tag}.png"
