@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-iters", type=int, default=None, help="cap on iterations per epoch")
     p.add_argument("--ablation", action="store_true", help="also run the Table-4 ablation on CMSNet")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the ablation")
+    p.add_argument("--ablation-losses", nargs="+", default=list(ABLATION), choices=ABLATION,
+                   help="which rows of the ablation to run (to split it over processes)")
     p.add_argument("--no-costs", action="store_true", help="skip the parameter / MAC table")
     p.add_argument("--skip-training", action="store_true",
                    help="skip the per-backbone runs (with --ablation: only the ablation, written to ablation_*.json)")
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
         print(f"\nTable-4 ablation on CMSNet, seeds {args.seeds}")
         backend = "fused" if "fused" in backends else "reference"
         abl = {}
-        for losses in ABLATION:
+        for losses in args.ablation_losses:
             per_seed = []
             for seed in args.seeds:
                 cfg = TrainConfig.from_dict({**base.to_dict(), "backbone": "cmsnet", "losses": losses, "seed": seed,
