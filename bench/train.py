@@ -141,6 +141,33 @@ def plot(results, path: Path):
     plt.close(fig)
 
 
+def merge_ablations(paths, out_dir: Path) -> Path:
+    """Combine the ablation rows of several runs (e.g. one process per seed) into one JSON + PNG."""
+    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    rows = {}
+    for part in parts:
+        for losses, row in part.get("ablation", {}).items():
+            rows.setdefault(losses, []).extend(row["runs"])
+    abl = {}
+    for losses in [k for k in ABLATION if k in rows]:
+        runs = rows[losses]
+        abl[losses] = {"R1": mean_std([r["R1"] for r in runs]), "mAP": mean_std([r["mAP"] for r in runs]),
+                       "runs": runs, "paper_cuhk03": PAPER_TABLE4.get(losses)}
+    seeds = sorted({s for part in parts for s in part.get("ablation_seeds", [])})
+    merged = {k: parts[0][k] for k in ("device", "torch", "ksl_ops_backend", "dataset", "input", "schedule")}
+    merged.update(ablation=abl, ablation_seeds=seeds, merged_from=[str(p) for p in paths])
+    dev_tag = "cuda" if "CPU" not in merged["device"] else "cpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"train_ablation_{dev_tag}.json"
+    json_path.write_text(json.dumps(merged, indent=2), encoding="utf-8")
+    plot(merged, json_path.with_suffix(".png"))
+    for losses, a in abl.items():
+        print(f"  {losses:<9} R1 {a['R1'][0]:5.1f} ± {a['R1'][1]:4.1f} | mAP {a['mAP'][0]:5.1f} ± {a['mAP'][1]:4.1f} "
+              f"({len(a['runs'])} runs)")
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    return json_path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny set, 32x16, 1 epoch of 2 iterations")
@@ -164,7 +191,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--output", default=str(HERE / "results"), help="folder for the JSON and PNG")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only combine the ablation rows of these result files (one per process) into one")
     args = p.parse_args(argv)
+    if args.merge:
+        merge_ablations(args.merge, Path(args.output))
+        return 0
 
     dev = resolve_device(args.device)
     workers = args.workers if args.workers is not None else (4 if dev.type == "cuda" else 0)
