@@ -1,7 +1,8 @@
-"""Shared test configuration: devices to parametrise over and hypothesis profiles.
+"""Shared test configuration: devices to parametrise over, hypothesis profiles, CUDA-only tests.
 
 Every op test takes the `device` fixture, so the same tests run on CUDA where a GPU exists and the
-CUDA parameter is skipped elsewhere.
+CUDA parameter is skipped elsewhere. Tests that only make sense on a GPU are marked
+`@pytest.mark.cuda` and skipped where there is no GPU or no CUDA build of the kernels.
 """
 import os
 
@@ -25,13 +26,44 @@ try:
 except Exception:  # pragma: no cover - reported by the import tests instead
     pass
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_CUDA_KERNELS), reason="needs a GPU and the CUDA kernels"))]
+CAN_RUN_CUDA = torch.cuda.is_available() and HAS_CUDA_KERNELS
+NO_CUDA_REASON = "needs a GPU and the CUDA kernels"
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CAN_RUN_CUDA, reason=NO_CUDA_REASON))]
+
+
+def pytest_collection_modifyitems(config, items):
+    if CAN_RUN_CUDA:
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def capture_cuda_graph():
+    """Returns capture(step): runs `step()` twice on a side stream (the warm-up CUDA graphs need),
+    then captures one call of it into a CUDA graph. Gives (graph, what the captured call returned)."""
+
+    def capture(step):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
+
+    return capture
 
 
 def pytest_report_header(config):

@@ -426,11 +426,8 @@ def test_bad_inputs_direct_op(device):
 # CUDA only
 # ---------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ksl_ops.backend() == "cpu+cuda"),
-                                reason="needs a GPU and the CUDA kernels")
 
-
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_autocast():
     torch.manual_seed(9)
     emb = torch.randn(3, 32, 64, device="cuda")
@@ -447,9 +444,9 @@ def test_cuda_autocast():
     assert torch.isfinite(w.grad).all()
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_graph_capture(deterministic):
+def test_cuda_graph_capture(deterministic, capture_cuda_graph):
     torch.manual_seed(10)
     y = grouped_labels(64, 16, "cuda")
     static = torch.randn(3, 64, 128, device="cuda", requires_grad=True)
@@ -460,18 +457,9 @@ def test_cuda_graph_capture(deterministic):
             static.grad = None
             a, c = ksl_ops.branch_triplet(static, y)
             (a + c).backward()
-            return a.detach(), c.detach()
+            return a.detach(), c.detach(), static.grad
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ga, gc = step()
-            gg = static.grad
+        graph, (ga, gc, gg) = capture_cuda_graph(step)
         new = torch.randn(3, 64, 128, device="cuda")
         with torch.no_grad():
             static.copy_(new)
@@ -487,7 +475,7 @@ def test_cuda_graph_capture(deterministic):
         torch.use_deterministic_algorithms(prev)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_deterministic_bitwise():
     torch.manual_seed(11)
     emb = torch.randn(3, 256, 96, device="cuda")
@@ -506,7 +494,7 @@ def test_cuda_deterministic_bitwise():
         torch.use_deterministic_algorithms(prev)
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_cuda_large_vs_float64(deterministic):
     """A large batch (several anchor and candidate tiles, L not a multiple of the staged slice) on

@@ -371,11 +371,8 @@ def test_bad_inputs():
 # CUDA only
 # ------------------------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and ksl_ops.backend() == "cpu+cuda"),
-                               reason="needs a GPU and the CUDA kernels")
 
-
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast(dtype):
     # Under autocast a linear head emits reduced-precision embeddings; the op keeps their dtype and
@@ -396,9 +393,9 @@ def test_cuda_autocast(dtype):
     assert w_grad.dtype == torch.float32 and torch.isfinite(w_grad).all() and w_grad.abs().sum() > 0
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_cuda_graph_capture(reduction):
+def test_cuda_graph_capture(reduction, capture_cuda_graph):
     # No host synchronisation and no allocation that depends on values: forward + backward can be
     # captured once and replayed on new data, giving what eager gives.
     e = torch.randn(3, 64, 512, device="cuda")
@@ -409,18 +406,13 @@ def test_cuda_graph_capture(reduction):
     def step(x):
         return sum((o * w).sum() for o, w in zip(fused(x, reduction), weights))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up on a side stream, as CUDA graphs require
-        for _ in range(2):
-            static_in.grad = None
-            step(static_in).backward()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    static_in.grad = None
-    with torch.cuda.graph(graph):
-        static_loss = step(static_in)
-        static_loss.backward()
+    def train_step():
+        static_in.grad = None
+        loss = step(static_in)
+        loss.backward()
+        return loss
+
+    graph, static_loss = capture_cuda_graph(train_step)
     new = torch.randn_like(e)
     with torch.no_grad():
         static_in.copy_(new)
@@ -433,7 +425,7 @@ def test_cuda_graph_capture(reduction):
     assert torch.equal(static_in.grad, e2.grad)
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_cuda_deterministic():
     torch.use_deterministic_algorithms(True)
     try:
@@ -448,7 +440,7 @@ def test_cuda_deterministic():
         torch.use_deterministic_algorithms(False)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_large_vs_float64(dtype):
     e = torch.randn(3, 1024, 2048, device="cuda").to(dtype).requires_grad_(True)

@@ -335,11 +335,8 @@ def test_bad_inputs(device):
 # CUDA only
 # ------------------------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and ksl_ops.backend() == "cpu+cuda"),
-                               reason="needs a GPU and the CUDA kernels")
 
-
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast(dtype):
     torch.manual_seed(0)
@@ -358,9 +355,9 @@ def test_cuda_autocast(dtype):
     assert torch.isfinite(g_fused).all()
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("detach,reduction", [(True, "mean"), (False, "mean"), (True, "none")])
-def test_cuda_graph_capture(detach, reduction):
+def test_cuda_graph_capture(detach, reduction, capture_cuda_graph):
     z = torch.randn(3, 64, 4101, device="cuda", requires_grad=True)
     up = [torch.ones(o.shape, device="cuda") for o in _ref(z.detach(), 1.0, detach, reduction)]
 
@@ -368,15 +365,7 @@ def test_cuda_graph_capture(detach, reduction):
         pp, pa = _fused(z, 2.0, detach, reduction)
         return (pp, pa) + torch.autograd.grad((pp, pa), z, up)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     eager = step()
     graph.replay()
     torch.cuda.synchronize()
@@ -384,7 +373,7 @@ def test_cuda_graph_capture(detach, reduction):
         assert torch.equal(c, e)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("detach", [True, False])
 def test_cuda_deterministic(detach):
     z = torch.randn(3, 256, 4101, device="cuda", requires_grad=True)
@@ -400,7 +389,7 @@ def test_cuda_deterministic(detach):
         assert torch.equal(a, b)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("detach", [True, False])
 def test_cuda_large_vs_float64(detach):
     torch.manual_seed(1)

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/branch_triplet.h"
+#include "host/branch_triplet.h"
 
 namespace {
 
@@ -88,53 +89,10 @@ T sqdist_one(const T* a, const T* b, int64_t L) {
 }
 
 // ---- argument checks (the op may be called directly, without the Python wrapper) ------------------
-void check_emb(const at::Tensor& emb, const char* op) {
-  TORCH_CHECK(emb.dim() == 3, op, ": emb must be a [B, N, L] tensor, got shape ", emb.sizes());
-  const auto st = emb.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": emb must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(emb.size(0) >= 2, op, ": emb needs at least 2 branches (B >= 2), got shape ", emb.sizes());
-  TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
+// Besides the shared checks (host/branch_triplet.h): the winners are stored as int32 sample indices.
+void check_cpu_limits(const at::Tensor& emb, const char* op) {
   TORCH_CHECK(emb.size(1) < std::numeric_limits<int32_t>::max(), op, ": N must fit in int32, got ",
               emb.size(1));
-  TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());
-}
-
-void check_reduction(int64_t reduction, const char* op) {
-  TORCH_CHECK(reduction >= ksl::kNone && reduction <= ksl::kSum, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-}
-
-void check_margin(double margin, bool soft_margin, const char* op) {
-  TORCH_CHECK(soft_margin || (std::isfinite(margin) && margin >= 0), op,
-              ": margin must be finite and >= 0, got ", margin);
-}
-
-void check_indices(const at::Tensor& idx, const char* name, const at::Tensor& emb) {
-  const int64_t B = emb.size(0), N = emb.size(1);
-  TORCH_CHECK(idx.scalar_type() == at::kInt, "branch_triplet_backward: ", name,
-              " must be int32, got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == B && idx.size(2) == N,
-              "branch_triplet_backward: ", name, " must have shape [B, B, N] = [", B, ", ", B, ", ", N,
-              "], got ", idx.sizes());
-  TORCH_CHECK(idx.device() == emb.device(), "branch_triplet_backward: ", name,
-              " must be on emb's device ", emb.device(), ", got ", idx.device());
-}
-
-// grad_self is [B, N] for reduction none and a scalar otherwise; grad_cross [B, B, N] or a scalar.
-void check_grad(const at::Tensor& g, const char* name, at::IntArrayRef none_shape, int64_t reduction,
-                const at::Tensor& emb) {
-  if (reduction == ksl::kNone) {
-    TORCH_CHECK(g.sizes() == none_shape, "branch_triplet_backward: ", name, " must have shape ",
-                none_shape, " for reduction none, got ", g.sizes());
-  } else {
-    TORCH_CHECK(g.numel() == 1, "branch_triplet_backward: ", name,
-                " must be a scalar for reduction mean/sum, got shape ", g.sizes());
-  }
-  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "branch_triplet_backward: ", name,
-              " must be floating, got ", g.scalar_type());
-  TORCH_CHECK(g.device() == emb.device(), "branch_triplet_backward: ", name,
-              " must be on emb's device ", emb.device(), ", got ", g.device());
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -197,16 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
     const at::Tensor& emb, const at::Tensor& labels, double margin, bool soft_margin,
     int64_t reduction) {
   constexpr const char* op = "branch_triplet";
-  check_emb(emb, op);
-  check_reduction(reduction, op);
-  check_margin(margin, soft_margin, op);
+  check_args(emb, margin, soft_margin, reduction, op);
+  check_cpu_limits(emb, op);
+  check_labels(labels, emb, op);
   const int64_t B = emb.size(0), N = emb.size(1), L = emb.size(2);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op, ": labels must have shape [N] = [", N,
-              "], got ", labels.sizes());
-  TORCH_CHECK(labels.device() == emb.device(), op, ": labels must be on emb's device ", emb.device(),
-              ", got ", labels.device());
   const at::Tensor y = labels.contiguous();
   {
     const int64_t* yp = y.data_ptr<int64_t>();
@@ -350,15 +302,9 @@ at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Te
                                        const at::Tensor& emb, const at::Tensor& pos_idx,
                                        const at::Tensor& neg_idx, double margin, bool soft_margin,
                                        int64_t reduction) {
-  constexpr const char* op = "branch_triplet_backward";
-  check_emb(emb, op);
-  check_reduction(reduction, op);
-  check_margin(margin, soft_margin, op);
-  check_indices(pos_idx, "pos_idx", emb);
-  check_indices(neg_idx, "neg_idx", emb);
+  check_backward_args(grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction);
+  check_cpu_limits(emb, "branch_triplet_backward");
   const int64_t B = emb.size(0), N = emb.size(1), L = emb.size(2);
-  check_grad(grad_self, "grad_self", {B, N}, reduction, emb);
-  check_grad(grad_cross, "grad_cross", {B, B, N}, reduction, emb);
 
   const auto acc_type = at::toOpMathType(emb.scalar_type());
   const at::Tensor e = emb.to(acc_type).contiguous();

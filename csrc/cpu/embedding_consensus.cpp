@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/embedding_consensus.h"
+#include "host/embedding_consensus.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define KSL_CPU_INLINE inline __attribute__((always_inline))
@@ -272,17 +273,6 @@ void forward_impl(const at::Tensor& emb, int64_t reduction, at::Tensor& ep, at::
   }
 }
 
-void check_inputs(const at::Tensor& emb, int64_t reduction) {
-  TORCH_CHECK(emb.dim() == 3, "embedding_consensus: emb must be [B, N, L], got shape ", emb.sizes());
-  TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
-              "embedding_consensus: emb must be float16, bfloat16, float32 or float64, got ", emb.scalar_type());
-  TORCH_CHECK(emb.size(0) >= 2, "embedding_consensus: emb needs at least 2 branches (B >= 2), got B=", emb.size(0));
-  TORCH_CHECK(emb.size(1) >= 1, "embedding_consensus: emb has no samples (N = 0)");
-  TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
-              "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-}
-
 #define KSL_EMB_DISPATCH_B(B, FN, ...)                  \
   switch (B) {                                          \
     case 2: FN<scalar_t, 2>(__VA_ARGS__); break;        \
@@ -297,23 +287,14 @@ void check_inputs(const at::Tensor& emb, int64_t reduction) {
 static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_DISPATCH_B lists B = 2..8");
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cpu(const at::Tensor& emb_in, int64_t reduction) {
-  check_inputs(emb_in, reduction);
+  emb::check_inputs(emb_in, reduction);
   const at::Tensor emb = emb_in.contiguous();
-  const int64_t B = emb.size(0), N = emb.size(1);
-  const auto acc_dtype = emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor norms = at::empty({N, emb::term_count(static_cast<int>(B))}, emb.options().dtype(acc_dtype));
-  at::Tensor ep, ea;
-  if (reduction == kNone) {
-    ep = at::empty({B, B, N}, emb.options());
-    ea = at::empty({B, N}, emb.options());
-  } else {
-    ep = at::empty({}, emb.options());
-    ea = at::empty({}, emb.options());
-  }
+  const int B = static_cast<int>(emb.size(0));
+  emb::ForwardOutputs out = emb::allocate_forward(emb, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_cpu", [&] {
-    KSL_EMB_DISPATCH_B(static_cast<int>(B), forward_impl, emb, reduction, ep, ea, norms);
+    KSL_EMB_DISPATCH_B(B, forward_impl, emb, reduction, out.ep, out.ea, out.norms);
   });
-  return {ep, ea, norms};
+  return {out.ep, out.ea, out.norms};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,29 +355,17 @@ void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const a
 
 at::Tensor embedding_consensus_backward_cpu(const at::Tensor& grad_ep, const at::Tensor& grad_ea,
                                             const at::Tensor& emb_in, const at::Tensor& norms_in, int64_t reduction) {
-  check_inputs(emb_in, reduction);
+  emb::check_inputs(emb_in, reduction);
   const at::Tensor emb = emb_in.contiguous();
-  const int64_t B = emb.size(0), N = emb.size(1);
-  const auto acc_dtype = emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t T = emb::term_count(static_cast<int>(B));
-  TORCH_CHECK(norms_in.dim() == 2 && norms_in.size(0) == N && norms_in.size(1) == T && norms_in.scalar_type() == acc_dtype,
-              "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", T, "] of dtype ", acc_dtype,
-              ", got ", norms_in.sizes(), " ", norms_in.scalar_type());
+  emb::check_norms(norms_in, emb);
+  emb::check_upstream(grad_ep, grad_ea, emb, reduction);
+  const int B = static_cast<int>(emb.size(0));
   const at::Tensor norms = norms_in.contiguous();
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_ep.sizes() == at::IntArrayRef({B, B, N}) && grad_ea.sizes() == at::IntArrayRef({B, N}),
-                "embedding_consensus_backward: with reduction none grad_ep must be [B, B, N] and grad_ea [B, N], got ",
-                grad_ep.sizes(), " and ", grad_ea.sizes());
-  } else {
-    TORCH_CHECK(grad_ep.numel() == 1 && grad_ea.numel() == 1,
-                "embedding_consensus_backward: grad_ep and grad_ea must be scalars, got ", grad_ep.sizes(), " and ",
-                grad_ea.sizes());
-  }
   const at::Tensor gep = grad_ep.to(emb.scalar_type()).contiguous();
   const at::Tensor gea = grad_ea.to(emb.scalar_type()).contiguous();
   at::Tensor grad = at::empty_like(emb, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_backward_cpu", [&] {
-    KSL_EMB_DISPATCH_B(static_cast<int>(B), backward_impl, gep, gea, emb, norms, reduction, grad);
+    KSL_EMB_DISPATCH_B(B, backward_impl, gep, gea, emb, norms, reduction, grad);
   });
   return grad;
 }

@@ -42,12 +42,12 @@
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
+#include "host/prob_consensus.h"
 
 namespace {
 
 using ksl::prob::fexp;
 using ksl::prob::flog;
-using ksl::prob::kMaxBranches;
 
 constexpr int kLanes = 16;
 
@@ -289,6 +289,24 @@ void forward_impl(const at::Tensor& z, double temperature, at::Tensor& row_lse, 
   });
 }
 
+// Calls f(k, s, p, log a, a) for every class k of the sample in order, each argument pointing at the
+// B values of class k (the layout of csrc/common/prob_consensus.h): the backward's passes over the
+// classes. The values are computed kLanes classes at a time (class_block) and handed over one class
+// at a time.
+template <typename scalar_t, typename acc_t, int kB, typename F>
+KSL_CPU_INLINE void for_each_class(const SampleRows<scalar_t, acc_t, kB>& r, int64_t K, F&& f) {
+  acc_t s[kB][kLanes], p[kB][kLanes], log_a[kB][kLanes], a[kB][kLanes];
+  for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+    const int cnt = static_cast<int>(K - k0 < kLanes ? K - k0 : kLanes);
+    class_block<false>(r, k0, cnt, s, p, log_a, a);
+    for (int l = 0; l < cnt; ++l) {
+      acc_t cs[kB], cp[kB], cla[kB], ca[kB];
+      for (int j = 0; j < kB; ++j) cs[j] = s[j][l], cp[j] = p[j][l], cla[j] = log_a[j][l], ca[j] = a[j][l];
+      f(k0 + l, cs, cp, cla, ca);
+    }
+  }
+}
+
 // Recomputing backward (reduction none, or detach_target=False). w_pp [B, B, N] / w_pa [B, N] are
 // the upstream gradients already multiplied by the reduction's 1/N (acc type, contiguous).
 template <typename scalar_t, int kB>
@@ -317,100 +335,53 @@ void backward_impl(const at::Tensor& z, const at::Tensor& row_lse, const at::Ten
         wpa[b] = wpa_p[b * N + n];
       }
       for (int i = 0; i < kB * kB; ++i) wpp[i] = wpp_p[i * N + n];
-      acc_t s[kB][kLanes], p[kB][kLanes], log_a[kB][kLanes], a[kB][kLanes];
       acc_t row_c[kB] = {};
       if (!detach_target) {
         // Per-sample constants of the gradient through the targets: KL_cv and <p^c, h^b>.
         acc_t kl[kB * kB] = {}, ph[kB * kB] = {};
-        for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
-          const int cnt = static_cast<int>(K - k0 < kLanes ? K - k0 : kLanes);
-          class_block<false>(r, k0, cnt, s, p, log_a, a);
-          for (int l = 0; l < cnt; ++l) {
-            acc_t cs[kB], cp[kB], cla[kB], ca[kB];
-            for (int j = 0; j < kB; ++j) cs[j] = s[j][l], cp[j] = p[j][l], cla[j] = log_a[j][l], ca[j] = a[j][l];
-            acc_t unused[kB] = {};
-            ksl::prob::accumulate_kl(cs, cp, cla, ca, kB, kl, unused);
-            ksl::prob::accumulate_target_dot(cs, cp, cla, kB, r.inv_bm1, ph);
-          }
-        }
+        for_each_class(r, K, [&](int64_t, const acc_t* s, const acc_t* p, const acc_t* log_a, const acc_t* a) {
+          acc_t unused[kB] = {};
+          ksl::prob::accumulate_kl(s, p, log_a, a, kB, kl, unused);
+          ksl::prob::accumulate_target_dot(s, p, log_a, kB, r.inv_bm1, ph);
+        });
         for (int c = 0; c < kB; ++c) row_c[c] = ksl::prob::target_row_constant(kl, ph, wpp, wpa, kB, c);
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
-        const int cnt = static_cast<int>(K - k0 < kLanes ? K - k0 : kLanes);
-        class_block<false>(r, k0, cnt, s, p, log_a, a);
-        for (int l = 0; l < cnt; ++l) {
-          acc_t cs[kB], cp[kB], cla[kB], ca[kB];
-          for (int j = 0; j < kB; ++j) cs[j] = s[j][l], cp[j] = p[j][l], cla[j] = log_a[j][l], ca[j] = a[j][l];
-          for (int c = 0; c < kB; ++c) {
-            acc_t g = ksl::prob::student_grad(cp, ca, wpp, wpa, kB, c);
-            if (!detach_target) g += ksl::prob::target_grad(cs, cp, cla, wpp, wpa, kB, c, r.inv_bm1, row_c[c]);
-            gp[(c * N + n) * K + k0 + l] = static_cast<scalar_t>(t * g);
-          }
+      for_each_class(r, K, [&](int64_t k, const acc_t* s, const acc_t* p, const acc_t* log_a, const acc_t* a) {
+        for (int c = 0; c < kB; ++c) {
+          acc_t g = ksl::prob::student_grad(p, a, wpp, wpa, kB, c);
+          if (!detach_target) g += ksl::prob::target_grad(s, p, log_a, wpp, wpa, kB, c, r.inv_bm1, row_c[c]);
+          gp[(c * N + n) * K + k] = static_cast<scalar_t>(t * g);
         }
-      }
+      });
     }
   });
 }
-
-// Calls f.template operator()<kB>() for the runtime branch count (2 ≤ B ≤ kMaxBranches).
-template <typename F>
-void dispatch_branches(int64_t B, F&& f) {
-  switch (B) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", B);
-  }
-  static_assert(kMaxBranches == 8, "update dispatch_branches");
-}
-
-void check_inputs(const at::Tensor& logits, double temperature, int64_t reduction) {
-  TORCH_CHECK(logits.dim() == 3, "prob_consensus: logits must be [B, N, K], got shape ", logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()) && logits.scalar_type() != at::kFloat8_e4m3fn,
-              "prob_consensus: logits must be float16, bfloat16, float32 or float64, got ", logits.scalar_type());
-  TORCH_CHECK(logits.size(0) >= 2 && logits.size(0) <= kMaxBranches,
-              "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", logits.size(0));
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "prob_consensus: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "prob_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-}
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cpu(const at::Tensor& logits,
                                                                               double temperature,
                                                                               bool detach_target,
                                                                               int64_t reduction, bool save_grad) {
-  check_inputs(logits, temperature, reduction);
+  ksl::prob::check_inputs(logits, temperature, reduction);
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
-  const auto acc = z.options().dtype(acc_type_of(z.scalar_type()));
-  at::Tensor row_lse = at::empty({B, N}, acc);
+  ksl::prob::SavedForBackward saved = ksl::prob::allocate_saved(z, temperature, detach_target, reduction, save_grad);
+  const auto acc = z.options().dtype(saved.row_lse.scalar_type());
   at::Tensor pp_terms = at::empty({B, B, N}, acc);
   at::Tensor pa_terms = at::empty({B, N}, acc);
-  // grad_dir is only meaningful for detach_target with a scalar reduction (see the header comment).
-  const bool write_grad = save_grad && detach_target && reduction != ksl::kNone;
-  at::Tensor grad_dir = write_grad ? at::empty({B, N, K}, z.options()) : at::empty({0}, z.options());
   const double t2 = temperature * temperature;
-  const double grad_scale = temperature * (reduction == ksl::kMean ? 1.0 / static_cast<double>(N) : 1.0);
 
   if (N > 0 && K > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "prob_consensus_cpu", [&] {
-      dispatch_branches(B, [&](auto kb) {
-        forward_impl<scalar_t, decltype(kb)::value>(z, temperature, row_lse, pp_terms, pa_terms,
-                                                   write_grad ? &grad_dir : nullptr, grad_scale);
+      ksl::prob::dispatch_branches(B, [&](auto kb) {
+        forward_impl<scalar_t, decltype(kb)::value>(z, temperature, saved.row_lse, pp_terms, pa_terms,
+                                                   saved.write_grad ? &saved.grad_dir : nullptr, saved.grad_scale);
       });
     });
   } else {
-    row_lse.fill_(K > 0 ? 0.0 : -std::numeric_limits<double>::infinity());
+    saved.row_lse.fill_(K > 0 ? 0.0 : -std::numeric_limits<double>::infinity());
     pp_terms.zero_();
     pa_terms.zero_();
-    if (write_grad) grad_dir.zero_();
+    if (saved.write_grad) saved.grad_dir.zero_();
   }
 
   at::Tensor pp, pa;
@@ -426,44 +397,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cpu(co
       const scalar_t* w = pa_terms.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < pa_terms.numel(); ++i) pa_total += static_cast<double>(w[i]);
     });
-    const double scale = t2 * (reduction == ksl::kMean ? 1.0 / static_cast<double>(N) : 1.0);
+    const double scale = t2 * ksl::prob::reduction_scale(reduction, N);
     pp = at::scalar_tensor(pp_total * scale, z.options());
     pa = at::scalar_tensor(pa_total * scale, z.options());
   }
-  return {pp, pa, row_lse, grad_dir};
+  return {pp, pa, saved.row_lse, saved.grad_dir};
 }
 
 at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tensor& grad_pa, const at::Tensor& logits,
                                        const at::Tensor& row_lse, double temperature, bool detach_target,
                                        int64_t reduction) {
-  check_inputs(logits, temperature, reduction);
+  ksl::prob::check_inputs(logits, temperature, reduction);
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
-  const auto acc_t = acc_type_of(z.scalar_type());
-  TORCH_CHECK(row_lse.sizes() == at::IntArrayRef({B, N}) && row_lse.scalar_type() == acc_t,
-              "prob_consensus_backward: row_lse must be [B, N] = [", B, ", ", N, "] of ", acc_t, ", got ",
-              row_lse.sizes(), " ", row_lse.scalar_type());
-  // Per-sample weights in the accumulation type, with the reduction's 1/N folded in.
-  at::Tensor w_pp, w_pa;
-  if (reduction == ksl::kNone) {
-    TORCH_CHECK(grad_pp.sizes() == at::IntArrayRef({B, B, N}) && grad_pa.sizes() == at::IntArrayRef({B, N}),
-                "prob_consensus_backward: with reduction none grad_pp must be [B, B, N] and grad_pa [B, N], got ",
-                grad_pp.sizes(), " and ", grad_pa.sizes());
-    w_pp = grad_pp.to(acc_t).contiguous();
-    w_pa = grad_pa.to(acc_t).contiguous();
-  } else {
-    TORCH_CHECK(grad_pp.numel() == 1 && grad_pa.numel() == 1,
-                "prob_consensus_backward: grad_pp and grad_pa must be scalars for reduction mean/sum");
-    const double scale = reduction == ksl::kMean ? 1.0 / static_cast<double>(N) : 1.0;
-    w_pp = (grad_pp.to(acc_t).reshape({1, 1, 1}) * scale).expand({B, B, N}).contiguous();
-    w_pa = (grad_pa.to(acc_t).reshape({1, 1}) * scale).expand({B, N}).contiguous();
-  }
+  const ksl::prob::SampleWeights w =
+      ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, ksl::prob::acc_type_of(z.scalar_type()), reduction);
   at::Tensor lse = row_lse.contiguous();
   at::Tensor grad = at::empty({B, N, K}, z.options());
   if (N > 0 && K > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "prob_consensus_backward_cpu", [&] {
-      dispatch_branches(B, [&](auto kb) {
-        backward_impl<scalar_t, decltype(kb)::value>(z, lse, w_pp, w_pa, temperature, detach_target, grad);
+      ksl::prob::dispatch_branches(B, [&](auto kb) {
+        backward_impl<scalar_t, decltype(kb)::value>(z, lse, w.pp, w.pa, temperature, detach_target, grad);
       });
     });
   }

@@ -30,6 +30,7 @@
 #include <limits>
 
 #include "common/branch_triplet.h"
+#include "host/branch_triplet.h"
 
 namespace {
 
@@ -414,54 +415,18 @@ __global__ void triplet_scatter_kernel(const scalar_t* __restrict__ emb, const i
 }
 
 // ---- host side ------------------------------------------------------------------------------------
-void check_emb(const at::Tensor& emb, const char* op) {
-  TORCH_CHECK(emb.dim() == 3, op, ": emb must be a [B, N, L] tensor, got shape ", emb.sizes());
-  const auto st = emb.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": emb must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(emb.size(0) >= 2, op, ": emb needs at least 2 branches (B >= 2), got shape ", emb.sizes());
+// The shared checks (host/branch_triplet.h) come between these two: first the device (the dispatcher
+// sends here any call with a CUDA tensor among its arguments), then the kernels' index limits.
+void check_on_cuda(const at::Tensor& emb, const char* op) {
+  TORCH_CHECK(emb.is_cuda(), op, ": emb must be a CUDA tensor here, got ", emb.device());
+}
+
+void check_cuda_limits(const at::Tensor& emb, const char* op) {
   // The forward's grid has one y-index per branch pair (at most 65535).
   TORCH_CHECK(emb.size(0) <= 255, op, ": at most 255 branches on CUDA, got shape ", emb.sizes());
-  TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
-  TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());
   // Entries (u * N + m) * 2 + 1 and L offsets are ints in the kernels.
   TORCH_CHECK(emb.size(0) * emb.size(1) < (int64_t{1} << 29) && emb.size(2) < (int64_t{1} << 30), op,
               ": emb too large for the CUDA kernels, shape ", emb.sizes());
-}
-
-void check_common(const at::Tensor& emb, double margin, bool soft_margin, int64_t reduction, const char* op) {
-  check_emb(emb, op);
-  TORCH_CHECK(emb.is_cuda(), op, ": emb must be a CUDA tensor here, got ", emb.device());
-  TORCH_CHECK(reduction >= ksl::kNone && reduction <= ksl::kSum, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(soft_margin || (std::isfinite(margin) && margin >= 0), op,
-              ": margin must be finite and >= 0, got ", margin);
-}
-
-void check_indices(const at::Tensor& idx, const char* name, const at::Tensor& emb) {
-  const int64_t B = emb.size(0), N = emb.size(1);
-  TORCH_CHECK(idx.scalar_type() == at::kInt, "branch_triplet_backward: ", name,
-              " must be int32, got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == B && idx.size(2) == N,
-              "branch_triplet_backward: ", name, " must have shape [B, B, N] = [", B, ", ", B, ", ", N,
-              "], got ", idx.sizes());
-  TORCH_CHECK(idx.device() == emb.device(), "branch_triplet_backward: ", name,
-              " must be on emb's device ", emb.device(), ", got ", idx.device());
-}
-
-void check_grad(const at::Tensor& g, const char* name, at::IntArrayRef none_shape, int64_t reduction,
-                const at::Tensor& emb) {
-  if (reduction == ksl::kNone) {
-    TORCH_CHECK(g.sizes() == none_shape, "branch_triplet_backward: ", name, " must have shape ",
-                none_shape, " for reduction none, got ", g.sizes());
-  } else {
-    TORCH_CHECK(g.numel() == 1, "branch_triplet_backward: ", name,
-                " must be a scalar for reduction mean/sum, got shape ", g.sizes());
-  }
-  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "branch_triplet_backward: ", name,
-              " must be floating, got ", g.scalar_type());
-  TORCH_CHECK(g.device() == emb.device(), "branch_triplet_backward: ", name,
-              " must be on emb's device ", emb.device(), ", got ", g.device());
 }
 
 unsigned int blocks_for(int64_t work, int threads) {
@@ -473,14 +438,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
     const at::Tensor& emb_in, const at::Tensor& labels, double margin, bool soft_margin,
     int64_t reduction) {
   constexpr const char* op = "branch_triplet";
-  check_common(emb_in, margin, soft_margin, reduction, op);
-  const int64_t B = emb_in.size(0), N = emb_in.size(1), L = emb_in.size(2);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op, ": labels must have shape [N] = [", N,
-              "], got ", labels.sizes());
-  TORCH_CHECK(labels.device() == emb_in.device(), op, ": labels must be on emb's device ",
-              emb_in.device(), ", got ", labels.device());
+  check_on_cuda(emb_in, op);
+  check_args(emb_in, margin, soft_margin, reduction, op);
+  check_cuda_limits(emb_in, op);
+  check_labels(labels, emb_in, op);
   // (Non-negative labels are checked by the Python wrapper; reading them here would sync.)
+  const int64_t B = emb_in.size(0), N = emb_in.size(1), L = emb_in.size(2);
 
   const c10::cuda::CUDAGuard guard(emb_in.device());
   const at::Tensor emb = emb_in.contiguous();
@@ -528,12 +491,10 @@ at::Tensor branch_triplet_backward_cuda(const at::Tensor& grad_self, const at::T
                                         const at::Tensor& neg_idx_in, double margin, bool soft_margin,
                                         int64_t reduction) {
   constexpr const char* op = "branch_triplet_backward";
-  check_common(emb_in, margin, soft_margin, reduction, op);
-  check_indices(pos_idx_in, "pos_idx", emb_in);
-  check_indices(neg_idx_in, "neg_idx", emb_in);
+  check_on_cuda(emb_in, op);
+  check_backward_args(grad_self, grad_cross, emb_in, pos_idx_in, neg_idx_in, margin, soft_margin, reduction);
+  check_cuda_limits(emb_in, op);
   const int64_t B = emb_in.size(0), N = emb_in.size(1), L = emb_in.size(2);
-  check_grad(grad_self, "grad_self", {B, N}, reduction, emb_in);
-  check_grad(grad_cross, "grad_cross", {B, B, N}, reduction, emb_in);
 
   const c10::cuda::CUDAGuard guard(emb_in.device());
   const at::Tensor emb = emb_in.contiguous();

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "common/embedding_consensus.h"
+#include "host/embedding_consensus.h"
 
 namespace ksl {
 namespace {
@@ -318,18 +319,13 @@ backward_branch_kernel(const scalar_t* __restrict__ emb, const at::opmath_type<s
 // host side
 // ---------------------------------------------------------------------------------------------
 
+// The shared checks (host/embedding_consensus.h) plus the grids' limits: N blocks in x, and up to
+// P + B blocks in y on the generic path.
 void check_inputs(const at::Tensor& emb, int64_t reduction) {
-  TORCH_CHECK(emb.dim() == 3, "embedding_consensus: emb must be [B, N, L], got shape ", emb.sizes());
-  TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
-              "embedding_consensus: emb must be float16, bfloat16, float32 or float64, got ", emb.scalar_type());
-  TORCH_CHECK(emb.size(0) >= 2, "embedding_consensus: emb needs at least 2 branches (B >= 2), got B=", emb.size(0));
-  TORCH_CHECK(emb.size(1) >= 1, "embedding_consensus: emb has no samples (N = 0)");
-  TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");
+  emb::check_inputs(emb, reduction);
   TORCH_CHECK(emb.size(1) <= 2147483647LL, "embedding_consensus: N must fit a CUDA grid (< 2^31), got ", emb.size(1));
   TORCH_CHECK(emb::term_count(static_cast<int>(std::min<int64_t>(emb.size(0), 1024))) <= 65535,
               "embedding_consensus: at most 361 branches are supported on CUDA, got B=", emb.size(0));
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
-              "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
 bool can_vectorise(const void* p, int64_t L, int64_t elem_size) {
@@ -371,25 +367,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at
   const at::Tensor emb = emb_in.contiguous();
   const int B = static_cast<int>(emb.size(0));
   const int64_t N = emb.size(1), L = emb.size(2);
-  const auto acc_dtype = emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor norms = at::empty({N, emb::term_count(B)}, emb.options().dtype(acc_dtype));
   const bool none = reduction == kNone;
-  const bool generic = B > emb::kMaxStaticBranches;
-  at::Tensor ep, ea;
-  if (none) {
-    ep = generic ? at::zeros({B, B, N}, emb.options()) : at::empty({B, B, N}, emb.options());
-    ea = at::empty({B, N}, emb.options());
-  } else {
-    ep = at::empty({}, emb.options());
-    ea = at::empty({}, emb.options());
-  }
+  emb::ForwardOutputs out = emb::allocate_forward(emb, reduction);
+  // The generic path (B > 8) writes only the u < v entries of ep; the kernels for B <= 8 write all.
+  if (none && B > emb::kMaxStaticBranches) out.ep.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* e = emb.const_data_ptr<scalar_t>();
-    acc_t* nrm = norms.mutable_data_ptr<acc_t>();
-    scalar_t* ep_terms = none ? ep.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ea_terms = none ? ea.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* nrm = out.norms.mutable_data_ptr<acc_t>();
+    scalar_t* ep_terms = none ? out.ep.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ea_terms = none ? out.ea.mutable_data_ptr<scalar_t>() : nullptr;
     const bool vec = can_vectorise(e, L, sizeof(scalar_t));
     if (!KSL_EMB_CUDA_STATIC_B(B, launch_forward_static, e, N, L, vec, nrm, ep_terms, ea_terms, stream)) {
       const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(emb::term_count(B)));
@@ -398,12 +386,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!none) {
       reduce_kernel<scalar_t><<<1, kFinalThreads, 0, stream>>>(nrm, B, N, reduction == kMean,
-                                                               ep.mutable_data_ptr<scalar_t>(),
-                                                               ea.mutable_data_ptr<scalar_t>());
+                                                               out.ep.mutable_data_ptr<scalar_t>(),
+                                                               out.ea.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {ep, ea, norms};
+  return {out.ep, out.ea, out.norms};
 }
 
 at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at::Tensor& grad_ea,
@@ -413,23 +401,12 @@ at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at
   const at::Tensor emb = emb_in.contiguous();
   const int B = static_cast<int>(emb.size(0));
   const int64_t N = emb.size(1), L = emb.size(2);
-  const auto acc_dtype = emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t T = emb::term_count(B);
-  TORCH_CHECK(norms_in.dim() == 2 && norms_in.size(0) == N && norms_in.size(1) == T && norms_in.scalar_type() == acc_dtype,
-              "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", T, "] of dtype ", acc_dtype,
-              ", got ", norms_in.sizes(), " ", norms_in.scalar_type());
+  emb::check_norms(norms_in, emb);
   TORCH_CHECK(norms_in.device() == emb_in.device() && grad_ep.device() == emb_in.device() &&
                   grad_ea.device() == emb_in.device(),
               "embedding_consensus_backward: grad_ep, grad_ea, emb and norms must be on one device");
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_ep.sizes() == at::IntArrayRef({B, B, N}) && grad_ea.sizes() == at::IntArrayRef({B, N}),
-                "embedding_consensus_backward: with reduction none grad_ep must be [B, B, N] and grad_ea [B, N], got ",
-                grad_ep.sizes(), " and ", grad_ea.sizes());
-  } else {
-    TORCH_CHECK(grad_ep.numel() == 1 && grad_ea.numel() == 1,
-                "embedding_consensus_backward: grad_ep and grad_ea must be scalars, got ", grad_ep.sizes(), " and ",
-                grad_ea.sizes());
-  }
+  emb::check_upstream(grad_ep, grad_ea, emb, reduction);
   const at::Tensor norms = norms_in.contiguous();
   const at::Tensor gep = grad_ep.to(emb.scalar_type()).contiguous();
   const at::Tensor gea = grad_ea.to(emb.scalar_type()).contiguous();
@@ -444,7 +421,8 @@ at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const bool vec = can_vectorise(e, L, sizeof(scalar_t)) && can_vectorise(out, L, sizeof(scalar_t));
     if (!KSL_EMB_CUDA_STATIC_B(B, launch_backward_static, ge, ga, e, nrm, N, L, reduction, vec, out, stream)) {
-      at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T}, emb.options().dtype(acc_dtype));
+      at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T},
+                                  emb.options().dtype(emb::acc_type_of(emb.scalar_type())));
       acc_t* w = work.mutable_data_ptr<acc_t>();
       coefficients_kernel<scalar_t><<<static_cast<unsigned>((N + 127) / 128), 128, 0, stream>>>(ge, ga, nrm, B, N,
                                                                                                 reduction, w);

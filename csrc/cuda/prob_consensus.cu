@@ -41,10 +41,9 @@
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
+#include "host/prob_consensus.h"
 
 namespace {
-
-using ksl::prob::kMaxBranches;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -286,39 +285,15 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_backward_kernel(
   }
 }
 
-template <typename F>
-void dispatch_branches(int64_t B, F&& f) {
-  switch (B) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", B);
-  }
-  static_assert(kMaxBranches == 8, "update dispatch_branches");
-}
-
+// The shared checks (host/prob_consensus.h) plus what the kernels' launch needs: one block per
+// sample (N fits the grid) and at least one class per row.
 void check_inputs(const at::Tensor& logits, double temperature, int64_t reduction) {
   TORCH_CHECK(logits.is_cuda(), "prob_consensus: logits must be a CUDA tensor here");
-  TORCH_CHECK(logits.dim() == 3, "prob_consensus: logits must be [B, N, K], got shape ", logits.sizes());
-  const auto st = logits.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "prob_consensus: logits must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(logits.size(0) >= 2 && logits.size(0) <= kMaxBranches, "prob_consensus: logits must have 2 to ",
-              kMaxBranches, " branches, got B = ", logits.size(0));
+  ksl::prob::check_inputs(logits, temperature, reduction);
   TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) <= std::numeric_limits<int>::max(),
               "prob_consensus: logits must have 1 to 2^31 - 1 samples (N), got ", logits.size(1));
   TORCH_CHECK(logits.size(2) >= 1, "prob_consensus: logits must have at least one class (K), got ", logits.size(2));
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "prob_consensus: temperature must be finite and > 0, got ",
-              temperature);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "prob_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
 }
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(const at::Tensor& logits,
                                                                                double temperature,
@@ -328,10 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(c
   c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
-  const auto acc_opts = z.options().dtype(acc_type_of(z.scalar_type()));
-  at::Tensor row_lse = at::empty({B, N}, acc_opts);
-  const bool write_grad = save_grad && detach_target && reduction != ksl::kNone;
-  at::Tensor grad_dir = write_grad ? at::empty({B, N, K}, z.options()) : at::empty({0}, z.options());
+  ksl::prob::SavedForBackward saved = ksl::prob::allocate_saved(z, temperature, detach_target, reduction, save_grad);
   at::Tensor pp, pa, row_terms, ticket;
   if (reduction == ksl::kNone) {
     pp = at::empty({B, B, N}, z.options());
@@ -339,30 +311,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(c
   } else {
     pp = at::empty({}, z.options());
     pa = at::empty({}, z.options());
-    row_terms = at::empty({N, B * B + B}, acc_opts);
+    row_terms = at::empty({N, B * B + B}, z.options().dtype(saved.row_lse.scalar_type()));
     ticket = at::zeros({1}, z.options().dtype(at::kInt));
   }
   const double t2 = temperature * temperature;
-  const double out_scale = t2 * (reduction == ksl::kMean ? 1.0 / static_cast<double>(N) : 1.0);
-  const double grad_scale = temperature * (reduction == ksl::kMean ? 1.0 / static_cast<double>(N) : 1.0);
+  const double out_scale = t2 * ksl::prob::reduction_scale(reduction, N);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "prob_consensus_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool none = reduction == ksl::kNone;
-    dispatch_branches(B, [&](auto kb) {
+    ksl::prob::dispatch_branches(B, [&](auto kb) {
       constexpr int kB = decltype(kb)::value;
       prob_consensus_forward_kernel<scalar_t, acc_t, kB><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
           z.const_data_ptr<scalar_t>(), N, K, static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(t2),
-          static_cast<acc_t>(out_scale), static_cast<acc_t>(grad_scale), row_lse.mutable_data_ptr<acc_t>(),
+          static_cast<acc_t>(out_scale), static_cast<acc_t>(saved.grad_scale), saved.row_lse.mutable_data_ptr<acc_t>(),
           none ? pp.mutable_data_ptr<scalar_t>() : nullptr, none ? pa.mutable_data_ptr<scalar_t>() : nullptr,
           none ? nullptr : row_terms.mutable_data_ptr<acc_t>(),
           none ? nullptr : reinterpret_cast<unsigned int*>(ticket.mutable_data_ptr<int>()),
           none ? nullptr : pp.mutable_data_ptr<scalar_t>(), none ? nullptr : pa.mutable_data_ptr<scalar_t>(),
-          write_grad ? grad_dir.mutable_data_ptr<scalar_t>() : nullptr);
+          saved.write_grad ? saved.grad_dir.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {pp, pa, row_lse, grad_dir};
+  return {pp, pa, saved.row_lse, saved.grad_dir};
 }
 
 at::Tensor prob_consensus_backward_cuda(const at::Tensor& grad_pp, const at::Tensor& grad_pa, const at::Tensor& logits,
@@ -372,35 +343,19 @@ at::Tensor prob_consensus_backward_cuda(const at::Tensor& grad_pp, const at::Ten
   c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
-  const auto acc = acc_type_of(z.scalar_type());
-  TORCH_CHECK(row_lse.sizes() == at::IntArrayRef({B, N}) && row_lse.scalar_type() == acc,
-              "prob_consensus_backward: row_lse must be [B, N] = [", B, ", ", N, "] of ", acc, ", got ",
-              row_lse.sizes(), " ", row_lse.scalar_type());
-  // Per-sample weights with the reduction's 1/N folded in; scalars stay on the device (no sync).
-  at::Tensor w_pp, w_pa;
-  if (reduction == ksl::kNone) {
-    TORCH_CHECK(grad_pp.sizes() == at::IntArrayRef({B, B, N}) && grad_pa.sizes() == at::IntArrayRef({B, N}),
-                "prob_consensus_backward: with reduction none grad_pp must be [B, B, N] and grad_pa [B, N], got ",
-                grad_pp.sizes(), " and ", grad_pa.sizes());
-    w_pp = grad_pp.to(acc).contiguous();
-    w_pa = grad_pa.to(acc).contiguous();
-  } else {
-    TORCH_CHECK(grad_pp.numel() == 1 && grad_pa.numel() == 1,
-                "prob_consensus_backward: grad_pp and grad_pa must be scalars for reduction mean/sum");
-    const double scale = reduction == ksl::kMean ? 1.0 / static_cast<double>(N) : 1.0;
-    w_pp = (grad_pp.to(acc).reshape({1, 1, 1}) * scale).expand({B, B, N}).contiguous();
-    w_pa = (grad_pa.to(acc).reshape({1, 1}) * scale).expand({B, N}).contiguous();
-  }
+  // Scalar upstream gradients stay on the device (no sync).
+  const ksl::prob::SampleWeights w =
+      ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, ksl::prob::acc_type_of(z.scalar_type()), reduction);
   const at::Tensor lse = row_lse.contiguous();
   at::Tensor grad = at::empty({B, N, K}, z.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "prob_consensus_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_branches(B, [&](auto kb) {
+    ksl::prob::dispatch_branches(B, [&](auto kb) {
       constexpr int kB = decltype(kb)::value;
       prob_consensus_backward_kernel<scalar_t, acc_t, kB><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
-          z.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(), w_pp.const_data_ptr<acc_t>(),
-          w_pa.const_data_ptr<acc_t>(), N, K, static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(temperature),
+          z.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(), w.pp.const_data_ptr<acc_t>(),
+          w.pa.const_data_ptr<acc_t>(), N, K, static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(temperature),
           detach_target, grad.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

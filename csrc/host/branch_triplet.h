@@ -1,0 +1,90 @@
+// Batch-hard triplets (eq. 2, KSL-H eq. 11): the torch-side glue shared by cpu/branch_triplet.cpp and
+// cuda/branch_triplet.cu (the argument checks of the forward and the backward), written once so the
+// two devices cannot drift apart. Host-only and built on ATen, so it is not part of the torch-free
+// arithmetic of csrc/common that tests/cpp compiles. Included by a .cu, so it must compile under
+// nvcc; nothing here reads a tensor's value back (no host synchronisation on CUDA).
+//
+// The checks hold on every device (the op may be reached through torch.ops, without the Python
+// wrapper's validation); each device adds its own size limits after them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace ksl {
+namespace triplet {
+
+// emb [B, N, L] of a floating dtype with B >= 2, N >= 1, L >= 1; reduction and margin. `op` names
+// the operator in the messages.
+inline void check_args(const at::Tensor& emb, double margin, bool soft_margin, int64_t reduction, const char* op) {
+  TORCH_CHECK(emb.dim() == 3, op, ": emb must be a [B, N, L] tensor, got shape ", emb.sizes());
+  const auto st = emb.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+              ": emb must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(emb.size(0) >= 2, op, ": emb needs at least 2 branches (B >= 2), got shape ", emb.sizes());
+  TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
+  TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  TORCH_CHECK(soft_margin || (std::isfinite(margin) && margin >= 0), op, ": margin must be finite and >= 0, got ",
+              margin);
+}
+
+// The forward's labels: int64 [N] on emb's device. (Their values, non-negative, are checked where
+// reading them costs no synchronisation.)
+inline void check_labels(const at::Tensor& labels, const at::Tensor& emb, const char* op) {
+  const int64_t N = emb.size(1);
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op, ": labels must have shape [N] = [", N, "], got ",
+              labels.sizes());
+  TORCH_CHECK(labels.device() == emb.device(), op, ": labels must be on emb's device ", emb.device(), ", got ",
+              labels.device());
+}
+
+// The backward's saved winners pos_idx / neg_idx: int32 [B, B, N] on emb's device.
+inline void check_indices(const at::Tensor& idx, const char* name, const at::Tensor& emb) {
+  const int64_t B = emb.size(0), N = emb.size(1);
+  TORCH_CHECK(idx.scalar_type() == at::kInt, "branch_triplet_backward: ", name,
+              " must be int32, got ", idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == B && idx.size(2) == N,
+              "branch_triplet_backward: ", name, " must have shape [B, B, N] = [", B, ", ", B, ", ", N,
+              "], got ", idx.sizes());
+  TORCH_CHECK(idx.device() == emb.device(), "branch_triplet_backward: ", name,
+              " must be on emb's device ", emb.device(), ", got ", idx.device());
+}
+
+// An upstream gradient: `none_shape` ([B, N] for grad_self, [B, B, N] for grad_cross) for reduction
+// none, a scalar otherwise; floating, on emb's device.
+inline void check_grad(const at::Tensor& g, const char* name, at::IntArrayRef none_shape, int64_t reduction,
+                       const at::Tensor& emb) {
+  if (reduction == kNone) {
+    TORCH_CHECK(g.sizes() == none_shape, "branch_triplet_backward: ", name, " must have shape ",
+                none_shape, " for reduction none, got ", g.sizes());
+  } else {
+    TORCH_CHECK(g.numel() == 1, "branch_triplet_backward: ", name,
+                " must be a scalar for reduction mean/sum, got shape ", g.sizes());
+  }
+  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "branch_triplet_backward: ", name,
+              " must be floating, got ", g.scalar_type());
+  TORCH_CHECK(g.device() == emb.device(), "branch_triplet_backward: ", name,
+              " must be on emb's device ", emb.device(), ", got ", g.device());
+}
+
+// Everything the backward's arguments must satisfy on every device.
+inline void check_backward_args(const at::Tensor& grad_self, const at::Tensor& grad_cross, const at::Tensor& emb,
+                                const at::Tensor& pos_idx, const at::Tensor& neg_idx, double margin,
+                                bool soft_margin, int64_t reduction) {
+  check_args(emb, margin, soft_margin, reduction, "branch_triplet_backward");
+  check_indices(pos_idx, "pos_idx", emb);
+  check_indices(neg_idx, "neg_idx", emb);
+  const int64_t B = emb.size(0), N = emb.size(1);
+  check_grad(grad_self, "grad_self", {B, N}, reduction, emb);
+  check_grad(grad_cross, "grad_cross", {B, B, N}, reduction, emb);
+}
+
+}  // namespace triplet
+}  // namespace ksl

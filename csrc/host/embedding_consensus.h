@@ -1,0 +1,79 @@
+// KSL-E: the torch-side glue shared by cpu/embedding_consensus.cpp and cuda/embedding_consensus.cu
+// (argument checks, the accumulation dtype, the outputs' allocation, the backward's checks), written
+// once so the two devices cannot drift apart. Host-only and built on ATen, so it is not part of the
+// torch-free arithmetic of csrc/common that tests/cpp compiles. Included by a .cu, so it must compile
+// under nvcc; nothing here reads a tensor's value back (no host synchronisation on CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "common/embedding_consensus.h"
+#include "common/macros.h"
+
+namespace ksl {
+namespace emb {
+
+// The checks that hold on every device (the op may be reached through torch.ops, without the Python
+// wrapper's validation). Each device adds its own limits after these.
+inline void check_inputs(const at::Tensor& emb, int64_t reduction) {
+  TORCH_CHECK(emb.dim() == 3, "embedding_consensus: emb must be [B, N, L], got shape ", emb.sizes());
+  TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
+              "embedding_consensus: emb must be float16, bfloat16, float32 or float64, got ", emb.scalar_type());
+  TORCH_CHECK(emb.size(0) >= 2, "embedding_consensus: emb needs at least 2 branches (B >= 2), got B=", emb.size(0));
+  TORCH_CHECK(emb.size(1) >= 1, "embedding_consensus: emb has no samples (N = 0)");
+  TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The kernels' arithmetic type, which is also the saved norms' dtype: float64 for float64 emb, else float32.
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The forward's outputs for a contiguous emb [B, N, L], allocated alike on both devices (not filled).
+struct ForwardOutputs {
+  at::Tensor ep;     // [B, B, N] for reduction none, else a scalar; emb's dtype
+  at::Tensor ea;     // [B, N] for reduction none, else a scalar; emb's dtype
+  at::Tensor norms;  // [N, P + B] in the accumulation type, saved for the backward
+};
+
+inline ForwardOutputs allocate_forward(const at::Tensor& emb, int64_t reduction) {
+  const int64_t B = emb.size(0), N = emb.size(1);
+  ForwardOutputs out;
+  out.norms = at::empty({N, term_count(static_cast<int>(B))}, emb.options().dtype(acc_type_of(emb.scalar_type())));
+  if (reduction == kNone) {
+    out.ep = at::empty({B, B, N}, emb.options());
+    out.ea = at::empty({B, N}, emb.options());
+  } else {
+    out.ep = at::empty({}, emb.options());
+    out.ea = at::empty({}, emb.options());
+  }
+  return out;
+}
+
+// The backward's checks of what the forward saved (norms) and of the upstream gradients' shapes.
+inline void check_norms(const at::Tensor& norms, const at::Tensor& emb) {
+  const int64_t N = emb.size(1), T = term_count(static_cast<int>(emb.size(0)));
+  const auto acc = acc_type_of(emb.scalar_type());
+  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == N && norms.size(1) == T && norms.scalar_type() == acc,
+              "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", T, "] of dtype ", acc,
+              ", got ", norms.sizes(), " ", norms.scalar_type());
+}
+
+inline void check_upstream(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const at::Tensor& emb,
+                           int64_t reduction) {
+  const int64_t B = emb.size(0), N = emb.size(1);
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_ep.sizes() == at::IntArrayRef({B, B, N}) && grad_ea.sizes() == at::IntArrayRef({B, N}),
+                "embedding_consensus_backward: with reduction none grad_ep must be [B, B, N] and grad_ea [B, N], got ",
+                grad_ep.sizes(), " and ", grad_ea.sizes());
+  } else {
+    TORCH_CHECK(grad_ep.numel() == 1 && grad_ea.numel() == 1,
+                "embedding_consensus_backward: grad_ep and grad_ea must be scalars, got ", grad_ep.sizes(), " and ",
+                grad_ea.sizes());
+  }
+}
+
+}  // namespace emb
+}  // namespace ksl

@@ -1,0 +1,110 @@
+// KSL-P: the torch-side glue shared by cpu/prob_consensus.cpp and cuda/prob_consensus.cu (argument
+// checks, the accumulation dtype, the saved tensors, the backward's per-sample weights), written once
+// so the two devices cannot drift apart. Host-only and built on ATen, so it is not part of the
+// torch-free arithmetic of csrc/common that tests/cpp compiles. Included by a .cu, so it must compile
+// under nvcc; nothing here reads a tensor's value back (no host synchronisation on CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/macros.h"
+#include "common/prob_consensus.h"
+
+namespace ksl {
+namespace prob {
+
+// The checks that hold on every device (the op may be reached through torch.ops, without the Python
+// wrapper's validation). Each device adds its own limits after these.
+inline void check_inputs(const at::Tensor& logits, double temperature, int64_t reduction) {
+  TORCH_CHECK(logits.dim() == 3, "prob_consensus: logits must be [B, N, K], got shape ", logits.sizes());
+  const auto st = logits.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "prob_consensus: logits must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(logits.size(0) >= 2 && logits.size(0) <= kMaxBranches, "prob_consensus: logits must have 2 to ",
+              kMaxBranches, " branches, got B = ", logits.size(0));
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "prob_consensus: temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "prob_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+}
+
+// The kernels' arithmetic type, which is also row_lse's dtype: float64 for float64 logits, else float32.
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The reduction's factor c on a per-sample term: 1/N for mean, 1 for sum (and none).
+inline double reduction_scale(int64_t reduction, int64_t N) {
+  return reduction == kMean ? 1.0 / static_cast<double>(N) : 1.0;
+}
+
+// Calls f(std::integral_constant<int, B>) for the runtime branch count (2 ≤ B ≤ kMaxBranches), so the
+// kernels get B as a compile-time constant.
+template <typename F>
+void dispatch_branches(int64_t B, F&& f) {
+  switch (B) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", B);
+  }
+  static_assert(kMaxBranches == 8, "update dispatch_branches");
+}
+
+// What the forward saves for the backward, allocated alike on both devices for z [B, N, K].
+struct SavedForBackward {
+  at::Tensor row_lse;   // [B, N] in the accumulation type: log-sum-exp of z^b_n / T
+  at::Tensor grad_dir;  // [B, N, K] in z's dtype when write_grad, else empty
+  // The forward writes grad_dir = T·c·(p − a) only where the whole gradient is a multiple of it:
+  // save_grad, detach_target and a scalar reduction (see the kernels' header comments).
+  bool write_grad;
+  double grad_scale;  // T·c
+};
+
+inline SavedForBackward allocate_saved(const at::Tensor& z, double temperature, bool detach_target, int64_t reduction,
+                                       bool save_grad) {
+  const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
+  SavedForBackward s;
+  s.row_lse = at::empty({B, N}, z.options().dtype(acc_type_of(z.scalar_type())));
+  s.write_grad = save_grad && detach_target && reduction != kNone;
+  s.grad_dir = s.write_grad ? at::empty({B, N, K}, z.options()) : at::empty({0}, z.options());
+  s.grad_scale = temperature * reduction_scale(reduction, N);
+  return s;
+}
+
+// The backward's per-sample weights, contiguous and in the accumulation type, with the reduction's
+// 1/N folded in: the upstream gradients themselves for reduction none, the scalar ones broadcast
+// otherwise (on the tensors' device, without reading them: no sync).
+struct SampleWeights {
+  at::Tensor pp;  // [B, B, N], from grad_pp
+  at::Tensor pa;  // [B, N], from grad_pa
+};
+
+// Checks row_lse and the upstream gradients' shapes on the way.
+inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tensor& grad_pa,
+                                                          const at::Tensor& row_lse, int64_t B, int64_t N,
+                                                          at::ScalarType acc, int64_t reduction) {
+  TORCH_CHECK(row_lse.sizes() == at::IntArrayRef({B, N}) && row_lse.scalar_type() == acc,
+              "prob_consensus_backward: row_lse must be [B, N] = [", B, ", ", N, "] of ", acc, ", got ",
+              row_lse.sizes(), " ", row_lse.scalar_type());
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_pp.sizes() == at::IntArrayRef({B, B, N}) && grad_pa.sizes() == at::IntArrayRef({B, N}),
+                "prob_consensus_backward: with reduction none grad_pp must be [B, B, N] and grad_pa [B, N], got ",
+                grad_pp.sizes(), " and ", grad_pa.sizes());
+    return {grad_pp.to(acc).contiguous(), grad_pa.to(acc).contiguous()};
+  }
+  TORCH_CHECK(grad_pp.numel() == 1 && grad_pa.numel() == 1,
+              "prob_consensus_backward: grad_pp and grad_pa must be scalars for reduction mean/sum");
+  const double scale = reduction_scale(reduction, N);
+  return {(grad_pp.to(acc).reshape({1, 1, 1}) * scale).expand({B, B, N}).contiguous(),
+          (grad_pa.to(acc).reshape({1, 1}) * scale).expand({B, N}).contiguous()};
+}
+
+}  // namespace prob
+}  // namespace ksl
