@@ -105,7 +105,7 @@ def plot(results, path: Path):
     runs = results.get("training") or {}
     abl = results.get("ablation")
     panels = (["img/s", "loss share", "accuracy"] if runs else []) + (["ablation"] if abl else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5 * len(panels), 8), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     if runs:
         names = list(runs)
