@@ -68,6 +68,22 @@ KSL_HOST_DEVICE bool beats_min(T value, int index, T best, int best_index) {
   return value < best || (value == best && index < best_index);
 }
 
+// Offers candidate n at distance d to anchor m's running winners: a same-identity n != m competes for
+// the hardest positive (largest d), another identity for the hardest negative (smallest d).
+template <typename T>
+KSL_HOST_DEVICE void offer_candidate(T d, int n, int m, bool same_identity, T& best_pos, int& pos_index,
+                                     T& best_neg, int& neg_index) {
+  if (same_identity) {
+    if (n != m && beats_max(d, n, best_pos, pos_index)) {
+      best_pos = d;
+      pos_index = n;
+    }
+  } else if (beats_min(d, n, best_neg, neg_index)) {
+    best_neg = d;
+    neg_index = n;
+  }
+}
+
 // The per-anchor loss of a valid anchor from gap = d⁺ − d⁻.
 template <typename T>
 KSL_HOST_DEVICE T term(T gap, T margin, bool soft_margin) {

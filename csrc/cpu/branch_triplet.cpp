@@ -122,16 +122,8 @@ void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L,
         const int ni = static_cast<int>(n);
         for (int r = 0; r < rows; ++r) {
           const int64_t m = m0 + r;
-          const T d = distance(sq[r]);
-          if (y[n] == y[m]) {
-            if (n != m && beats_max(d, ni, best_pos[r], ip[r])) {
-              best_pos[r] = d;
-              ip[r] = ni;
-            }
-          } else if (beats_min(d, ni, best_neg[r], in[r])) {
-            best_neg[r] = d;
-            in[r] = ni;
-          }
+          offer_candidate(distance(sq[r]), ni, static_cast<int>(m), y[n] == y[m], best_pos[r], ip[r], best_neg[r],
+                          in[r]);
         }
       }
       for (int r = 0; r < rows; ++r) {

@@ -125,16 +125,7 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
       for (int i = 0; i < kMicro; ++i) {
         const int m = m0 + ty + kThreads * i;
         if (m >= N) continue;
-        const acc_t d = distance(acc[i][j]);
-        if (yn == my_label[i]) {
-          if (n != m && beats_max(d, n, best_pos[i], ip[i])) {
-            best_pos[i] = d;
-            ip[i] = n;
-          }
-        } else if (beats_min(d, n, best_neg[i], in[i])) {
-          best_neg[i] = d;
-          in[i] = n;
-        }
+        offer_candidate(distance(acc[i][j]), n, m, yn == my_label[i], best_pos[i], ip[i], best_neg[i], in[i]);
       }
     }
   }
