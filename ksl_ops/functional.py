@@ -81,6 +81,10 @@ def _stack_branches(x: TensorOrBranches, name: str, shape: str) -> torch.Tensor:
         raise ValueError(f"{name} needs at least 2 branches (B >= 2), got B={stacked.size(0)}")
     if stacked.size(1) == 0:
         raise ValueError(f"{name} has no samples (N = 0), shape {tuple(stacked.shape)}")
+    if stacked.size(2) == 0:
+        dim = shape.strip("[]").split(", ")[-1]
+        what = {"K": "class", "L": "dimension"}.get(dim, "entry")
+        raise ValueError(f"{name} must have at least one {what} ({dim} >= 1), got shape {tuple(stacked.shape)}")
     return stacked
 
 
@@ -322,8 +326,6 @@ def prob_consensus(logits: TensorOrBranches, temperature: float = 1.0, detach_ta
     pa [B, N]).
     """
     z = _stack_branches(logits, "logits", "[B, N, K]")
-    if z.size(2) == 0:
-        raise ValueError(f"logits must have at least one class (K >= 1), got shape {tuple(z.shape)}")
     temperature = _check_positive_number(temperature, "temperature")
     code = _reduction_code(reduction)
     if _check_backend(backend) == "reference":
@@ -339,8 +341,6 @@ def embedding_consensus(embeddings: TensorOrBranches, reduction: str = "mean", b
     reduction: "mean" | "sum" | "none" (ep [B, B, N] filled for u < v, ea [B, N]).
     """
     e = _stack_branches(embeddings, "embeddings", "[B, N, L]")
-    if e.size(2) == 0:
-        raise ValueError(f"embeddings must have at least one dimension (L >= 1), got shape {tuple(e.shape)}")
     code = _reduction_code(reduction)
     if _check_backend(backend) == "reference":
         return _reference().embedding_consensus(e, reduction)
@@ -359,8 +359,6 @@ def branch_triplet(embeddings: TensorOrBranches, labels: torch.Tensor, margin: O
     aux_t [B, N] and ksl_h [B, B, N].
     """
     e = _stack_branches(embeddings, "embeddings", "[B, N, L]")
-    if e.size(2) == 0:
-        raise ValueError(f"embeddings must have at least one dimension (L >= 1), got shape {tuple(e.shape)}")
     _check_labels(labels, e)
     soft_margin = margin is None
     margin_value = 0.0 if soft_margin else _check_positive_number(margin, "margin", allow_zero=True)
