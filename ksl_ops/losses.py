@@ -33,10 +33,21 @@ class KSLLoss(nn.Module):
 
     - L_aux (eq. 2): per-branch label-smoothed cross-entropy ("ce", summed over branches) and per-branch
       batch-hard triplet ("triplet", from `triplet_start_epoch` on).
-    - KSL-P (eq. 3-6): "ksl_pp" + "ksl_pa" when `use_p`.
-    - KSL-E (eq. 7-10): "ksl_ep" + "ksl_ea" when `use_e`.
+    - KSL-P (eq. 3-6): "ksl_pp" + "ksl_pa" when `use_p` (`use_pp` / `use_pa` switch one sub-term).
+    - KSL-E (eq. 7-10): "ksl_ep" + "ksl_ea" when `use_e` (`use_ep` / `use_ea` switch one sub-term).
     - KSL-H (eq. 11): "ksl_h" when `use_h`; it is a triplet loss too, so it starts with the per-branch
       triplet at `triplet_start_epoch` (the paper: triplets from the start diverge from scratch).
+
+    Recipe options (the ops compute the equations exactly; these change what they are fed and when):
+
+    - `normalize_e`: feed KSL-E unit-length (L2-normalised) embeddings. On raw embeddings eq. 8-10 can
+      be lowered by shrinking every embedding towards 0, and with weight 1 on six distance terms that
+      gradient dominates cross-entropy when training from scratch (see the README's KSL recipe
+      section for the measurements). Retrieval compares embeddings by cosine distance, so the
+      normalised distance is the one that matters at test time.
+    - `normalize_triplet`: feed the triplets (per-branch and KSL-H) unit-length embeddings.
+    - `consensus_start_epoch`: KSL-P and KSL-E are added from this epoch on (None: from the start,
+      as the paper).
 
     Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
     int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
@@ -45,7 +56,11 @@ class KSLLoss(nn.Module):
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.1, margin: Optional[float] = 0.3,
                  temperature: float = 1.0, use_p: bool = True, use_e: bool = True, use_h: bool = True,
-                 triplet_start_epoch: int = 150, backend: str = "fused"):
+                 triplet_start_epoch: int = 150, backend: str = "fused", *,
+                 use_pp: Optional[bool] = None, use_pa: Optional[bool] = None,
+                 use_ep: Optional[bool] = None, use_ea: Optional[bool] = None,
+                 normalize_e: bool = False, normalize_triplet: bool = False,
+                 consensus_start_epoch: Optional[int] = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -54,21 +69,45 @@ class KSLLoss(nn.Module):
         if margin is not None:
             _check_positive_number(margin, "margin", allow_zero=True)
         _check_positive_number(temperature, "temperature")
+        if consensus_start_epoch is not None and (isinstance(consensus_start_epoch, bool)
+                                                  or not isinstance(consensus_start_epoch, int)
+                                                  or consensus_start_epoch < 0):
+            raise ValueError(f"consensus_start_epoch must be None or an int >= 0, got {consensus_start_epoch!r}")
         self.num_classes = num_classes
         self.label_smoothing = float(label_smoothing)
         self.margin = margin
         self.temperature = float(temperature)
-        self.use_p, self.use_e, self.use_h = bool(use_p), bool(use_e), bool(use_h)
+        self.use_pp = bool(use_p if use_pp is None else use_pp)
+        self.use_pa = bool(use_p if use_pa is None else use_pa)
+        self.use_ep = bool(use_e if use_ep is None else use_ep)
+        self.use_ea = bool(use_e if use_ea is None else use_ea)
+        self.use_h = bool(use_h)
+        self.normalize_e, self.normalize_triplet = bool(normalize_e), bool(normalize_triplet)
         self.triplet_start_epoch = int(triplet_start_epoch)
+        self.consensus_start_epoch = consensus_start_epoch
         self.backend = _check_backend(backend)
+
+    @property
+    def use_p(self) -> bool:
+        return self.use_pp or self.use_pa
+
+    @property
+    def use_e(self) -> bool:
+        return self.use_ep or self.use_ea
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, margin={self.margin}, "
-                f"temperature={self.temperature}, use_p={self.use_p}, use_e={self.use_e}, use_h={self.use_h}, "
-                f"triplet_start_epoch={self.triplet_start_epoch}, backend={self.backend!r}")
+                f"temperature={self.temperature}, use_pp={self.use_pp}, use_pa={self.use_pa}, "
+                f"use_ep={self.use_ep}, use_ea={self.use_ea}, use_h={self.use_h}, "
+                f"normalize_e={self.normalize_e}, normalize_triplet={self.normalize_triplet}, "
+                f"triplet_start_epoch={self.triplet_start_epoch}, "
+                f"consensus_start_epoch={self.consensus_start_epoch}, backend={self.backend!r}")
 
     def triplet_active(self, epoch: Optional[int]) -> bool:
         return epoch is None or epoch >= self.triplet_start_epoch
+
+    def consensus_active(self, epoch: Optional[int]) -> bool:
+        return epoch is None or self.consensus_start_epoch is None or epoch >= self.consensus_start_epoch
 
     def forward(self, logits: TensorOrBranches, embeddings: TensorOrBranches, labels: torch.Tensor,
                 epoch: Optional[int] = None) -> KSLOutput:
@@ -89,19 +128,29 @@ class KSLLoss(nn.Module):
                                           label_smoothing=self.label_smoothing)
         kw = dict(backend=self.backend)
         if self.triplet_active(epoch):
+            et = F.normalize(e, dim=-1) if self.normalize_triplet else e
             if B == 1:
                 # branch_triplet needs two branches; two copies of one branch give each term twice.
-                aux_t, _ = branch_triplet(e.expand(2, N, e.size(2)), labels, self.margin, **kw)
+                aux_t, _ = branch_triplet(et.expand(2, N, et.size(2)), labels, self.margin, **kw)
                 terms["triplet"] = aux_t / 2
             else:
-                aux_t, ksl_h = branch_triplet(e, labels, self.margin, **kw)
+                aux_t, ksl_h = branch_triplet(et, labels, self.margin, **kw)
                 terms["triplet"] = aux_t
                 if self.use_h:
                     terms["ksl_h"] = ksl_h
-        if B > 1 and self.use_p:
-            terms["ksl_pp"], terms["ksl_pa"] = prob_consensus(z, self.temperature, True, **kw)
-        if B > 1 and self.use_e:
-            terms["ksl_ep"], terms["ksl_ea"] = embedding_consensus(e, **kw)
+        if B > 1 and self.consensus_active(epoch):
+            if self.use_p:
+                pp, pa = prob_consensus(z, self.temperature, True, **kw)
+                if self.use_pp:
+                    terms["ksl_pp"] = pp
+                if self.use_pa:
+                    terms["ksl_pa"] = pa
+            if self.use_e:
+                ep, ea = embedding_consensus(F.normalize(e, dim=-1) if self.normalize_e else e, **kw)
+                if self.use_ep:
+                    terms["ksl_ep"] = ep
+                if self.use_ea:
+                    terms["ksl_ea"] = ea
         total = torch.stack([t.to(z.dtype) for t in terms.values()]).sum()
         return KSLOutput(total, terms)
 

@@ -25,7 +25,8 @@ __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ksl_ops.engine.config import LOSS_PRESETS, PRESETS
+    from ksl_ops.engine.config import LOSS_PRESETS, PRESETS, RECIPES
+    from ksl_ops.models import NECKS
 
     p = argparse.ArgumentParser(
         prog=prog,
@@ -54,7 +55,20 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="cmsnet", choices=["cmsnet", "mobilenetv2", "shufflenetv2"])
     g.add_argument("--losses", default="ksl", choices=list(LOSS_PRESETS),
                    help="baseline: one branch, CE + triplet; aux: isomorphic branches, CE + triplet per branch; "
-                        "ksl-p / ksl-e / ksl-h: aux + that constraint; ksl: aux + all three")
+                        "ksl-p / ksl-e / ksl-h: aux + that constraint (ksl-pp, ksl-pa, ksl-ep, ksl-ea: one "
+                        "sub-term); ksl-pe: aux + KSL-P + KSL-E; ksl: aux + all three")
+    g.add_argument("--recipe", default="ksl-ops", choices=list(RECIPES),
+                   help="ksl-ops: the recipe chosen by measurement (README, 'KSL recipe'); paper: the paper's "
+                        "text taken literally (KSL-E and triplets on raw FC embeddings, consensus from the start)")
+    g.add_argument("--neck", default=None, choices=list(NECKS),
+                   help="which head tensor is the embedding: fc (FC-512 output), bnneck (its BN), "
+                        "osnet (ReLU(BN(FC))); default: the recipe's")
+    g.add_argument("--normalize-e", default=None, action=argparse.BooleanOptionalAction,
+                   help="KSL-E on L2-normalised embeddings (default: the recipe's)")
+    g.add_argument("--normalize-triplet", default=None, action=argparse.BooleanOptionalAction,
+                   help="triplets and KSL-H on L2-normalised embeddings (default: the recipe's)")
+    g.add_argument("--consensus-start", type=int, default=None,
+                   help="epoch (0-based) from which KSL-P and KSL-E are added (default: the recipe's)")
     g.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
                    help="loss implementation: fused C++/CUDA ops or the pure-PyTorch reference")
 
@@ -73,6 +87,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking (k1=20, k2=6, λ=0.3)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: at the end only)")
+    g.add_argument("--val-ids", type=int, default=0,
+                   help="hold out this many training identities as a validation query/gallery split and "
+                        "evaluate there instead of on the test split (for choosing a recipe)")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<backbone>_<losses>)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -100,7 +117,9 @@ def config_from_args(args: argparse.Namespace):
         args.preset,
         dataset=args.dataset, data_root=args.data_root, height=args.height, width=args.width,
         batch_size=args.batch_size, num_instances=args.num_instances, workers=workers, synthetic=synthetic,
-        backbone=args.backbone, losses=args.losses, backend=args.backend, epochs=args.epochs,
+        backbone=args.backbone, losses=args.losses, backend=args.backend, recipe=args.recipe, neck=args.neck,
+        normalize_e=args.normalize_e, normalize_triplet=args.normalize_triplet,
+        consensus_start_epoch=args.consensus_start, val_ids=args.val_ids, epochs=args.epochs,
         triplet_start_epoch=args.triplet_start, lr=args.lr, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
         max_iters_per_epoch=args.max_iters, rerank=args.rerank, eval_every=args.eval_every,
         output_dir=args.output_dir or os.path.join("runs", f"{args.backbone}_{args.losses}"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import ReIDDataset, relabel_train
+from .base import ReIDDataset, relabel_train, split_validation
 from .cuhk03 import load_cuhk03
 from .dukemtmc import load_dukemtmc
 from .loader import ImageDataset, build_test_loaders, build_train_loader
@@ -80,6 +80,7 @@ __all__ = [
     "load_msmt17",
     "load_synthetic",
     "relabel_train",
+    "split_validation",
     "render_synthetic",
     "synthetic_preview",
     "build_transforms",

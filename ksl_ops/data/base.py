@@ -73,6 +73,37 @@ def relabel_train(items: Iterable[Item]) -> List[Item]:
     return [(path, mapping[pid], cam) for path, pid, cam in items]
 
 
+def split_validation(dataset: ReIDDataset, num_val_ids: int, seed: int = 0) -> ReIDDataset:
+    """Hold out ``num_val_ids`` training identities as a validation query/gallery split.
+
+    The returned dataset trains on the other identities (relabelled to 0..P-1) and its ``query`` /
+    ``gallery`` come from the held-out ones only: per held-out identity, one image of each of up to two
+    cameras is a query and every other image is in the gallery (evaluation drops same-camera matches
+    of the query identity, as on the test split). The test split is not touched, so a recipe chosen on
+    this split has never seen a test identity. The held-out identities are drawn with ``seed``.
+    """
+    import random
+
+    pids = sorted({pid for _, pid, _ in dataset.train})
+    if not 0 < num_val_ids < len(pids):
+        raise ValueError(f"num_val_ids must be in [1, {len(pids) - 1}] for {dataset.name} "
+                         f"({len(pids)} training identities), got {num_val_ids}")
+    val = set(random.Random(seed).sample(pids, num_val_ids))
+    train = relabel_train(item for item in dataset.train if item[1] not in val)
+    query: List[Item] = []
+    gallery: List[Item] = []
+    for pid in sorted(val):
+        items = sorted((item for item in dataset.train if item[1] == pid), key=lambda it: (it[2], it[0]))
+        query_cams: List[int] = []
+        for path, _, cam in items:
+            if cam not in query_cams and len(query_cams) < 2:
+                query_cams.append(cam)
+                query.append((path, pid, cam))
+            else:
+                gallery.append((path, pid, cam))
+    return ReIDDataset(f"{dataset.name}-val{num_val_ids}", dataset.root, train, query, gallery)
+
+
 def locate_dataset_dir(root, dataset: str, required: Sequence[str], standard_names: Sequence[str],
                        suffix: str = "") -> Path:
     """Find the dataset folder: ``root`` itself or ``root/<standard name>`` (one or two levels).

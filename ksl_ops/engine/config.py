@@ -26,23 +26,48 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional
 
-__all__ = ["TrainConfig", "LOSS_PRESETS", "PAPER_EPOCHS", "PAPER_TRIPLET_START", "PRESETS", "default_data_root"]
+__all__ = ["TrainConfig", "LOSS_PRESETS", "LossSet", "RECIPES", "PAPER_EPOCHS", "PAPER_TRIPLET_START", "PRESETS", "default_data_root"]
 
 PAPER_EPOCHS = 350
 PAPER_TRIPLET_START = 150
 
-# --losses presets (Table 4 of the paper): (auxiliary branches?, use_p, use_e, use_h).
-# Every preset has label-smoothed cross-entropy and the per-branch triplet (L_aux, eq. 2);
-# "baseline" is the single-branch network (CE + triplet), "aux" adds the isomorphic branches.
-LOSS_PRESETS: Dict[str, Tuple[bool, bool, bool, bool]] = {
-    "baseline": (False, False, False, False),
-    "aux": (True, False, False, False),
-    "ksl-p": (True, True, False, False),
-    "ksl-e": (True, False, True, False),
-    "ksl-h": (True, False, False, True),
-    "ksl": (True, True, True, True),
+class LossSet(NamedTuple):
+    """Which losses a --losses preset switches on (every preset has CE and the per-branch triplet)."""
+
+    branches: bool      # the isomorphic auxiliary branches (False: the single-branch baseline)
+    pp: bool = False    # KSL-PP, eq. 4
+    pa: bool = False    # KSL-PA, eq. 5-6
+    ep: bool = False    # KSL-EP, eq. 8
+    ea: bool = False    # KSL-EA, eq. 9-10
+    h: bool = False     # KSL-H, eq. 11
+
+
+# --losses presets: the rows of the paper's Tables 4-6. "baseline" is the single-branch network
+# (CE + triplet); "aux" adds the isomorphic branches (L_aux, eq. 2); the others add constraints to AUX.
+LOSS_PRESETS: Dict[str, LossSet] = {
+    "baseline": LossSet(False),
+    "aux": LossSet(True),
+    "ksl-p": LossSet(True, pp=True, pa=True),                       # Table 4 "+KSL-P", Table 5 "KSL-P"
+    "ksl-pp": LossSet(True, pp=True),                               # Table 5
+    "ksl-pa": LossSet(True, pa=True),                               # Table 5
+    "ksl-e": LossSet(True, ep=True, ea=True),                       # Table 4/6 "KSL-E" (AUX + KSL-E)
+    "ksl-ep": LossSet(True, ep=True),                               # Table 6
+    "ksl-ea": LossSet(True, ea=True),                               # Table 6
+    "ksl-h": LossSet(True, h=True),                                 # Table 4 "KSL-H" (AUX + KSL-H)
+    "ksl-pe": LossSet(True, pp=True, pa=True, ep=True, ea=True),    # Table 4 "+KSL-E" (AUX + P + E)
+    "ksl": LossSet(True, True, True, True, True, True),             # Table 4 "+KSL-H" (everything)
+}
+
+# Training recipes: what the KSL losses are fed, and when. The ops always compute the paper's equations;
+# a recipe only chooses the embedding (the head's neck), whether embeddings are L2-normalised before
+# KSL-E / the triplets, and when KSL-P / KSL-E start (None: from the first epoch). "paper" is the
+# paper's text taken literally; "ksl-ops" is the recipe chosen by measurement on a validation split
+# (README, "KSL recipe"), the default. Explicit --neck/--normalize-*/--consensus-start override it.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "paper": dict(neck="fc", normalize_e=False, normalize_triplet=False, consensus_start_epoch=None),
+    "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=False, consensus_start_epoch=None),
 }
 
 # Hyper-parameters that differ between the two presets; everything else is shared.
@@ -83,6 +108,11 @@ class TrainConfig:
     margin: float = 0.3
     temperature: float = 1.0
     backend: str = "auto"                     # "fused", "reference", or "auto" (fused if compiled)
+    recipe: str = "ksl-ops"                   # a RECIPES key; the four fields below override it
+    neck: Optional[str] = None                # "fc", "bnneck", "osnet" (ksl_ops.models.NECKS)
+    normalize_e: Optional[bool] = None        # KSL-E on L2-normalised embeddings
+    normalize_triplet: Optional[bool] = None  # triplets and KSL-H on L2-normalised embeddings
+    consensus_start_epoch: Optional[int] = None  # KSL-P/KSL-E from this 0-based epoch (None: the recipe's)
     # optimisation
     epochs: int = 24
     triplet_start_epoch: Optional[int] = None  # None: round(epochs * 150 / 350)
@@ -95,6 +125,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0                 # cosine annealing floor, as a fraction of lr
     max_iters_per_epoch: Optional[int] = None  # cap (smoke tests); None = the whole epoch
     # evaluation and output
+    val_ids: int = 0                          # > 0: hold out this many training identities as a validation
+                                              # query/gallery split and evaluate there (recipe selection)
     eval_every: int = 0                       # 0: evaluate at the end only
     rerank: bool = False
     max_rank: int = 50
@@ -105,6 +137,7 @@ class TrainConfig:
     device: str = "auto"
     progress: str = "auto"                    # "auto" (bars on a TTY outside CI), "on", "off"
     time_losses: bool = True                  # time the loss forward+backward inside each step
+    diagnostics: bool = True                  # per-branch CE, embedding norms, active triplets (diagnostics.py)
 
     @classmethod
     def from_preset(cls, preset: str = "cpu", **overrides) -> "TrainConfig":
@@ -135,6 +168,16 @@ class TrainConfig:
             raise ValueError("workers, warmup_epochs and eval_every must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
+        from ..models.head import check_neck
+
+        check_neck(self.resolved("neck"))
+        if not isinstance(self.val_ids, int) or isinstance(self.val_ids, bool) or self.val_ids < 0:
+            raise ValueError(f"val_ids must be an integer >= 0, got {self.val_ids!r}")
+        cs = self.resolved("consensus_start_epoch")
+        if cs is not None and (not isinstance(cs, int) or isinstance(cs, bool) or cs < 0):
+            raise ValueError(f"consensus_start_epoch must be None or an integer >= 0, got {cs!r}")
         if self.triplet_start_epoch is not None and self.triplet_start_epoch < 0:
             raise ValueError(f"triplet_start_epoch must be >= 0, got {self.triplet_start_epoch}")
         if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
@@ -150,7 +193,22 @@ class TrainConfig:
 
     @property
     def branches(self) -> bool:
-        return LOSS_PRESETS[self.losses][0]
+        return LOSS_PRESETS[self.losses].branches
+
+    def resolved(self, name: str) -> Any:
+        """A recipe field (neck, normalize_e, normalize_triplet, consensus_start_epoch): the explicit
+        value if one was given, else the recipe's."""
+        value = getattr(self, name)
+        return RECIPES[self.recipe][name] if value is None else value
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """The KSLLoss switches and recipe options of this config."""
+        ls = LOSS_PRESETS[self.losses]
+        return dict(label_smoothing=self.label_smoothing, margin=self.margin, temperature=self.temperature,
+                    use_p=ls.pp or ls.pa, use_e=ls.ep or ls.ea, use_h=ls.h, use_pp=ls.pp, use_pa=ls.pa,
+                    use_ep=ls.ep, use_ea=ls.ea, triplet_start_epoch=self.triplet_start,
+                    normalize_e=self.resolved("normalize_e"), normalize_triplet=self.resolved("normalize_triplet"),
+                    consensus_start_epoch=self.resolved("consensus_start_epoch"))
 
     def resolved_data_root(self) -> Path:
         if self.data_root:
@@ -169,7 +227,11 @@ class TrainConfig:
 
     def describe(self) -> str:
         short = " (shortened CPU schedule; the paper's is 350 epochs at 256x128, lr 0.0015)" if self.preset == "cpu" else ""
-        return (f"{self.backbone} | losses={self.losses} | input {self.height}x{self.width} | "
+        recipe = (f"recipe {self.recipe} (neck {self.resolved('neck')}, "
+                  f"KSL-E on {'L2-normalised' if self.resolved('normalize_e') else 'raw'} embeddings, "
+                  f"triplets on {'L2-normalised' if self.resolved('normalize_triplet') else 'raw'} embeddings, "
+                  f"consensus from epoch {(self.resolved('consensus_start_epoch') or 0) + 1})")
+        return (f"{self.backbone} | losses={self.losses} | {recipe} | input {self.height}x{self.width} | "
                 f"{self.epochs} epochs, triplet + PxK sampler from epoch {self.triplet_start + 1} | "
                 f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) wd={self.weight_decay:g} "
                 f"batch={self.batch_size}{short}")

@@ -16,16 +16,38 @@ def _pyplot():
     return plt
 
 
-def plot_training_curves(history: List[Dict[str, Any]], path, title: str = "") -> Path:
-    """Loss parts, learning rate and evaluation R1/mAP per epoch, one PNG with three panels.
+def _plot_diag(ax, history: List[Dict[str, Any]], prefix: str, ylabel: str, title: str, log: bool = False):
+    keys = sorted({k for h in history for k in h.get("diag", {}) if k.startswith(prefix)})
+    for key in keys:
+        pts = [(h["epoch"], h["diag"][key]) for h in history if key in h.get("diag", {})]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=key[len(prefix):])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log and keys and all(h["diag"][k] > 0 for h in history for k in keys if k in h.get("diag", {})):
+        ax.set_yscale("log")
+    if keys:
+        ax.legend(fontsize=8)
+    return keys
+
+
+def plot_training_curves(history: List[Dict[str, Any]], path, title: str = "",
+                         num_classes: int = 0) -> Path:
+    """Loss parts, learning rate and evaluation R1/mAP per epoch, plus (when the records have
+    "diag", see diagnostics.py) per-branch CE against its uniform value log K, embedding norms, head
+    BN running variances and the share of active triplet anchors: one PNG.
 
     `history` is the list of per-epoch records of metrics.json ("epoch", "lr", "loss": {part: value},
-    optional "eval": {"R1", "mAP", ...}).
+    optional "eval": {"R1", "mAP", ...}, optional "diag": {name: value}).
     """
+    import math
+
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    with_diag = any(h.get("diag") for h in history)
+    fig, grid = plt.subplots(2 if with_diag else 1, 3, figsize=(15, 8 if with_diag else 4), squeeze=False)
+    axes = grid[0]
     epochs = [h["epoch"] for h in history]
 
     ax = axes[0]
@@ -57,6 +79,23 @@ def plot_training_curves(history: List[Dict[str, Any]], path, title: str = "") -
     ax.set_title("evaluation (main branch)")
     if evals:
         ax.legend(fontsize=8)
+    if with_diag:
+        ax = grid[1][0]
+        if _plot_diag(ax, history, "ce/", "cross-entropy", "CE per branch (dashed: uniform, log K)") and num_classes > 1:
+            ax.axhline(math.log(num_classes), color="grey", ls="--", lw=1)
+        _plot_diag(grid[1][1], history, "emb_norm/", "mean L2 norm", "embedding norm per branch", log=True)
+        ax = grid[1][2]
+        _plot_diag(ax, history, "triplet_active/", "share of valid anchors", "active triplets (loss > 0)")
+        ax.set_ylim(-0.02, 1.02)
+        bn = sorted({k for h in history for k in h.get("diag", {}) if k.startswith("bn_var/")})
+        if bn:  # BN variance on a twin axis: it goes to BN's eps (1e-5) when embeddings collapse
+            twin = ax.twinx()
+            for key in bn:
+                pts = [(h["epoch"], h["diag"][key]) for h in history if key in h.get("diag", {})]
+                twin.plot([x for x, _ in pts], [y for _, y in pts], ls=":", label=key)
+            twin.set_yscale("log")
+            twin.set_ylabel("head BN running variance (dotted)")
+            twin.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

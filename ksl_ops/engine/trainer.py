@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_save, load_checkpoint, save_checkpoint
-from .config import LOSS_PRESETS, TrainConfig
+from .config import TrainConfig
+from .diagnostics import head_bn_variance, step_diagnostics
 from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .rerank import re_ranking
 
@@ -124,13 +125,20 @@ def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print):
         log(f"synthetic set ready in {root} ({time.perf_counter() - t0:.1f}s; "
             f"{params['num_train_ids']} train ids, {params['num_test_ids']} test ids, "
             f"{params['num_cams']} cameras, rendered at {params['height']}x{params['width']})")
-    return build_dataset(cfg.dataset, root)
+    ds = build_dataset(cfg.dataset, root)
+    if cfg.val_ids:
+        from ..data import split_validation
+
+        ds = split_validation(ds, cfg.val_ids, seed=0)
+        log(f"validation split: {cfg.val_ids} training identities held out as query/gallery "
+            f"({len(ds.query)} queries, {len(ds.gallery)} gallery); the test split is not used")
+    return ds
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     from ..models import build_backbone, with_isomorphic_branches
 
-    model = build_backbone(cfg.backbone, num_classes=num_classes)
+    model = build_backbone(cfg.backbone, num_classes=num_classes, neck=cfg.resolved("neck"))
     if cfg.branches:
         model = with_isomorphic_branches(model)
     return model
@@ -202,11 +210,8 @@ class Trainer:
         self.dataset = dataset if dataset is not None else load_dataset(cfg, log)
         self.num_classes = int(self.dataset.num_train_pids)
         self.model = build_model(cfg, self.num_classes).to(self.device)
-        _, use_p, use_e, use_h = LOSS_PRESETS[cfg.losses]
         self.backend = _resolve_backend(cfg.backend)
-        self.criterion = KSLLoss(self.num_classes, label_smoothing=cfg.label_smoothing, margin=cfg.margin,
-                                 temperature=cfg.temperature, use_p=use_p, use_e=use_e, use_h=use_h,
-                                 triplet_start_epoch=cfg.triplet_start, backend=self.backend)
+        self.criterion = KSLLoss(self.num_classes, backend=self.backend, **cfg.loss_kwargs())
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = WarmupCosineLR(self.optimizer, cfg.epochs, cfg.warmup_epochs, cfg.min_lr_ratio)
         self.output_dir = Path(cfg.output_dir)
@@ -281,6 +286,8 @@ class Trainer:
                                f"{len(self.dataset.train)} train images); lower --batch-size")
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
+        diag_sums: Dict[str, torch.Tensor] = {}
+        diag_counts: Dict[str, int] = {}
         n_images = 0
         loss_time = 0.0
         lr_start = self.optimizer.param_groups[0]["lr"]
@@ -298,9 +305,12 @@ class Trainer:
             self.scheduler.step(epoch + it / iters)
             images = batch[0].to(self.device, non_blocking=True)
             labels = batch[1].to(self.device, non_blocking=True).long()
-            out, dt = self._step(images, labels, epoch)
+            out, dt, diag = self._step(images, labels, epoch)
             loss_time += dt
             n_images += images.size(0)
+            for name, value in diag.items():
+                diag_sums[name] = diag_sums.get(name, 0.0) + value
+                diag_counts[name] = diag_counts.get(name, 0) + 1
             for name, value in out.terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
                 counts[name] = counts.get(name, 0) + 1
@@ -321,6 +331,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         loss = {k: float(v) / counts[k] for k, v in sums.items()}
+        diag = {k: float(v) / diag_counts[k] for k, v in diag_sums.items()}
+        diag.update(head_bn_variance(self.model))
         return {
             "epoch": epoch + 1,
             "lr": lr_start,
@@ -329,6 +341,7 @@ class Trainer:
             "time_s": elapsed,
             "images_per_s": n_images / max(elapsed, 1e-9),
             "loss": loss,
+            "diag": diag,
             "loss_time_s": loss_time,
             "loss_time_share": loss_time / max(elapsed, 1e-9),
         }
@@ -357,7 +370,8 @@ class Trainer:
             out.total.backward()
             dt = 0.0
         self.optimizer.step()
-        return out, dt
+        diag = step_diagnostics(logits, embs, labels, self.criterion, epoch) if self.cfg.diagnostics else {}
+        return out, dt, diag
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -396,7 +410,8 @@ class Trainer:
             from .plots import plot_training_curves
 
             plot_training_curves(self.history, self.output_dir / self.CURVES,
-                                 title=f"{cfg.backbone} / {cfg.losses} / {cfg.height}x{cfg.width}")
+                                 title=f"{cfg.backbone} / {cfg.losses} / {cfg.height}x{cfg.width}",
+                                 num_classes=self.num_classes)
         except Exception as exc:  # a plotting failure must not lose a finished run
             self.log(f"warning: could not write {self.CURVES}: {exc}")
         return result

@@ -14,7 +14,7 @@ from torch import nn
 
 from .cmsnet import CMSNet
 from .flops import count_flops, count_params
-from .head import FEATURE_DIM, ReIDBackbone, ReIDHead, init_weights
+from .head import FEATURE_DIM, NECKS, ReIDBackbone, ReIDHead, init_weights
 from .isomorphic import AuxiliaryBranch, IsomorphicNet, with_isomorphic_branches
 from .mobilenetv2 import MobileNetV2
 from .shufflenetv2 import ShuffleNetV2
@@ -34,6 +34,7 @@ __all__ = [
     "count_flops",
     "init_weights",
     "FEATURE_DIM",
+    "NECKS",
 ]
 
 BACKBONES = {
@@ -43,9 +44,13 @@ BACKBONES = {
 }
 
 
-def build_backbone(name: str, num_classes: int = 751) -> nn.Module:
-    """A freshly initialised backbone with the Re-ID head; ``name`` in :data:`BACKBONES`."""
+def build_backbone(name: str, num_classes: int = 751, neck: str = "fc") -> nn.Module:
+    """A freshly initialised backbone with the Re-ID head; ``name`` in :data:`BACKBONES`.
+
+    ``neck`` says which head tensor is the embedding (:data:`ksl_ops.models.NECKS`): ``"fc"`` (the
+    paper's FC-512 output, default), ``"bnneck"`` (the BN output) or ``"osnet"`` (ReLU(BN(FC))).
+    """
     key = name.lower() if isinstance(name, str) else None
     if key not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[key](num_classes=num_classes)
+    return BACKBONES[key](num_classes=num_classes, neck=neck)

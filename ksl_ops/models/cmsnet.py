@@ -157,7 +157,7 @@ class CMSNet(ReIDBackbone):
     channels = (64, 256, 384, 512)
     blocks = (2, 2, 2)
 
-    def __init__(self, num_classes: int = 751):
+    def __init__(self, num_classes: int = 751, neck: str = "fc"):
         num_classes = _check_num_classes(num_classes)
         c = self.channels
         stem = nn.Sequential(
@@ -169,5 +169,5 @@ class CMSNet(ReIDBackbone):
             ("conv3", _stage(c[1], c[2], self.blocks[1], transition=True)),
             ("conv4", _stage(c[2], c[3], self.blocks[2], transition=False)),
         ]
-        head = ReIDHead(ConvBNAct(c[3], c[3], 1), c[3], num_classes)
+        head = ReIDHead(ConvBNAct(c[3], c[3], 1), c[3], num_classes, neck=neck)
         super().__init__(stem, stages, head, ["conv3", "conv4"], num_classes)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ConvBNAct", "ReIDHead", "ReIDBackbone", "init_weights", "FEATURE_DIM"]
+__all__ = ["ConvBNAct", "ReIDHead", "NECKS", "check_neck", "ReIDBackbone", "init_weights", "FEATURE_DIM"]
 
 #: Width of the embedding the KSL losses and retrieval use (paper §4.2: "512-D embedding features
 #: from the fully-connected layer").
@@ -41,34 +41,60 @@ class ConvBNAct(nn.Sequential):
         super().__init__(*layers)
 
 
+#: Where the embedding is taken in the head (``build_backbone(..., neck=...)``):
+#:
+#: - ``"fc"``: the FC-512 output before the BN, the paper's Figure 2 ("512-D embedding features from the
+#:   fully-connected layer"); the BN only conditions the classifier input.
+#: - ``"bnneck"``: the BN output (the classifier's input) is the embedding: its scale is held by the BN,
+#:   so a loss on embeddings cannot be lowered by shrinking them.
+#: - ``"osnet"``: ReLU(BN(FC)) is the embedding and the classifier input, as torchreid's OSNet head.
+NECKS = ("fc", "bnneck", "osnet")
+
+
+def check_neck(neck) -> str:
+    if neck not in NECKS:
+        raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
+    return neck
+
+
 class ReIDHead(nn.Module):
-    """conv -> global average pool -> FC 512 -> BN -> classifier.
+    """conv -> global average pool -> FC 512 -> BN -> classifier, with the embedding taken per ``neck``.
 
     ``conv`` is the backbone's last 1x1 convolution block (MobileNetV2's 1280-channel conv,
-    ShuffleNetV2's conv5, CMSNet's conv5). The embedding is the FC output *before* the BN: that is
-    the feature the paper retrieves with and the one the KSL-E/KSL-H losses compare. The BN in front
-    of the classifier only conditions the classification logits.
+    ShuffleNetV2's conv5, CMSNet's conv5). ``neck`` (see :data:`NECKS`) says which tensor is the 512-D
+    embedding that KSL-E, the triplets and retrieval see: the FC output before the BN (``"fc"``, the
+    paper's figure), the BN output (``"bnneck"``) or ReLU(BN(FC)) (``"osnet"``).
 
-    Train mode returns ``(logits [N, K], emb [N, 512])``; eval mode returns ``emb`` and skips the BN and
-    classifier, so their cost never shows up at inference.
+    Train mode returns ``(logits [N, K], emb [N, 512])``; eval mode returns ``emb`` and skips the
+    classifier (and, with ``neck="fc"``, the BN), so their cost never shows up at inference.
     """
 
     def __init__(self, conv: nn.Module, conv_channels: int, num_classes: int,
-                 feature_dim: int = FEATURE_DIM):
+                 feature_dim: int = FEATURE_DIM, neck: str = "fc"):
         super().__init__()
+        self.neck = check_neck(neck)
         self.conv = conv
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(conv_channels, feature_dim)
         self.bn = nn.BatchNorm1d(feature_dim)
         self.classifier = nn.Linear(feature_dim, num_classes)
 
+    def extra_repr(self) -> str:
+        return f"neck={self.neck!r}"
+
     def forward(self, x: torch.Tensor):
         x = self.pool(self.conv(x)).flatten(1)
         emb = self.fc(x)
+        if self.neck == "fc":
+            if not self.training:
+                return emb
+            return self.classifier(self.bn(emb)), emb
+        emb = self.bn(emb)
+        if self.neck == "osnet":
+            emb = torch.relu(emb)
         if not self.training:
             return emb
-        logits = self.classifier(self.bn(emb))
-        return logits, emb
+        return self.classifier(emb), emb
 
 
 def init_weights(module: nn.Module) -> nn.Module:

@@ -71,7 +71,7 @@ class MobileNetV2(ReIDBackbone):
     Default taps: ``["bottleneck4", "bottleneck6"]`` (KSL paper §4.3).
     """
 
-    def __init__(self, num_classes: int = 751):
+    def __init__(self, num_classes: int = 751, neck: str = "fc"):
         num_classes = _check_num_classes(num_classes)
         stem = ConvBNAct(3, 32, 3, stride=2, act=nn.ReLU6)
         stages = []
@@ -82,5 +82,5 @@ class MobileNetV2(ReIDBackbone):
                 blocks.append(InvertedResidual(in_ch, c, s if i == 0 else 1, t))
                 in_ch = c
             stages.append((f"bottleneck{k}", nn.Sequential(*blocks)))
-        head = ReIDHead(ConvBNAct(in_ch, 1280, 1, act=nn.ReLU6), 1280, num_classes)
+        head = ReIDHead(ConvBNAct(in_ch, 1280, 1, act=nn.ReLU6), 1280, num_classes, neck=neck)
         super().__init__(stem, stages, head, ["bottleneck4", "bottleneck6"], num_classes)

@@ -66,7 +66,7 @@ class ShuffleUnit(nn.Module):
 class ShuffleNetV2(ReIDBackbone):
     """ShuffleNetV2 x1.0 with the Re-ID head. Default taps: ``["stage3", "stage4"]``."""
 
-    def __init__(self, num_classes: int = 751):
+    def __init__(self, num_classes: int = 751, neck: str = "fc"):
         num_classes = _check_num_classes(num_classes)
         c = _STAGE_CHANNELS
         stem = nn.Sequential(
@@ -80,5 +80,5 @@ class ShuffleNetV2(ReIDBackbone):
             units += [ShuffleUnit(out_ch, out_ch, 1) for _ in range(repeats - 1)]
             stages.append((f"stage{k}", nn.Sequential(*units)))
             in_ch = out_ch
-        head = ReIDHead(ConvBNAct(in_ch, c[4], 1), c[4], num_classes)
+        head = ReIDHead(ConvBNAct(in_ch, c[4], 1), c[4], num_classes, neck=neck)
         super().__init__(stem, stages, head, ["stage3", "stage4"], num_classes)
