@@ -1,0 +1,43 @@
+"""bench/ablation.py's bookkeeping: seeds, the job list, and the paired statistics it reports."""
+import importlib.util
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("bench_ablation", os.path.join(ROOT, "bench", "ablation.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_seeds(ablation):
+    assert ablation.parse_seeds(["0-2", "5", "7,9"]) == [0, 1, 2, 5, 7, 9]
+
+
+def test_jobs_cover_every_row_once(ablation):
+    jobs = ablation.jobs_for(["4", "5", "6"], [0, 1], "cmsnet")
+    rows = {losses for _, losses in ablation.TABLES["4"] + ablation.TABLES["5"] + ablation.TABLES["6"]}
+    assert {(l, s) for l, _, s in jobs} == {(l, s) for l in rows for s in (0, 1)}
+    assert len(jobs) == len(set(jobs)) == 2 * len(rows)
+    t1 = ablation.jobs_for(["1"], [3], "cmsnet")
+    assert {(l, b) for l, b, _ in t1} == {(l, b) for b in ablation.BACKBONES for l in ("aux", "ksl")}
+
+
+def test_summary_is_paired_against_aux(ablation):
+    res = {("aux", "cmsnet"): {0: {"R1": 50.0, "mAP": 40.0}, 1: {"R1": 60.0, "mAP": 50.0}, 2: {"R1": 70.0, "mAP": 60.0}},
+           ("ksl", "cmsnet"): {0: {"R1": 52.0, "mAP": 41.0}, 1: {"R1": 61.0, "mAP": 49.0}, 2: {"R1": 73.0, "mAP": 63.0}}}
+    rows = ablation.summarise([("AUX", "aux"), ("KSL", "ksl")], "cmsnet", res)
+    aux, ksl = rows
+    assert "delta_R1" not in aux
+    assert ksl["R1"]["mean"] == pytest.approx(62.0)
+    assert ksl["R1"]["se"] == pytest.approx(math.sqrt(((52 - 62) ** 2 + (61 - 62) ** 2 + (73 - 62) ** 2) / 2) / math.sqrt(3))
+    d = ksl["delta_R1"]  # per-seed differences 2, 1, 3
+    assert d["per_seed"] == [2.0, 1.0, 3.0] and d["mean"] == pytest.approx(2.0)
+    assert d["se"] == pytest.approx(1.0 / math.sqrt(3)) and d["n_positive"] == 3 and d["n"] == 3
+    assert ksl["delta_mAP"]["n_positive"] == 2

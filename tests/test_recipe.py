@@ -1,0 +1,229 @@
+"""The KSL training recipe: neck options, sub-term switches, normalised inputs, consensus start,
+validation split, per-epoch diagnostics, and the stability property the recipe exists for (switching
+every KSL term on mid-training does not send cross-entropy back towards its uniform value)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ksl_ops
+from ksl_ops.data import ReIDDataset, split_validation
+from ksl_ops.engine import TrainConfig
+from ksl_ops.engine.config import LOSS_PRESETS, RECIPES
+from ksl_ops.engine.diagnostics import head_bn_variance, step_diagnostics
+from ksl_ops.models import NECKS, ReIDBackbone, ReIDHead, build_backbone, with_isomorphic_branches
+from ksl_ops.models.head import ConvBNAct
+
+
+def _inputs(B=3, N=8, K=5, L=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, N, K, generator=g, dtype=torch.float64)
+    e = 3.0 * torch.randn(B, N, L, generator=g, dtype=torch.float64)
+    y = torch.arange(N // 2).repeat_interleave(2)
+    return z, e, y
+
+
+# -- neck --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("neck", NECKS)
+def test_neck_selects_the_embedding(neck):
+    torch.manual_seed(0)
+    net = build_backbone("shufflenetv2", num_classes=7, neck=neck)
+    head = net.head
+    seen = {}
+    head.fc.register_forward_hook(lambda m, i, o: seen.__setitem__("fc", o))
+    x = torch.randn(4, 3, 32, 16)
+    net.train()
+    logits, emb = net(x)
+    fc = seen["fc"]
+    bn = F.batch_norm(fc, None, None, head.bn.weight, head.bn.bias, training=True, eps=head.bn.eps)
+    expected = {"fc": fc, "bnneck": bn, "osnet": torch.relu(bn)}[neck]
+    torch.testing.assert_close(emb, expected)
+    torch.testing.assert_close(logits, head.classifier(bn if neck == "fc" else expected))
+    net.eval()
+    emb = net(x)
+    fc = seen["fc"]
+    bn = (fc - head.bn.running_mean) / torch.sqrt(head.bn.running_var + head.bn.eps) * head.bn.weight + head.bn.bias
+    torch.testing.assert_close(emb, {"fc": fc, "bnneck": bn, "osnet": torch.relu(bn)}[neck])
+
+
+def test_neck_is_checked():
+    with pytest.raises(ValueError, match="neck must be one of"):
+        build_backbone("cmsnet", num_classes=3, neck="bn")
+    with pytest.raises(ValueError, match="neck must be one of"):
+        TrainConfig.from_preset("cpu", neck="nope")
+
+
+# -- KSLLoss recipe options --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,present", [
+    (dict(use_pp=True, use_pa=False, use_e=False), {"ksl_pp"}),
+    (dict(use_pp=False, use_pa=True, use_e=False), {"ksl_pa"}),
+    (dict(use_p=False, use_ep=True, use_ea=False), {"ksl_ep"}),
+    (dict(use_p=False, use_ep=False, use_ea=True), {"ksl_ea"}),
+    (dict(use_p=True, use_e=True), {"ksl_pp", "ksl_pa", "ksl_ep", "ksl_ea"}),
+])
+def test_sub_term_switches(flags, present):
+    z, e, y = _inputs()
+    out = ksl_ops.KSLLoss(5, use_h=False, triplet_start_epoch=10, backend="reference", **flags)(z, e, y, epoch=0)
+    assert set(out.terms) == {"ce"} | present
+    pp, pa = ksl_ops.prob_consensus(z, backend="reference")
+    ep, ea = ksl_ops.embedding_consensus(e, backend="reference")
+    expected = {"ksl_pp": pp, "ksl_pa": pa, "ksl_ep": ep, "ksl_ea": ea}
+    for name in present:
+        torch.testing.assert_close(out.terms[name], expected[name], rtol=1e-12, atol=0)
+    total = sum(out.terms.values())
+    torch.testing.assert_close(out.total, total, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_normalised_inputs_are_the_ops_on_unit_vectors(backend):
+    z, e, y = _inputs()
+    crit = ksl_ops.KSLLoss(5, triplet_start_epoch=0, normalize_e=True, normalize_triplet=True, backend=backend)
+    out = crit(z, e, y, epoch=0)
+    u = F.normalize(e, dim=-1)
+    ep, ea = ksl_ops.embedding_consensus(u, backend="reference")
+    t, h = ksl_ops.branch_triplet(u, y, 0.3, backend="reference")
+    for name, ref in (("ksl_ep", ep), ("ksl_ea", ea), ("triplet", t), ("ksl_h", h)):
+        torch.testing.assert_close(out.terms[name], ref, rtol=1e-10, atol=1e-14)
+    # Scaling every embedding changes nothing once normalised: the shrinking direction is gone.
+    out2 = crit(z, 1e-3 * e, y, epoch=0)
+    for name in ("ksl_ep", "ksl_ea", "triplet", "ksl_h"):
+        torch.testing.assert_close(out2.terms[name], out.terms[name], rtol=1e-10, atol=1e-14)
+    # Raw inputs (the paper's text) do scale.
+    raw = ksl_ops.KSLLoss(5, triplet_start_epoch=0, backend=backend)
+    assert float(raw(z, 1e-3 * e, y, epoch=0).terms["ksl_ep"]) < 1e-2 * float(raw(z, e, y, epoch=0).terms["ksl_ep"])
+
+
+def test_gradcheck_through_normalised_kslloss():
+    z, e, y = _inputs(N=6, K=4, L=3)
+    crit = ksl_ops.KSLLoss(4, triplet_start_epoch=0, normalize_e=True, normalize_triplet=True)
+    z.requires_grad_(); e.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: crit(a, b, y, epoch=0).total, (z, e))
+
+
+def test_consensus_start_epoch():
+    z, e, y = _inputs()
+    crit = ksl_ops.KSLLoss(5, triplet_start_epoch=0, consensus_start_epoch=3, backend="reference")
+    early, late = crit(z, e, y, epoch=2), crit(z, e, y, epoch=3)
+    assert {"ksl_pp", "ksl_pa", "ksl_ep", "ksl_ea"}.isdisjoint(early.terms)
+    assert {"ksl_pp", "ksl_pa", "ksl_ep", "ksl_ea", "ksl_h", "triplet"} <= set(late.terms)
+    assert {"ksl_pp", "ksl_ep"} <= set(crit(z, e, y, epoch=None).terms)
+    with pytest.raises(ValueError, match="consensus_start_epoch"):
+        ksl_ops.KSLLoss(5, consensus_start_epoch=-1)
+
+
+def test_loss_presets_and_recipes_reach_the_loss():
+    for name, ls in LOSS_PRESETS.items():
+        kw = TrainConfig.from_preset("cpu", losses=name).loss_kwargs()
+        assert (kw["use_pp"], kw["use_pa"], kw["use_ep"], kw["use_ea"], kw["use_h"]) == (ls.pp, ls.pa, ls.ep, ls.ea, ls.h)
+    paper = TrainConfig.from_preset("cpu", recipe="paper").loss_kwargs()
+    assert paper["normalize_e"] is False and paper["normalize_triplet"] is False
+    assert paper["consensus_start_epoch"] is None
+    default = TrainConfig.from_preset("cpu")
+    assert default.recipe == "ksl-ops"
+    for key, value in RECIPES["ksl-ops"].items():
+        assert default.resolved(key) == value
+    # An explicit option wins over the recipe.
+    assert TrainConfig.from_preset("cpu", recipe="paper", normalize_e=True).loss_kwargs()["normalize_e"] is True
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TrainConfig.from_preset("cpu", recipe="nope")
+
+
+# -- validation split --------------------------------------------------------------------------
+
+def test_split_validation_holds_out_whole_identities():
+    train = [(f"{pid}_{cam}_{i}.jpg", pid, cam) for pid in range(10) for cam in range(3) for i in range(2)]
+    query = [("q.jpg", 100, 0)]
+    gallery = [("g.jpg", 100, 1)]
+    ds = ReIDDataset("toy", "/x", train, query, gallery)
+    val = split_validation(ds, 4, seed=1)
+    assert val.num_train_pids == 6
+    assert sorted({pid for _, pid, _ in val.train}) == list(range(6))
+    held = {pid for _, pid, _ in val.query}
+    assert len(held) == 4 and held == {pid for _, pid, _ in val.gallery}
+    kept_paths = {p for p, _, _ in val.train}
+    assert not kept_paths & {p for p, _, _ in val.query + val.gallery}
+    assert len(kept_paths) + len(val.query) + len(val.gallery) == len(train)
+    for pid in held:  # one query in each of two cameras, everything else in the gallery
+        cams = [c for _, p, c in val.query if p == pid]
+        assert len(cams) == 2 and len(set(cams)) == 2
+    assert split_validation(ds, 4, seed=1).query == val.query  # deterministic
+    with pytest.raises(ValueError, match="num_val_ids"):
+        split_validation(ds, 10)
+
+
+# -- diagnostics -------------------------------------------------------------------------------
+
+def test_step_diagnostics_values():
+    z, e, y = _inputs(B=3, N=8, K=5, L=6)
+    crit = ksl_ops.KSLLoss(5, triplet_start_epoch=0, label_smoothing=0.1)
+    d = step_diagnostics(list(z.float()), list(e.float()), y, crit, epoch=0)
+    for b in range(3):
+        torch.testing.assert_close(d[f"ce/b{b}"], F.cross_entropy(z[b].float(), y, label_smoothing=0.1))
+        torch.testing.assert_close(d[f"emb_norm/b{b}"], e[b].float().norm(dim=1).mean())
+    self_t, cross_t = ksl_ops.branch_triplet(e.float(), y, 0.3, reduction="none", backend="reference")
+    torch.testing.assert_close(d["triplet_active/self"], (self_t > 0).float().mean())
+    off = ~torch.eye(3, dtype=torch.bool)
+    torch.testing.assert_close(d["triplet_active/cross"], (cross_t > 0)[off].float().mean())
+    # Before the triplets start there is nothing to count.
+    later = ksl_ops.KSLLoss(5, triplet_start_epoch=5)
+    assert "triplet_active/self" not in step_diagnostics(list(z.float()), list(e.float()), y, later, epoch=0)
+
+
+def test_head_bn_variance_per_branch():
+    net = with_isomorphic_branches(build_backbone("shufflenetv2", num_classes=3))
+    net.branches[1].head.bn.running_var.fill_(2.0)
+    v = head_bn_variance(net)
+    assert v == {"bn_var/b0": 1.0, "bn_var/b1": 1.0, "bn_var/b2": 2.0}
+
+
+# -- the property the recipe exists for ----------------------------------------------------------
+
+class _TinyNet(ReIDBackbone):
+    """Three small stages and the Re-ID head: a from-scratch network that trains in a few seconds."""
+
+    def __init__(self, num_classes, neck="fc"):
+        stem = ConvBNAct(3, 16, 3, stride=2)
+        stages = [("s1", ConvBNAct(16, 32, 3, stride=2)), ("s2", ConvBNAct(32, 48, 3, stride=2)),
+                  ("s3", ConvBNAct(48, 64, 3))]
+        head = ReIDHead(ConvBNAct(64, 64, 1), 64, num_classes, neck=neck)
+        super().__init__(stem, stages, head, ["s2", "s3"], num_classes)
+
+
+def _switch_on_everything(recipe, seed=0, steps_aux=60, steps_all=40):
+    """Train AUX (CE only), then switch every KSL term on at once (epoch=None). Returns the summed
+    CE before the switch, its maximum after it, and the uniform value B·log K."""
+    K, H, W = 16, 32, 16
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.randn(K, 3, H, W, generator=g)
+    torch.manual_seed(seed)
+    net = with_isomorphic_branches(_TinyNet(K, neck=RECIPES[recipe]["neck"]))
+    net.train()
+    opts = {k: v for k, v in RECIPES[recipe].items() if k != "neck"}
+    aux = ksl_ops.KSLLoss(K, use_p=False, use_e=False, use_h=False, triplet_start_epoch=10 ** 6)
+    everything = ksl_ops.KSLLoss(K, **opts)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    y = torch.arange(K).repeat_interleave(4)
+    ce = []
+    for step in range(steps_aux + steps_all):
+        x = protos[y] + 0.5 * torch.randn(len(y), 3, H, W, generator=g)
+        outs = net(x)
+        crit, epoch = (aux, 0) if step < steps_aux else (everything, None)
+        out = crit([o[0] for o in outs], [o[1] for o in outs], y, epoch=epoch)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        ce.append(float(out.terms["ce"].detach()))
+    before = sum(ce[steps_aux - 5:steps_aux]) / 5
+    return before, max(ce[steps_aux:]), net.num_branches * math.log(K)
+
+
+def test_switching_every_term_on_midway_keeps_cross_entropy_down():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    before, after, uniform = _switch_on_everything("ksl-ops")
+    assert before < 0.5 * uniform, "AUX did not learn the toy problem"
+    # The spike after the switch, as a share of the way back to the uniform prediction.
+    assert (after - before) / (uniform - before) < 0.25
