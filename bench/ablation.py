@@ -5,10 +5,11 @@
     python bench/ablation.py --tables all --merge-only                    # re-read finished runs, JSON + PNG
 
 Every (row, backbone, seed) is one independent `ksl train` run in its own process (one thread each;
-`--jobs` of them side by side) with its own folder under bench/results/runs/ablation/<tag>/. A run
-that finished is not run again and one that was interrupted resumes from its checkpoint, so the
-command can be stopped and restarted at any time and split over several machines (same --tag, any
-seeds), and the results are merged into one JSON + PNG at the end.
+`--jobs` of them side by side) with its own folder under bench/results/runs/ablation/<tag>/ (not
+committed: checkpoints, full metrics). A finished run leaves a small record in
+bench/results/ablation_runs/<tag>/ (committed) and is not run again; an interrupted one resumes from its
+checkpoint. So the command can be stopped and restarted at any time, split over processes or machines
+(same --tag, other seeds or tables), and everything recorded is merged into one JSON + PNG.
 
 Pairing: a seed fixes the trunk's initialisation (the base network is built first, from the seed,
 before any branch), the data order and the augmentation draws, identically for every row; the rows of
@@ -53,7 +54,7 @@ TABLE1_ROWS = (("AUX", "aux"), ("KSL", "ksl"))
 
 # The benchmark's data and schedule: sized so that R1 moves in steps below one point (>= 200 queries)
 # and one run takes a few minutes on one CPU thread. Same for every row and seed.
-SCHEDULE = dict(height=32, width=16, epochs=24, lr=0.01, batch_size=64, num_instances=4, warmup_epochs=1)
+SCHEDULE = dict(height=64, width=32, epochs=24, lr=0.01, batch_size=64, num_instances=4, warmup_epochs=1)
 SYNTHETIC = dict(num_train_ids=64, num_test_ids=100, num_cams=4, images_per_cam=4)
 VAL_IDS = 24
 
@@ -96,6 +97,27 @@ def finished(d: Path) -> bool:
         return False
 
 
+def summary_path(tag: str, losses: str, backbone: str, seed: int) -> Path:
+    """The committed record of one finished run (the run folder itself, with its checkpoint, is not)."""
+    return HERE / "results" / "ablation_runs" / tag / f"{backbone}_{losses}_s{seed}.json"
+
+
+def record_run(tag: str, job: Tuple[str, str, int], d: Path) -> Dict:
+    """Condense a finished run's metrics.json into its committed record and return it."""
+    m = json.loads((d / "metrics.json").read_text())
+    hist = m.get("history", [])
+    rec = {"losses": job[0], "backbone": job[1], "seed": job[2], "final": m["final"],
+           "train_time_s": sum(h.get("time_s", 0.0) for h in hist),
+           "config": {k: m["config"].get(k) for k in ("recipe", "neck", "normalize_e", "normalize_triplet",
+                                                      "consensus_start_epoch", "epochs", "lr", "height", "width",
+                                                      "val_ids", "triplet_start_epoch")},
+           "history": [{"epoch": h["epoch"], "loss": h.get("loss", {}), "diag": h.get("diag", {})} for h in hist]}
+    out = summary_path(tag, *job)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
 def data_root(args) -> Path:
     return Path(args.data_root) / f"synthetic_{SCHEDULE['height']}x{SCHEDULE['width']}"
 
@@ -117,13 +139,21 @@ def command(args, losses: str, backbone: str, seed: int, d: Path) -> List[str]:
     for flag, value in (("normalize-e", args.normalize_e), ("normalize-triplet", args.normalize_triplet)):
         if value is not None:
             cmd.append(f"--{flag}" if value else f"--no-{flag}")
-    if (d / "last.ckpt").exists():
-        cmd += ["--resume", str(d / "last.ckpt")]
+    # Resume only a run that was started with this very command (same schedule, data and recipe).
+    stamp = d / "command.json"
+    if (d / "last.ckpt").exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd:
+        return cmd + ["--resume", str(d / "last.ckpt")]
+    for stale in ("last.ckpt", "metrics.json"):
+        (d / stale).unlink(missing_ok=True)
+    stamp.write_text(json.dumps(cmd))
     return cmd
 
 
-def run_all(args, jobs: List[Tuple[str, str, int]], out_root: Path) -> None:
-    todo = [j for j in jobs if not finished(run_dir(out_root, *j))]
+def run_all(args, jobs: List[Tuple[str, str, int]], out_root: Path, tag: str) -> None:
+    for job in jobs:  # finished before, but not yet recorded (e.g. stopped between the two)
+        if not summary_path(tag, *job).exists() and finished(run_dir(out_root, *job)):
+            record_run(tag, job, run_dir(out_root, *job))
+    todo = [j for j in jobs if not summary_path(tag, *j).exists()]
     if todo:  # render once here, not in several runs at the same time
         sys.path.insert(0, str(ROOT))
         from ksl_ops.data import render_synthetic
@@ -158,7 +188,7 @@ def run_all(args, jobs: List[Tuple[str, str, int]], out_root: Path) -> None:
             status = "ok" if p.returncode == 0 and finished(d) else f"FAILED (exit {p.returncode}, see {d}/train.log)"
             msg = ""
             if status == "ok":
-                fin = json.loads((d / "metrics.json").read_text())["final"]
+                fin = record_run(tag, job, d)["final"]
                 msg = f"R1 {fin['R1']:.1f} mAP {fin['mAP']:.1f}"
             line = f"[{done}/{len(todo)}] {job[1]} {job[0]} seed {job[2]}: {status} {msg} ({time.perf_counter() - t0:.0f}s)"
             if bar is not None:
@@ -176,15 +206,15 @@ def mean_se(xs: Sequence[float]) -> Tuple[float, float]:
     return m, se
 
 
-def collect(jobs: List[Tuple[str, str, int]], out_root: Path) -> Dict[Tuple[str, str], Dict[int, Dict]]:
+def collect(jobs: List[Tuple[str, str, int]], tag: str) -> Dict[Tuple[str, str], Dict[int, Dict]]:
     res: Dict[Tuple[str, str], Dict[int, Dict]] = {}
     for losses, bb, seed in jobs:
-        d = run_dir(out_root, losses, bb, seed)
-        if finished(d):
-            m = json.loads((d / "metrics.json").read_text())
-            last = m["history"][-1] if m.get("history") else {}
-            res.setdefault((losses, bb), {})[seed] = {"R1": m["final"]["R1"], "mAP": m["final"]["mAP"],
-                                                      "num_query": m["final"]["num_query"],
+        path = summary_path(tag, losses, bb, seed)
+        if path.exists():
+            rec = json.loads(path.read_text())
+            last = rec["history"][-1] if rec.get("history") else {}
+            res.setdefault((losses, bb), {})[seed] = {"R1": rec["final"]["R1"], "mAP": rec["final"]["mAP"],
+                                                      "num_query": rec["final"]["num_query"],
                                                       "final_loss": last.get("loss", {}),
                                                       "final_diag": last.get("diag", {})}
     return res
@@ -297,9 +327,9 @@ def main(argv=None) -> int:
         tables = ["rows"]
     jobs = jobs_for(tables, seeds, args.backbone)
     if not args.merge_only:
-        run_all(args, jobs, out_root)
+        run_all(args, jobs, out_root, tag)
 
-    res = collect(jobs, out_root)
+    res = collect(jobs, tag)
     summary = {}
     for t in tables:
         if t == "1":
