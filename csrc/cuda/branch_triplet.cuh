@@ -1,0 +1,388 @@
+// Device code of branch_triplet (eq. 2 and KSL-H, eq. 11): the forward, reduction and backward
+// kernels. The launch glue and the description of the work layout are in branch_triplet.cu; this
+// header includes only csrc/common and compat.cuh, so tests/cuda_emulation runs the same kernels on
+// a CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "common/branch_triplet.h"
+#include "common/macros.h"
+#include "cuda/compat.cuh"
+
+namespace ksl {
+namespace triplet_cuda {
+
+using namespace ksl::triplet;
+
+constexpr int kTile = 64;    // anchors per block, and candidates per step
+constexpr int kThreads = 16; // the block is kThreads × kThreads; thread (tx, ty) owns anchors
+constexpr int kMicro = 4;    // ty + 16 i and candidates tx + 16 j, i, j < kMicro
+constexpr int kDepth = 16;   // slice of L staged in shared memory per step
+static_assert(kThreads * kMicro == kTile, "tile layout");
+static_assert(kTile * kDepth == 4 * kThreads * kThreads, "each thread stages 4 elements per tile");
+
+constexpr int kRowThreads = 256;  // backward row kernels
+
+// ---- forward ------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads * kThreads)
+triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B,
+                       int N, int L, acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx,
+                       int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms) {
+  // +1 column: the transposed stores (row-major global → [k][row]) do not hit one bank.
+  KSL_SHARED(acc_t, anchors_s, [kDepth][kTile + 1]);
+  KSL_SHARED(acc_t, cands_s, [kDepth][kTile + 1]);
+  KSL_SHARED(int64_t, cand_labels, [kTile]);
+
+  const int pair = blockIdx.y;
+  const int u = pair / B, v = pair % B;
+  const int m0 = blockIdx.x * kTile;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kThreads + tx;
+  const scalar_t* eu = emb + static_cast<int64_t>(u) * N * L;
+  const scalar_t* ev = emb + static_cast<int64_t>(v) * N * L;
+
+  int64_t my_label[kMicro];
+  acc_t best_pos[kMicro], best_neg[kMicro];
+  int ip[kMicro], in[kMicro];
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+    const int m = m0 + ty + kThreads * i;
+    my_label[i] = m < N ? labels[m] : -1;
+    best_pos[i] = best_neg[i] = acc_t(0);
+    ip[i] = in[i] = -1;
+  }
+
+  for (int n0 = 0; n0 < N; n0 += kTile) {
+    acc_t acc[kMicro][kMicro];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
+
+    __syncthreads();  // the previous tile's cand_labels have been read
+    if (tid < kTile) cand_labels[tid] = n0 + tid < N ? labels[n0 + tid] : 0;
+
+    for (int k0 = 0; k0 < L; k0 += kDepth) {
+      // Stage a kTile × kDepth slice of both tiles; 16 consecutive threads read 16 consecutive l of
+      // one row. Out-of-range rows and l are zeros, which add exactly 0 to every sum.
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const int e = tid + s * kThreads * kThreads;
+        const int r = e / kDepth, k = e % kDepth;
+        const int l = k0 + k;
+        const int m = m0 + r, n = n0 + r;
+        anchors_s[k][r] = (m < N && l < L) ? static_cast<acc_t>(eu[static_cast<int64_t>(m) * L + l]) : acc_t(0);
+        cands_s[k][r] = (n < N && l < L) ? static_cast<acc_t>(ev[static_cast<int64_t>(n) * L + l]) : acc_t(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kDepth; ++k) {
+        acc_t a[kMicro], b[kMicro];
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i) a[i] = anchors_s[k][ty + kThreads * i];
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) b[j] = cands_s[k][tx + kThreads * j];
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+          for (int j = 0; j < kMicro; ++j) {
+            const acc_t diff = a[i] - b[j];
+            acc[i][j] += diff * diff;  // l in increasing order: the backward recomputes it the same way
+          }
+      }
+      __syncthreads();
+    }
+
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) {
+      const int n = n0 + tx + kThreads * j;
+      if (n >= N) continue;
+      const int64_t yn = cand_labels[tx + kThreads * j];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) {
+        const int m = m0 + ty + kThreads * i;
+        if (m >= N) continue;
+        offer_candidate(distance(acc[i][j]), n, m, yn == my_label[i], best_pos[i], ip[i], best_neg[i], in[i]);
+      }
+    }
+  }
+
+  // The 16 threads with the same ty are the lanes of one half-warp that differ in their low 4 bits:
+  // an xor butterfly over offsets 8..1 stays inside the half-warp. beats_* is a total order, so every
+  // lane ends with the same winner whatever the combination order.
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+    for (int off = kThreads / 2; off > 0; off /= 2) {
+      const acc_t pv = __shfl_xor_sync(0xffffffffu, best_pos[i], off);
+      const int pi = __shfl_xor_sync(0xffffffffu, ip[i], off);
+      const acc_t nv = __shfl_xor_sync(0xffffffffu, best_neg[i], off);
+      const int ni = __shfl_xor_sync(0xffffffffu, in[i], off);
+      if (beats_max(pv, pi, best_pos[i], ip[i])) {
+        best_pos[i] = pv;
+        ip[i] = pi;
+      }
+      if (beats_min(nv, ni, best_neg[i], in[i])) {
+        best_neg[i] = nv;
+        in[i] = ni;
+      }
+    }
+  }
+  if (tx == 0) {
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      const int m = m0 + ty + kThreads * i;
+      if (m >= N) continue;
+      const int64_t o = static_cast<int64_t>(pair) * N + m;
+      const bool valid = ip[i] >= 0 && in[i] >= 0;
+      pos_idx[o] = valid ? ip[i] : -1;
+      neg_idx[o] = valid ? in[i] : -1;
+      terms[o] = valid ? term(best_pos[i] - best_neg[i], margin, soft_margin) : acc_t(0);
+    }
+  }
+}
+
+// reduction none: self[b, m] = terms[b, b, m]; cross = terms with a zero diagonal.
+template <typename scalar_t, typename acc_t>
+__global__ void triplet_split_kernel(const acc_t* __restrict__ terms, int B, int N,
+                                     scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out) {
+  const int64_t E = static_cast<int64_t>(B) * B * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < E;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i % N, uv = i / N;
+    const int64_t u = uv / B, v = uv % B;
+    cross_out[i] = static_cast<scalar_t>(u == v ? acc_t(0) : terms[i]);
+    if (u == v) self_out[u * N + m] = static_cast<scalar_t>(terms[i]);
+  }
+}
+
+// Block-wide sum in a fixed tree (deterministic). blockDim.x must be a power of two ≤ 1024.
+template <typename T>
+__device__ T block_sum(T value, T* scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
+    __syncthreads();
+  }
+  const T total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+constexpr int kReduceThreads = 512;
+
+// Number of valid anchors (validity depends on labels only, so row (0, 0) of pos_idx says it).
+__device__ int64_t count_valid_block(const int32_t* __restrict__ pos_idx, int N, int64_t* scratch) {
+  int64_t c = 0;
+  for (int m = threadIdx.x; m < N; m += blockDim.x) c += pos_idx[m] >= 0;
+  return block_sum(c, scratch);
+}
+
+// reduction mean / sum: one block, fixed summation order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads)
+triplet_reduce_kernel(const acc_t* __restrict__ terms, const int32_t* __restrict__ pos_idx, int B,
+                      int N, bool mean, scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out) {
+  KSL_SHARED(acc_t, scratch, [kReduceThreads]);
+  KSL_SHARED(int64_t, count_scratch, [kReduceThreads]);
+  const int64_t E = static_cast<int64_t>(B) * B * N;
+  acc_t s = 0, c = 0;
+  for (int64_t i = threadIdx.x; i < E; i += blockDim.x) {
+    const int64_t uv = i / N;
+    if (uv / B == uv % B) s += terms[i]; else c += terms[i];
+  }
+  const acc_t self_sum = block_sum(s, scratch);
+  const acc_t cross_sum = block_sum(c, scratch);
+  const int64_t n_valid = count_valid_block(pos_idx, N, count_scratch);
+  if (threadIdx.x == 0) {
+    const acc_t count = mean ? mean_count<acc_t>(n_valid) : acc_t(1);
+    *self_out = static_cast<scalar_t>(self_sum / count);
+    *cross_out = static_cast<scalar_t>(cross_sum / count);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kReduceThreads)
+count_valid_kernel(const int32_t* __restrict__ pos_idx, int N, int64_t* __restrict__ n_valid) {
+  KSL_SHARED(int64_t, scratch, [kReduceThreads]);
+  const int64_t c = count_valid_block(pos_idx, N, scratch);
+  if (threadIdx.x == 0) *n_valid = c;
+}
+
+// Squared distance in exactly the forward's order (l increasing, one accumulator, same contraction).
+template <typename scalar_t, typename acc_t>
+__device__ acc_t squared_distance(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int L) {
+  acc_t acc = 0;
+  for (int l = 0; l < L; ++l) {
+    const acc_t diff = static_cast<acc_t>(a[l]) - static_cast<acc_t>(b[l]);
+    acc += diff * diff;
+  }
+  return acc;
+}
+
+// cp, cn for entry (u, v, m): ∂loss/∂d⁺ / d⁺ and ∂loss/∂d⁻ / d⁻ (without its minus sign), so that
+// ∂loss/∂e^u_m = cp (e^u_m − e^v_p) − cn (e^u_m − e^v_q); 0 for an invalid anchor.
+template <typename scalar_t, typename acc_t>
+__global__ void triplet_coef_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
+                                    const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ grad_self,
+                                    const acc_t* __restrict__ grad_cross, const int64_t* __restrict__ n_valid,
+                                    int B, int N, int L, acc_t margin, bool soft_margin, int reduction,
+                                    acc_t* __restrict__ cp, acc_t* __restrict__ cn) {
+  const int64_t E = static_cast<int64_t>(B) * B * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < E;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int p = pos_idx[i], q = neg_idx[i];
+    if (p < 0 || q < 0) {
+      cp[i] = cn[i] = acc_t(0);
+      continue;
+    }
+    const int64_t m = i % N, uv = i / N;
+    const int64_t u = uv / B, v = uv % B;
+    const scalar_t* a = emb + (u * N + m) * L;
+    const acc_t sqp = squared_distance<scalar_t, acc_t>(a, emb + (v * N + p) * L, L);
+    const acc_t sqn = squared_distance<scalar_t, acc_t>(a, emb + (v * N + q) * L, L);
+    const acc_t dp = distance(sqp), dn = distance(sqn);
+    acc_t up;
+    if (reduction == ksl::kNone) {
+      up = u == v ? grad_self[u * N + m] : grad_cross[i];
+    } else {
+      up = u == v ? grad_self[0] : grad_cross[0];
+      if (reduction == ksl::kMean) up /= mean_count<acc_t>(*n_valid);
+    }
+    const acc_t g = up * term_grad(dp - dn, margin, soft_margin);
+    cp[i] = g * inv_distance_grad(sqp, dp);
+    cn[i] = g * inv_distance_grad(sqn, dn);
+  }
+}
+
+// Block-wide exclusive scan of small non-negative counts (blockDim.x == kRowThreads). Returns this
+// thread's offset; *total gets the block's sum.
+__device__ int exclusive_scan(int value, int* warp_sums, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inclusive = value;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += other;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    constexpr int kWarps = kRowThreads / 32;
+    int w = lane < kWarps ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, w, off);
+      if (lane >= off) w += other;
+    }
+    if (lane < kWarps) warp_sums[lane] = w;  // inclusive prefix over warps
+  }
+  __syncthreads();
+  const int before = (warp > 0 ? warp_sums[warp - 1] : 0) + inclusive - value;
+  *total = warp_sums[kRowThreads / 32 - 1];
+  __syncthreads();  // warp_sums may be reused by the next call
+  return before;
+}
+
+// One block per target row (b, n): grad[b, n] = its contributions as an anchor (Σ over pairs (b, v)),
+// and, when `gather`, those as the chosen positive / negative of anchors (u, m) of pairs (u, b), in
+// increasing (u, m) order: deterministic without atomics.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+triplet_rows_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
+                    const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ cp,
+                    const acc_t* __restrict__ cn, int B, int N, int L, bool gather,
+                    acc_t* __restrict__ grad) {
+  KSL_SHARED(int, list_entry, [2 * kRowThreads]);  // (u * N + m) * 2 + is_negative
+  KSL_SHARED(int, warp_sums, [kRowThreads / 32]);
+
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / N, n = row % N;
+  const scalar_t* x = emb + row * L;
+  acc_t* g = grad + row * L;
+
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    const acc_t xl = static_cast<acc_t>(x[l]);
+    acc_t acc = 0;
+    for (int v = 0; v < B; ++v) {
+      const int64_t i = (b * B + v) * N + n;
+      const int p = pos_idx[i];
+      if (p < 0) continue;
+      const int q = neg_idx[i];
+      const acc_t P = static_cast<acc_t>(emb[(v * N + p) * static_cast<int64_t>(L) + l]);
+      const acc_t Q = static_cast<acc_t>(emb[(v * N + q) * static_cast<int64_t>(L) + l]);
+      acc += cp[i] * (xl - P) - cn[i] * (xl - Q);
+    }
+    g[l] = acc;
+  }
+  if (!gather) return;
+
+  const int BN = B * N;
+  for (int c0 = 0; c0 < BN; c0 += kRowThreads) {
+    // Entry k = u * N + m of this chunk is anchor m of branch u in pair (u, b).
+    const int k = c0 + threadIdx.x;
+    bool is_pos = false, is_neg = false;
+    if (k < BN) {
+      const int64_t i = (static_cast<int64_t>(k / N) * B + b) * N + k % N;
+      is_pos = pos_idx[i] == n;
+      is_neg = neg_idx[i] == n;
+    }
+    int total;
+    const int at = exclusive_scan(int(is_pos) + int(is_neg), warp_sums, &total);
+    if (is_pos) list_entry[at] = k * 2;
+    if (is_neg) list_entry[at + int(is_pos)] = k * 2 + 1;
+    __syncthreads();
+    if (total > 0) {
+      for (int l = threadIdx.x; l < L; l += blockDim.x) {
+        const acc_t xl = static_cast<acc_t>(x[l]);
+        acc_t acc = g[l];
+        for (int t = 0; t < total; ++t) {
+          const int entry = list_entry[t];
+          const int kk = entry >> 1;
+          const int64_t u = kk / N, m = kk % N;
+          const int64_t i = (u * B + b) * N + m;
+          const acc_t c = (entry & 1) ? cn[i] : -cp[i];
+          acc += c * (static_cast<acc_t>(emb[(u * N + m) * static_cast<int64_t>(L) + l]) - xl);
+        }
+        g[l] = acc;
+      }
+    }
+    __syncthreads();  // list_entry is rewritten by the next chunk
+  }
+}
+
+// Fast path: a warp per entry (u, v, m) adds its positive's and negative's contributions with atomics.
+template <typename scalar_t, typename acc_t>
+__global__ void triplet_scatter_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
+                                       const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ cp,
+                                       const acc_t* __restrict__ cn, int B, int N, int L,
+                                       acc_t* __restrict__ grad) {
+  const int64_t E = static_cast<int64_t>(B) * B * N;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  // Whole warps take the same entries (no shuffles here, but coalesced l).
+  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; i < E; i += warps) {
+    const int p = pos_idx[i];
+    if (p < 0) continue;
+    const int q = neg_idx[i];
+    const int64_t m = i % N, uv = i / N;
+    const int64_t u = uv / B, v = uv % B;
+    const scalar_t* a = emb + (u * N + m) * L;
+    const scalar_t* P = emb + (v * N + p) * L;
+    const scalar_t* Q = emb + (v * N + q) * L;
+    acc_t* gp = grad + (v * N + p) * L;
+    acc_t* gq = grad + (v * N + q) * L;
+    const acc_t cpi = cp[i], cni = cn[i];
+    for (int l = lane; l < L; l += 32) {
+      const acc_t al = static_cast<acc_t>(a[l]);
+      atomicAdd(gp + l, -cpi * (al - static_cast<acc_t>(P[l])));
+      atomicAdd(gq + l, cni * (al - static_cast<acc_t>(Q[l])));
+    }
+  }
+}
+
+}  // namespace triplet_cuda
+}  // namespace ksl
