@@ -67,7 +67,8 @@ LOSS_PRESETS: Dict[str, LossSet] = {
 # (README, "KSL recipe"), the default. Explicit --neck/--normalize-*/--consensus-start override it.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": dict(neck="fc", normalize_e=False, normalize_triplet=False, consensus_start_epoch=None),
-    "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=False, consensus_start_epoch=None),
+    # consensus_start_epoch "triplet": with the triplets and the P×K sampler (150/350 of the schedule).
+    "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=True, consensus_start_epoch="triplet"),
 }
 
 # Hyper-parameters that differ between the two presets; everything else is shared.
@@ -112,7 +113,8 @@ class TrainConfig:
     neck: Optional[str] = None                # "fc", "bnneck", "osnet" (ksl_ops.models.NECKS)
     normalize_e: Optional[bool] = None        # KSL-E on L2-normalised embeddings
     normalize_triplet: Optional[bool] = None  # triplets and KSL-H on L2-normalised embeddings
-    consensus_start_epoch: Optional[int] = None  # KSL-P/KSL-E from this 0-based epoch (None: the recipe's)
+    consensus_start_epoch: Optional[Any] = None  # KSL-P/KSL-E from this 0-based epoch, or "triplet"
+                                              # (with the triplets); None: the recipe's
     # optimisation
     epochs: int = 24
     triplet_start_epoch: Optional[int] = None  # None: round(epochs * 150 / 350)
@@ -176,8 +178,8 @@ class TrainConfig:
         if not isinstance(self.val_ids, int) or isinstance(self.val_ids, bool) or self.val_ids < 0:
             raise ValueError(f"val_ids must be an integer >= 0, got {self.val_ids!r}")
         cs = self.resolved("consensus_start_epoch")
-        if cs is not None and (not isinstance(cs, int) or isinstance(cs, bool) or cs < 0):
-            raise ValueError(f"consensus_start_epoch must be None or an integer >= 0, got {cs!r}")
+        if cs is not None and cs != "triplet" and (not isinstance(cs, int) or isinstance(cs, bool) or cs < 0):
+            raise ValueError(f"consensus_start_epoch must be None, 'triplet' or an integer >= 0, got {cs!r}")
         if self.triplet_start_epoch is not None and self.triplet_start_epoch < 0:
             raise ValueError(f"triplet_start_epoch must be >= 0, got {self.triplet_start_epoch}")
         if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
@@ -201,6 +203,12 @@ class TrainConfig:
         value = getattr(self, name)
         return RECIPES[self.recipe][name] if value is None else value
 
+    @property
+    def consensus_start(self) -> Optional[int]:
+        """0-based epoch from which KSL-P/KSL-E are on (None: from the start)."""
+        cs = self.resolved("consensus_start_epoch")
+        return self.triplet_start if cs == "triplet" else cs
+
     def loss_kwargs(self) -> Dict[str, Any]:
         """The KSLLoss switches and recipe options of this config."""
         ls = LOSS_PRESETS[self.losses]
@@ -208,7 +216,7 @@ class TrainConfig:
                     use_p=ls.pp or ls.pa, use_e=ls.ep or ls.ea, use_h=ls.h, use_pp=ls.pp, use_pa=ls.pa,
                     use_ep=ls.ep, use_ea=ls.ea, triplet_start_epoch=self.triplet_start,
                     normalize_e=self.resolved("normalize_e"), normalize_triplet=self.resolved("normalize_triplet"),
-                    consensus_start_epoch=self.resolved("consensus_start_epoch"))
+                    consensus_start_epoch=self.consensus_start)
 
     def resolved_data_root(self) -> Path:
         if self.data_root:
@@ -230,7 +238,7 @@ class TrainConfig:
         recipe = (f"recipe {self.recipe} (neck {self.resolved('neck')}, "
                   f"KSL-E on {'L2-normalised' if self.resolved('normalize_e') else 'raw'} embeddings, "
                   f"triplets on {'L2-normalised' if self.resolved('normalize_triplet') else 'raw'} embeddings, "
-                  f"consensus from epoch {(self.resolved('consensus_start_epoch') or 0) + 1})")
+                  f"KSL-P/KSL-E from epoch {(self.consensus_start or 0) + 1})")
         return (f"{self.backbone} | losses={self.losses} | {recipe} | input {self.height}x{self.width} | "
                 f"{self.epochs} epochs, triplet + PxK sampler from epoch {self.triplet_start + 1} | "
                 f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) wd={self.weight_decay:g} "
