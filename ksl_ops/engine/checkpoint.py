@@ -22,6 +22,7 @@ would let a file build arbitrary arrays. Resuming a format-1 run writes format 2
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -209,6 +210,13 @@ _V1_GLOBALS = [
 ]
 
 
+def _allow_format1():
+    # torch.serialization.safe_globals (torch >= 2.5) scopes the allow-list to this one load. On an
+    # older torch format-1 files are refused like any other file holding NumPy objects.
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    return scoped(_V1_GLOBALS) if scoped is not None else contextlib.nullcontext()
+
+
 def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
     """Format 1 -> 2: the RNG states become lists (the only difference)."""
     rng = state.get("rng")
@@ -217,8 +225,10 @@ def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
         py, npy = rng.get("python"), rng.get("numpy")
         if isinstance(py, tuple) and len(py) == 3:
             rng["python"] = [py[0], list(py[1]), py[2]]
-        if isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[1], _V1UInt32Array):
-            rng["numpy"] = {"bit_generator": npy[0], "key": npy[1].values, "pos": npy[2], "has_gauss": npy[3],
+        if isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[1], (_V1UInt32Array, np.ndarray)):
+            # (an ndarray if the caller had allow-listed numpy's own globals before us)
+            key = npy[1].values if isinstance(npy[1], _V1UInt32Array) else npy[1].tolist()
+            rng["numpy"] = {"bit_generator": npy[0], "key": key, "pos": npy[2], "has_gauss": npy[3],
                             "cached_gaussian": npy[4]}
         state = dict(state, rng=rng)
     state["format"] = f"{FORMAT}/{FORMAT_VERSION}"
@@ -299,7 +309,7 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     path = Path(path)
     size = _check_file(path)
     try:
-        with torch.serialization.safe_globals(_V1_GLOBALS):
+        with _allow_format1():
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # whatever the bytes make torch raise, the user gets one clear message
         raise _load_error(path, size, exc) from exc
