@@ -131,6 +131,9 @@ def test_format1_checkpoint_loads_and_restores_rng(tmp_path):
     assert opt2.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
     # In memory it is format 2 now: plain data only, the NumPy key as a list of ints.
     assert state["format"] == "ksl_ops.checkpoint/2" and isinstance(state["rng"]["numpy"]["key"], list)
+    assert state["upgraded_from"] == "ksl_ops.checkpoint/1"
+    assert ckpt.describe_checkpoint(state) == ("cmsnet, losses ksl, 3 classes, epoch 2, input 64x32 "
+                                               "(format 1, upgraded on load)")
     assert state["metrics"]["history"][0]["loss"]["total"] == 1.5
     # Re-saving it writes a file the bare weights-only loader reads.
     ckpt.atomic_save(state, tmp_path / "v2.ckpt")
@@ -275,6 +278,20 @@ def test_no_optimizer_state(tmp_path):
     path = ckpt.save_checkpoint(tmp_path / "c.ckpt", model=model, epoch=1)
     with pytest.raises(CheckpointError, match="c.ckpt has no optimizer state to resume from"):
         ckpt.load_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_damaged_rng_or_scheduler_state(tmp_path):
+    from ksl_ops.engine.trainer import WarmupCosineLR
+
+    model, opt = _trained()
+    state = torch.load(_save(tmp_path / "c.ckpt", model, opt, scheduler=WarmupCosineLR(opt, 4)), weights_only=True)
+    del state["rng"]["numpy"]["pos"]
+    del state["scheduler"]["last_epoch"]
+    torch.save(state, tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match=r"c.ckpt: its scheduler state cannot be restored: KeyError\('last_epoch"):
+        ckpt.load_checkpoint(tmp_path / "c.ckpt", scheduler=WarmupCosineLR(opt, 4))
+    with pytest.raises(CheckpointError, match=r"c.ckpt: its RNG state cannot be restored: KeyError\('pos'\)"):
+        ckpt.load_checkpoint(tmp_path / "c.ckpt", restore_rng=True)
 
 
 def test_describe_checkpoint(tmp_path):

@@ -217,7 +217,7 @@ def _allow_format1():
     return scoped(_V1_GLOBALS) if scoped is not None else contextlib.nullcontext()
 
 
-def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
+def _upgrade_from_v1(state: Dict[str, Any]) -> Dict[str, Any]:
     """Format 1 -> 2: the RNG states become lists (the only difference)."""
     rng = state.get("rng")
     if isinstance(rng, dict):
@@ -232,6 +232,7 @@ def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
                             "cached_gaussian": npy[4]}
         state = dict(state, rng=rng)
     state["format"] = f"{FORMAT}/{FORMAT_VERSION}"
+    state["upgraded_from"] = f"{FORMAT}/1"
     return state
 
 
@@ -332,7 +333,7 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     if version < 1:
         raise CheckpointError(f"{path} claims ksl_ops checkpoint format version {version}, which never existed")
     if version == 1:
-        state = _upgrade_from_v1(state, path)
+        state = _upgrade_from_v1(state)
     for key, kind, name in (("epoch", int, "an integer"), ("model", dict, "a dict"), ("config", dict, "a dict")):
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{path} is an incomplete ksl_ops checkpoint: '{key}' is missing or not {name}")
@@ -401,12 +402,19 @@ def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, opt
     if optimizer is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {exc}") from exc
+    # A hand-edited file can be plain data and still not be a state these accept.
     if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: its scheduler state cannot be restored: {exc!r}") from exc
     if restore_rng and state.get("rng") is not None:
-        set_rng_state(state["rng"])
+        try:
+            set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: its RNG state cannot be restored: {exc!r}") from exc
     return state
 
 
@@ -423,4 +431,6 @@ def describe_checkpoint(state: Dict[str, Any]) -> str:
         parts.append(f"input {cfg['height']}x{cfg['width']}")
     if "dataset" in cfg:
         parts.append(f"trained on {cfg['dataset']}")
-    return f"{', '.join(parts)} (format {state['format'].rsplit('/', 1)[-1]})"
+    fmt = state.get("upgraded_from", state["format"]).rsplit("/", 1)[-1]
+    note = ", upgraded on load" if "upgraded_from" in state else ""
+    return f"{', '.join(parts)} (format {fmt}{note})"
