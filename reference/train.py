@@ -128,13 +128,10 @@ def config_from_args(args: argparse.Namespace):
 
 def _config_for_resume(args: argparse.Namespace, path: str):
     """The checkpoint's config, with only the options that do not change the maths taken from argv."""
-    import torch
-
+    from ksl_ops.engine.checkpoint import read_checkpoint
     from ksl_ops.engine.config import TrainConfig
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "config" not in state:
-        raise SystemExit(f"error: --resume {path}: not a ksl_ops training checkpoint")
+    state = read_checkpoint(path)  # runs no code from the file; CheckpointError (a ValueError) on a bad one
     cfg = TrainConfig.from_dict(state["config"])
     cfg.device = args.device if args.device != "auto" else cfg.device
     if args.workers is not None:

@@ -232,7 +232,7 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ckpt.atomic_save({"epoch": 2}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
 
 

@@ -4,7 +4,7 @@
     r = evaluate_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50)  # {"cmc", "mAP"}
     d = re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3)
 """
-from .checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, read_checkpoint, save_checkpoint
 from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .rerank import re_ranking
 
@@ -16,6 +16,8 @@ __all__ = [
     "atomic_save",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
+    "CheckpointError",
     "TrainConfig",
     "Trainer",
     "LOSS_PRESETS",

@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_num_classes, describe_checkpoint, load_checkpoint,
+                         load_model_state, read_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .diagnostics import head_bn_variance, step_diagnostics
 from .evaluation import cosine_distance, evaluate_reid, extract_features
@@ -261,7 +262,7 @@ class Trainer:
     def resume(self, path) -> int:
         """Load model, optimizer, schedule, history and RNG from a checkpoint; returns the next epoch."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, map_location=self.device,
-                                restore_rng=True)
+                                restore_rng=True, backbone=self.cfg.backbone, num_classes=self.num_classes)
         self.start_epoch = int(state["epoch"])
         self.history = list((state.get("metrics") or {}).get("history", []))
         self.log(f"resumed from {path} after epoch {self.start_epoch}/{self.cfg.epochs}")
@@ -479,9 +480,8 @@ def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional
                         rerank: bool = False, device: str = "auto", workers: Optional[int] = None,
                         log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Evaluate the main branch of a saved checkpoint (on its own dataset unless another is given)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a ksl_ops training checkpoint (no config/model)")
+    state = read_checkpoint(path)  # runs no code from the file; CheckpointError on a bad one
+    log(f"loaded {path}: {describe_checkpoint(state)}")
     cfg = TrainConfig.from_dict(state["config"])
     if dataset is not None:
         cfg.dataset = dataset
@@ -490,9 +490,11 @@ def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional
     if workers is not None:
         cfg.workers = workers
     dev = resolve_device(device)
-    num_classes = int(state.get("num_classes") or state["model"][_classifier_key(state["model"])].shape[0])
+    num_classes = checkpoint_num_classes(state)
+    if num_classes is None:
+        raise CheckpointError(f"{path} has no classifier weight and no num_classes entry to rebuild the model from")
     model = build_model(cfg, num_classes)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, path)
     model.to(dev)
     ds = load_dataset(cfg, log)
     from ..data import build_test_loaders
@@ -502,10 +504,3 @@ def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional
     res["checkpoint"], res["epoch"] = str(path), int(state.get("epoch", 0))
     res["config"] = cfg.to_dict()
     return res
-
-
-def _classifier_key(state_dict: Dict[str, torch.Tensor]) -> str:
-    keys = [k for k in state_dict if k.endswith("classifier.weight")]
-    if not keys:
-        raise ValueError("cannot find the classifier weight in the checkpoint to infer num_classes")
-    return min(keys, key=len)
