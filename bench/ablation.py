@@ -54,7 +54,7 @@ TABLE1_ROWS = (("AUX", "aux"), ("KSL", "ksl"))
 
 # The benchmark's data and schedule: sized so that R1 moves in steps below one point (>= 200 queries)
 # and one run takes a few minutes on one CPU thread. Same for every row and seed.
-SCHEDULE = dict(height=64, width=32, epochs=24, lr=0.01, batch_size=64, num_instances=4, warmup_epochs=1)
+SCHEDULE = dict(height=64, width=32, epochs=60, lr=0.01, batch_size=64, num_instances=4, warmup_epochs=1)
 SYNTHETIC = dict(num_train_ids=64, num_test_ids=100, num_cams=4, images_per_cam=4)
 VAL_IDS = 24
 
