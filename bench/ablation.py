@@ -323,6 +323,7 @@ def main(argv=None) -> int:
     out_root = HERE / "results" / "runs" / "ablation" / tag
     if args.rows:
         label = {losses: name for rows in TABLES.values() for name, losses in rows}
+        label.update({"ksl": "KSL (all)", "ksl-pe": "AUX+P+E"})  # Table 4's cumulative names read oddly alone
         TABLES["rows"] = [(label.get(r, r), r) for r in args.rows]
         tables = ["rows"]
     jobs = jobs_for(tables, seeds, args.backbone)

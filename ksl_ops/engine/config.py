@@ -16,6 +16,10 @@ and above the cross-entropy climbs above its uniform value and at 0.05 the netwo
 input-independent embeddings (every consensus term ~0, cross-entropy = log K), because the
 unnormalised embedding-distance terms (eq. 8-10) dominate the early gradients.
 
+What the KSL losses are fed, and when, is the *recipe* (RECIPES below, `--recipe`): "ksl-ops", the
+default, L2-normalises the embeddings of KSL-E and of the triplets and starts KSL-P/KSL-E with the
+triplets; "paper" is the paper's text taken literally (README, "The KSL recipe", has the measurements).
+
 Note on the paper's rate: 0.0015 with cosine decay over 350 epochs is the setting OSNet-style
 Re-ID code uses with AMSGrad; `optimizer="amsgrad"` is available to try it that way, SGD (as the
 paper states) is the default.
