@@ -41,11 +41,18 @@ class KSLLoss(nn.Module):
     Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
     int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
     `epoch=None` switches every term on.
+
+    Several processes: with `process_group` (e.g. dist.group.WORLD) the triplet terms mine each rank's
+    anchors against the samples of every rank (ksl_ops.distributed). Every term follows one
+    convention: each rank returns W times its share of the loss of the concatenated batch, so DDP's
+    gradient average is the single-process gradient and the mean over ranks of `total` is the
+    single-process loss. For the per-sample terms (CE, KSL-P, KSL-E) that share is the local mean,
+    given the same N on every rank; only the triplets need the gather.
     """
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.1, margin: Optional[float] = 0.3,
                  temperature: float = 1.0, use_p: bool = True, use_e: bool = True, use_h: bool = True,
-                 triplet_start_epoch: int = 150, backend: str = "fused"):
+                 triplet_start_epoch: int = 150, backend: str = "fused", process_group=None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -61,6 +68,7 @@ class KSLLoss(nn.Module):
         self.use_p, self.use_e, self.use_h = bool(use_p), bool(use_e), bool(use_h)
         self.triplet_start_epoch = int(triplet_start_epoch)
         self.backend = _check_backend(backend)
+        self.process_group = process_group
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, margin={self.margin}, "
@@ -89,12 +97,13 @@ class KSLLoss(nn.Module):
                                           label_smoothing=self.label_smoothing)
         kw = dict(backend=self.backend)
         if self.triplet_active(epoch):
+            group = dict(process_group=self.process_group)
             if B == 1:
                 # branch_triplet needs two branches; two copies of one branch give each term twice.
-                aux_t, _ = branch_triplet(e.expand(2, N, e.size(2)), labels, self.margin, **kw)
+                aux_t, _ = branch_triplet(e.expand(2, N, e.size(2)), labels, self.margin, **kw, **group)
                 terms["triplet"] = aux_t / 2
             else:
-                aux_t, ksl_h = branch_triplet(e, labels, self.margin, **kw)
+                aux_t, ksl_h = branch_triplet(e, labels, self.margin, **kw, **group)
                 terms["triplet"] = aux_t
                 if self.use_h:
                     terms["ksl_h"] = ksl_h
