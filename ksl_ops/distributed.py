@@ -37,6 +37,11 @@ import torch.distributed as dist
 
 __all__ = ["gather_batch", "branch_triplet", "world_size", "rank"]
 
+# torch 2.13 renamed the tensor forms of these collectives (and its gloo reduce-scatters); the older
+# names still work back to 2.4, where gloo has no reduce-scatter.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None)
+
 
 def world_size(group) -> int:
     return dist.get_world_size(group=group)
@@ -71,10 +76,12 @@ class _GatherBatch(torch.autograd.Function):
         W = ctx.world
         B, n = grad.size(0), grad.size(1) // W
         per_rank = grad.unflatten(1, (W, n)).movedim(1, 0).contiguous()  # [W, B, n, ...]
-        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
-            local = per_rank.new_empty(per_rank.shape[1:])
-            dist.reduce_scatter_tensor(local, per_rank, group=ctx.group)
-        else:  # gloo has no reduce-scatter: sum everything, keep this rank's part
+        local = per_rank.new_empty(per_rank.shape[1:])
+        if _reduce_scatter_single is not None:
+            _reduce_scatter_single(local, per_rank.flatten(0, 1), group=ctx.group)
+        elif dist.get_backend(ctx.group) != dist.Backend.GLOO:
+            dist.reduce_scatter_tensor(local, per_rank.flatten(0, 1), group=ctx.group)
+        else:  # older gloo has no reduce-scatter: sum everything, keep this rank's part
             dist.all_reduce(per_rank, group=ctx.group)
             local = per_rank[ctx.rank]
         return local, None
@@ -99,7 +106,7 @@ def _all_gather_dim1(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     W = world_size(group)
     out = x.new_empty((W * x.size(0),) + tuple(x.shape[1:]))  # ranks stacked along dim 0
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out.view((W,) + tuple(x.shape)).movedim(0, 1).flatten(1, 2)
 
 
