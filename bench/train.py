@@ -4,6 +4,7 @@
     python bench/train.py                            # backbones + fused/reference, synthetic set
     python bench/train.py --ablation --seeds 0 1 2   # + the Table-4 ablation (mean ± std over seeds)
     python bench/train.py --data-root /data --dataset market1501 --preset paper --device cuda
+    python bench/train.py --nproc 2                  # images/s of 1 vs 2 processes (DDP); bench/ddp_scaling.py
 
 Reports, per backbone:
   * parameters and multiply-adds of the main branch at 256×128 (what inference costs), next to the
@@ -169,6 +170,13 @@ def merge_ablations(paths, out_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--nproc" or a.startswith("--nproc=") for a in argv):
+        # 1 process vs N processes (DDP under torchrun): bench/ddp_scaling.py
+        sys.path.insert(0, str(HERE))
+        from ddp_scaling import main as scaling_main
+
+        return scaling_main(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny set, 32x16, 1 epoch of 2 iterations")
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)

@@ -348,7 +348,7 @@ def embedding_consensus(embeddings: TensorOrBranches, reduction: str = "mean", b
 
 
 def branch_triplet(embeddings: TensorOrBranches, labels: torch.Tensor, margin: Optional[float] = 0.3,
-                   reduction: str = "mean", backend: str = "fused"):
+                   reduction: str = "mean", backend: str = "fused", process_group=None):
     """Batch-hard triplets within each branch (L_aux_t, eq. 2) and across branches (KSL-H, eq. 11):
     returns (aux_t, ksl_h).
 
@@ -357,12 +357,31 @@ def branch_triplet(embeddings: TensorOrBranches, labels: torch.Tensor, margin: O
     log(1 + exp(d⁺ − d⁻)) with margin=None. aux_t sums u = v over branches, ksl_h sums u ≠ v; "mean"
     averages over valid anchors (those with a positive and a negative). reduction "none" gives
     aux_t [B, N] and ksl_h [B, B, N].
+
+    process_group (a torch.distributed group, e.g. dist.group.WORLD): every rank's embeddings and
+    labels are gathered (differentiably) and this rank's anchors are mined against the candidates of
+    all W ranks. Each rank returns W times its share of the loss of the concatenated batch ("mean"
+    divides by the global number of valid anchors), so that DDP's gradient average equals the
+    single-process gradient on that batch; "none" returns this rank's anchors' terms. All ranks must
+    pass the same shapes. See ksl_ops.distributed.
     """
     e = _stack_branches(embeddings, "embeddings", "[B, N, L]")
     _check_labels(labels, e)
     soft_margin = margin is None
     margin_value = 0.0 if soft_margin else _check_positive_number(margin, "margin", allow_zero=True)
     code = _reduction_code(reduction)
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.branch_triplet(e, labels, None if soft_margin else margin_value, reduction,
+                                          process_group, _triplet_terms_fn(_check_backend(backend)))
     if _check_backend(backend) == "reference":
         return _reference().branch_triplet(e, labels, None if soft_margin else margin_value, reduction)
     return _branch_triplet_fused(e, labels, margin_value, soft_margin, code)
+
+
+def _triplet_terms_fn(backend: str):
+    """(emb, labels, margin or None, reduction) -> (self, cross) with the chosen backend."""
+    if backend == "reference":
+        return _reference().branch_triplet
+    return lambda e, y, m, r: _branch_triplet_fused(e, y, 0.0 if m is None else m, m is None, _REDUCTIONS[r])

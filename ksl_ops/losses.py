@@ -52,11 +52,18 @@ class KSLLoss(nn.Module):
     Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
     int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
     `epoch=None` switches every term on.
+
+    Several processes: with `process_group` (e.g. dist.group.WORLD) the triplet terms mine each rank's
+    anchors against the samples of every rank (ksl_ops.distributed). Every term follows one
+    convention: each rank returns W times its share of the loss of the concatenated batch, so DDP's
+    gradient average is the single-process gradient and the mean over ranks of `total` is the
+    single-process loss. For the per-sample terms (CE, KSL-P, KSL-E) that share is the local mean,
+    given the same N on every rank; only the triplets need the gather.
     """
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.1, margin: Optional[float] = 0.3,
                  temperature: float = 1.0, use_p: bool = True, use_e: bool = True, use_h: bool = True,
-                 triplet_start_epoch: int = 150, backend: str = "fused", *,
+                 triplet_start_epoch: int = 150, backend: str = "fused", process_group=None, *,
                  use_pp: Optional[bool] = None, use_pa: Optional[bool] = None,
                  use_ep: Optional[bool] = None, use_ea: Optional[bool] = None,
                  normalize_e: bool = False, normalize_triplet: bool = False,
@@ -86,6 +93,7 @@ class KSLLoss(nn.Module):
         self.triplet_start_epoch = int(triplet_start_epoch)
         self.consensus_start_epoch = consensus_start_epoch
         self.backend = _check_backend(backend)
+        self.process_group = process_group
 
     @property
     def use_p(self) -> bool:
@@ -129,12 +137,13 @@ class KSLLoss(nn.Module):
         kw = dict(backend=self.backend)
         if self.triplet_active(epoch):
             et = F.normalize(e, dim=-1) if self.normalize_triplet else e
+            group = dict(process_group=self.process_group)
             if B == 1:
                 # branch_triplet needs two branches; two copies of one branch give each term twice.
-                aux_t, _ = branch_triplet(et.expand(2, N, et.size(2)), labels, self.margin, **kw)
+                aux_t, _ = branch_triplet(et.expand(2, N, et.size(2)), labels, self.margin, **kw, **group)
                 terms["triplet"] = aux_t / 2
             else:
-                aux_t, ksl_h = branch_triplet(et, labels, self.margin, **kw)
+                aux_t, ksl_h = branch_triplet(et, labels, self.margin, **kw, **group)
                 terms["triplet"] = aux_t
                 if self.use_h:
                     terms["ksl_h"] = ksl_h

@@ -3,6 +3,7 @@
     python reference/train.py                      # = `ksl train`: synthetic set, CMSNet + full KSL, CPU
     python reference/train.py --preset paper --dataset market1501 --data-root /data --device cuda
     python reference/train.py --resume runs/cmsnet_ksl/last.ckpt
+    torchrun --standalone --nproc_per_node=2 -m ksl_ops.cli train ...   # DDP, one process per GPU/CPU share
 
 With no argument it renders the synthetic Re-ID set (into ./data/synthetic, or $KSL_DATA), trains
 CMSNet with the isomorphic branches and all three consensus constraints on a *shortened CPU
@@ -83,6 +84,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "amsgrad"],
                    help="SGD with Nesterov momentum 0.9 (the paper), or Adam/AMSGrad")
     g.add_argument("--max-iters", type=int, default=None, help="cap on iterations per epoch (smoke runs)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                   help="stop after this many epochs of the schedule, checkpointed (--resume continues)")
+
+    g = p.add_argument_group("several processes (under torchrun)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm: BatchNorm statistics over the batches of all ranks (CUDA only)")
 
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking (k1=20, k2=6, λ=0.3)")
@@ -123,7 +130,7 @@ def config_from_args(args: argparse.Namespace):
         triplet_start_epoch=args.triplet_start, lr=args.lr, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
         max_iters_per_epoch=args.max_iters, rerank=args.rerank, eval_every=args.eval_every,
         output_dir=args.output_dir or os.path.join("runs", f"{args.backbone}_{args.losses}"),
-        seed=args.seed, device=str(device), progress=args.progress)
+        seed=args.seed, device=str(device), progress=args.progress, sync_bn=args.sync_bn)
 
 
 def _config_for_resume(args: argparse.Namespace, path: str):
@@ -152,15 +159,22 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
 
     from ksl_ops.engine.trainer import Trainer
 
+    trainer = None
     try:
         cfg = _config_for_resume(args, args.resume) if args.resume else config_from_args(args)
         trainer = Trainer(cfg)
         if args.resume:
             trainer.resume(args.resume)
+        trainer.stop_after = args.stop_after
         result = trainer.fit()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if trainer is not None:
+            trainer.dist.shutdown()
+    if not trainer.dist.is_main or result["final"] is None:  # another rank, or stopped early
+        return 0
 
     final = result["final"]
     ds = trainer.dataset

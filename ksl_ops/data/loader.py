@@ -62,7 +62,7 @@ def _check_common(dataset, height, width, batch_size, workers) -> None:
 def build_train_loader(dataset: ReIDDataset, height: int, width: int, batch_size: int,
                        sampler: str = "random", num_instances: int = 4, workers: int = 2, seed: int = 0,
                        persistent_workers: bool = False, pin_memory: Optional[bool] = None,
-                       transform: Optional[Callable] = None) -> DataLoader:
+                       transform: Optional[Callable] = None, num_replicas: int = 1, rank: int = 0) -> DataLoader:
     """Training loader over ``dataset.train`` with the training transforms.
 
     ``sampler="random"``: a fresh permutation every epoch (:class:`RandomSampler`);
@@ -70,9 +70,21 @@ def build_train_loader(dataset: ReIDDataset, height: int, width: int, batch_size
     must be a multiple of it). ``loader.sampler.set_epoch(e)`` makes the order of epoch e
     reproducible in both cases. Incomplete last batches are dropped (BatchNorm needs > 1 sample
     and P x K needs whole identities).
+
+    Several processes: ``num_replicas`` = W > 1 and this process's ``rank`` give the distributed
+    samplers of :mod:`ksl_ops.data.distributed_samplers`; ``batch_size`` is then the batch per rank
+    (the global batch is W times it).
     """
     _check_common(dataset, height, width, batch_size, workers)
-    if sampler == "random":
+    if num_replicas != 1 and sampler in ("random", "pk"):
+        from .distributed_samplers import DistributedRandomIdentitySampler, DistributedRandomSampler
+
+        if sampler == "random":
+            smp = DistributedRandomSampler(len(dataset.train), batch_size, num_replicas, rank, seed=seed)
+        else:
+            smp = DistributedRandomIdentitySampler([pid for _, pid, _ in dataset.train], batch_size,
+                                                   num_instances, num_replicas, rank, seed=seed)
+    elif sampler == "random":
         if batch_size > len(dataset.train):
             raise ValueError(f"batch_size ({batch_size}) is larger than the training set "
                              f"({len(dataset.train)} images)")

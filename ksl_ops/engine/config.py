@@ -106,6 +106,7 @@ class TrainConfig:
     batch_size: int = 64
     num_instances: int = 4                    # K of the P×K sampler (P = batch_size / K)
     workers: int = 2
+    sync_bn: bool = False                     # several GPU processes: BatchNorm statistics over all ranks
     # model and losses
     backbone: str = "cmsnet"
     losses: str = "ksl"

@@ -31,6 +31,7 @@ from .checkpoint import (CheckpointError, atomic_save, checkpoint_num_classes, d
                          load_model_state, read_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .diagnostics import head_bn_variance, step_diagnostics
+from .distributed import DistEnv, main_only
 from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .rerank import re_ranking
 
@@ -205,19 +206,25 @@ class Trainer:
         from ..losses import KSLLoss
 
         self.cfg = cfg.validated()
-        self.log = log
-        self.device = resolve_device(cfg.device)
+        # Under torchrun: join the process group; only rank 0 logs (engine/distributed.py).
+        self.dist, self.device = DistEnv.setup(resolve_device(cfg.device))
+        self.log = main_only(self.dist, log)
         _seed_everything(cfg.seed)
-        self.dataset = dataset if dataset is not None else load_dataset(cfg, log)
+        with self.dist.main_first():
+            self.dataset = dataset if dataset is not None else load_dataset(cfg, self.log)
         self.num_classes = int(self.dataset.num_train_pids)
-        self.model = build_model(cfg, self.num_classes).to(self.device)
+        # self.model is what is saved and evaluated; self.train_model (DDP around it) what a step runs.
+        self.model, self.train_model = self.dist.wrap(build_model(cfg, self.num_classes).to(self.device),
+                                                      self.device, cfg.sync_bn)
         self.backend = _resolve_backend(cfg.backend)
-        self.criterion = KSLLoss(self.num_classes, backend=self.backend, **cfg.loss_kwargs())
+        self.criterion = KSLLoss(self.num_classes, backend=self.backend, process_group=self.dist.group,
+                                 **cfg.loss_kwargs())
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = WarmupCosineLR(self.optimizer, cfg.epochs, cfg.warmup_epochs, cfg.min_lr_ratio)
         self.output_dir = Path(cfg.output_dir)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
+        self.stop_after: Optional[int] = None  # stop (checkpointed) after this many epochs; resume later
         self._loaders: Dict[str, Any] = {}
         self._test_loaders = None
 
@@ -238,16 +245,18 @@ class Trainer:
             # input would be shifted by a third of its width.
             pad = max(1, round(10 * cfg.height / 256))
             tf = build_transforms(cfg.height, cfg.width, train=True, padding=pad)
-            self._loaders[kind] = build_train_loader(self.dataset, cfg.height, cfg.width, cfg.batch_size,
+            batch = self.dist.per_rank_batch(cfg.batch_size, cfg.num_instances)
+            self._loaders[kind] = build_train_loader(self.dataset, cfg.height, cfg.width, batch,
                                                      sampler=kind, num_instances=cfg.num_instances,
-                                                     workers=cfg.workers, seed=cfg.seed, transform=tf)
+                                                     workers=cfg.workers, seed=cfg.seed, transform=tf,
+                                                     num_replicas=self.dist.world_size, rank=self.dist.rank)
         loader = self._loaders[kind]
         # Make the epoch's order a function of (seed, epoch) only, whatever came before.
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         gen = getattr(loader, "generator", None)
         if gen is not None:
-            gen.manual_seed(_epoch_seed(self.cfg.seed, epoch))
+            gen.manual_seed(self.dist.rank_seed(_epoch_seed(self.cfg.seed, epoch)))
         return loader
 
     def test_loaders(self):
@@ -276,7 +285,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
         seed = _epoch_seed(cfg.seed, epoch)
-        _seed_everything(seed)
+        _seed_everything(self.dist.rank_seed(seed))
         loader = self.train_loader(epoch)
         self.model.train()
         iters = len(loader)
@@ -294,7 +303,7 @@ class Trainer:
         lr_start = self.optimizer.param_groups[0]["lr"]
 
         bar = None
-        if _progress_enabled(cfg.progress):
+        if self.dist.is_main and _progress_enabled(cfg.progress):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
@@ -348,7 +357,7 @@ class Trainer:
         }
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
-        outs = self.model(images)
+        outs = self.train_model(images)
         if isinstance(outs, tuple) and len(outs) == 2 and isinstance(outs[0], torch.Tensor):
             outs = [outs]  # a plain backbone: one branch
         logits = [o[0] for o in outs]
@@ -391,21 +400,29 @@ class Trainer:
                  f"output {self.output_dir}")
         t_run = time.perf_counter()
         final_eval = None
+        main = self.dist.is_main  # rank 0 alone evaluates and writes files; the others wait
         for epoch in range(self.start_epoch, cfg.epochs):
-            record = self.train_epoch(epoch)
+            if self.stop_after is not None and epoch >= self.stop_after:
+                self.log(f"stopping after epoch {epoch}/{cfg.epochs} as asked; --resume {self.output_dir / self.CHECKPOINT} continues")
+                return {"config": cfg.to_dict(), "final": None, "stopped_after": epoch, "history": self.history}
+            record = self.dist.reduce_record(self.train_epoch(epoch), self.device)
             last = epoch + 1 == cfg.epochs
-            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            if main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                 record["eval"] = self.evaluate()
                 final_eval = record["eval"] if last else final_eval
             self.history.append(record)
             self.log(self._epoch_line(record))
-            if last or (epoch + 1) % cfg.checkpoint_every == 0:
+            if main and (last or (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.stop_after):
                 self.save(epoch + 1)
-            self._write_metrics()
-        if final_eval is None:  # resumed a finished run: evaluate what is there
+            if main:
+                self._write_metrics()
+            self.dist.barrier()
+        if final_eval is None and main:  # resumed a finished run: evaluate what is there
             final_eval = self.evaluate()
         result = {"config": cfg.to_dict(), "final": final_eval, "train_time_s": time.perf_counter() - t_run,
                   "history": self.history}
+        if not main:
+            return result
         self._write_metrics(final=final_eval)
         try:
             from .plots import plot_training_curves

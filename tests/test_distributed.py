@@ -1,0 +1,326 @@
+"""Several processes (torch.distributed, gloo on CPU, 2 ranks spawned here): a DDP step with cross-rank
+mining gives the loss and gradients of one process on the concatenated batch (float64, relative error
+< 1e-10), for branch_triplet and for a whole KSLLoss step; without a process group each rank mines its
+own batch and DDP gives the gradient of the mean of the per-rank losses.
+
+Starting processes is slow, so one spawn runs every multi-process case (module fixture `ddp_results`):
+each case is a module-level function (the spawned processes import this module) that raises on a
+mismatch; each rank records what every case raised, and the tests below read their case's result.
+"""
+import datetime
+import json
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ksl_ops
+
+WORLD = 2
+B, L, D, K = 3, 5, 7, 10
+# Global batch of 16 over 2 ranks: identity 3 is split across ranks (its positives are on the other
+# rank), 9, 7 and 8 have one sample each (invalid anchors, so the valid count is 13, not 16).
+LABELS = [0, 0, 1, 1, 2, 2, 3, 9, 3, 4, 4, 5, 5, 6, 7, 8]
+N = len(LABELS)
+REL = 1e-10
+
+BACKENDS = ["reference"] + (["fused"] if ksl_ops.backend() != "none" else [])
+
+
+def _worker(rank, init_file, out_dir, cases):
+    torch.set_num_threads(1)
+    # A case that fails on one rank only must not leave the other waiting forever in a collective.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        for name, fn, args in cases:
+            try:
+                fn(rank, *args)
+                results[name] = None
+            except Exception:
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _local(rank):
+    n = N // WORLD
+    return slice(rank * n, (rank + 1) * n)
+
+
+class _BranchEmbedder(nn.Module):
+    """x [N, D] -> B branch embeddings [B, N, L] and logits [B, N, K] from a shared trunk."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.trunk = nn.Linear(D, D)
+        self.emb = nn.ModuleList(nn.Linear(D, L) for _ in range(B))
+        # Without classifier (triplet-only tests): DDP expects every parameter to get a gradient.
+        self.cls = nn.ModuleList(nn.Linear(L, K) for _ in range(B)) if classifier else None
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        e = torch.stack([m(h) for m in self.emb])
+        z = torch.stack([c(e[b]) for b, c in enumerate(self.cls)]) if self.cls is not None else None
+        return z, e
+
+
+def _data():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(N, D, dtype=torch.float64, generator=g), torch.tensor(LABELS)
+
+
+def _model(classifier=True):
+    torch.manual_seed(11)
+    return _BranchEmbedder(classifier).double()
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _check_ddp_step(rank, loss_fn, single_fn, what, classifier=True):
+    """DDP on this rank's slice with loss_fn vs. one process on the whole batch with single_fn."""
+    x, y = _data()
+    ref_model = _model(classifier)
+    ref_loss = single_fn(ref_model, x, y)
+    ref_loss.backward()
+    ddp = DDP(_model(classifier))
+    loss = loss_fn(ddp, x[_local(rank)], y[_local(rank)])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= WORLD
+    assert _rel(mean_loss, ref_loss.detach()) < REL, f"{what}: loss {float(mean_loss)} vs {float(ref_loss)}"
+    for (name, _), g, r in zip(ddp.module.named_parameters(), _grads(ddp.module), _grads(ref_model)):
+        assert _rel(g, r) < REL, f"{what}: gradient of {name} differs, rel err {_rel(g, r):.3g}"
+    return float(mean_loss)
+
+
+def _triplet_cross_rank(rank, backend, margin):
+    group = dist.group.WORLD
+
+    def combine(aux_t, ksl_h):  # distinct weights so that each output's gradient is checked
+        return 0.7 * aux_t + 1.3 * ksl_h
+
+    def distributed(model, x, y):
+        return combine(*ksl_ops.branch_triplet(model(x)[1], y, margin, backend=backend, process_group=group))
+
+    def single(model, x, y):
+        return combine(*ksl_ops.branch_triplet(model(x)[1], y, margin, backend=backend))
+
+    cross = _check_ddp_step(rank, distributed, single, f"cross-rank {backend} margin={margin}", classifier=False)
+
+    # Without a process group each rank mines only its own batch: DDP's average is the gradient of the
+    # mean of the per-rank losses, which differs from the global mining here.
+    def per_rank_mean(model, x, y):
+        n = N // WORLD
+        return sum(combine(*ksl_ops.branch_triplet(model(x[s])[1], y[s], margin, backend=backend))
+                   for s in (slice(r * n, (r + 1) * n) for r in range(WORLD))) / WORLD
+
+    local = _check_ddp_step(rank, single, per_rank_mean, f"local {backend} margin={margin}", classifier=False)
+    assert abs(local - cross) > 1e-3 * abs(cross), "the data should make cross-rank negatives matter"
+
+    # "none" gives this rank's anchors' terms of the global batch; "sum" is W times their sum.
+    x, y = _data()
+    e = _model(False)(x)[1].detach()
+    whole = ksl_ops.branch_triplet(e, y, margin, reduction="none", backend=backend)
+    mine = ksl_ops.branch_triplet(e[:, _local(rank)], y[_local(rank)], margin, reduction="none",
+                                  backend=backend, process_group=group)
+    torch.testing.assert_close(mine[0], whole[0][:, _local(rank)], rtol=1e-12, atol=0)
+    torch.testing.assert_close(mine[1], whole[1][:, :, _local(rank)], rtol=1e-12, atol=0)
+    summed = ksl_ops.branch_triplet(e[:, _local(rank)], y[_local(rank)], margin, reduction="sum",
+                                    backend=backend, process_group=group)
+    torch.testing.assert_close(summed[0], WORLD * whole[0][:, _local(rank)].sum(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("margin", [0.3, None])
+def test_branch_triplet_ddp_equals_single_process(ddp_results, backend, margin):
+    _expect(ddp_results, f"triplet-{backend}-{margin}")
+
+
+def _ksl_step(rank, backend, branches):
+    group = dist.group.WORLD
+
+    def pick(z, e):
+        return (z[:1], e[:1]) if branches == 1 else (z, e)
+
+    def run(model, x, y, pg):
+        z, e = pick(*model(x))
+        crit = ksl_ops.KSLLoss(K, triplet_start_epoch=0, backend=backend, process_group=pg)
+        out = crit(z, e, y, epoch=0)
+        assert set(out.terms) == ({"ce", "triplet"} if branches == 1 else
+                                  {"ce", "triplet", "ksl_h", "ksl_pp", "ksl_pa", "ksl_ep", "ksl_ea"})
+        return out.total
+
+    _check_ddp_step(rank, lambda m, x, y: run(m, x, y, group), lambda m, x, y: run(m, x, y, None),
+                    f"KSLLoss {backend} B={branches}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("branches", [B, 1])
+def test_ksl_loss_ddp_step_equals_single_process(ddp_results, backend, branches):
+    _expect(ddp_results, f"ksl-{backend}-B{branches}")
+
+
+def _unequal_shapes(rank):
+    # Ranks disagree on the batch size: a clear error on every rank, not an aborted all-gather.
+    e = torch.randn(B, 4 + rank, L, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"same shape \[B, N, L\].*rank 0: \(3, 4, 5\), rank 1: \(3, 5, 5\)"):
+        ksl_ops.branch_triplet(e, torch.arange(4 + rank), process_group=dist.group.WORLD)
+
+
+def test_unequal_batches_across_ranks_raise(ddp_results):
+    _expect(ddp_results, "unequal-shapes")
+
+
+CASES = ([(f"triplet-{b}-{m}", _triplet_cross_rank, (b, m)) for b in BACKENDS for m in (0.3, None)]
+         + [(f"ksl-{b}-B{n}", _ksl_step, (b, n)) for b in BACKENDS for n in (B, 1)]
+         + [("unequal-shapes", _unequal_shapes, ())])
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """Spawn the 2 gloo ranks once and run every case; {case: [rank 0's error or None, rank 1's]}."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(out / "init"), str(out), CASES), nprocs=WORLD, join=True)
+    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {name: [p.get(name, "not run") for p in per_rank] for name, _, _ in CASES}
+
+
+def _expect(results, name):
+    errors = [f"rank {r}:\n{e}" for r, e in enumerate(results[name]) if e is not None]
+    assert not errors, "\n".join(errors)
+
+
+def test_process_group_without_init_raises():
+    e = torch.randn(B, 4, L)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ksl_ops.branch_triplet(e, torch.arange(4), process_group=object())
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed samplers (no processes needed: every rank's sampler is a pure function of its rank)
+# ---------------------------------------------------------------------------------------------
+
+from ksl_ops.data import RandomIdentitySampler, RandomSampler  # noqa: E402
+from ksl_ops.data.distributed_samplers import DistributedRandomIdentitySampler, DistributedRandomSampler  # noqa: E402
+
+
+def _pk_pids(num_ids=16, per_id=8):
+    return [pid for pid in range(num_ids) for _ in range(per_id)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pk_sampler_gives_disjoint_whole_identities_and_covers_every_image(world):
+    pids, K, P = _pk_pids(), 4, 4 // (world // 2)   # per-rank P x K; the global batch is 32 images
+    samplers = [DistributedRandomIdentitySampler(pids, P * K, K, world, r, seed=7) for r in range(world)]
+    one = RandomIdentitySampler(pids, world * P * K, K, seed=7)
+    epochs = []
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        one.set_epoch(epoch)
+        per_rank = [s.rank_batches() for s in samplers]
+        assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == samplers[0].num_batches > 0
+        for t, step in enumerate(zip(*per_rank)):
+            ids = []
+            for batch in step:
+                assert len(batch) == P * K
+                counts = {}
+                for i in batch:
+                    counts[pids[i]] = counts.get(pids[i], 0) + 1
+                assert sorted(counts.values()) == [K] * P, "a rank's batch holds P whole identities"
+                ids.append(set(counts))
+            assert len(set().union(*ids)) == world * P, f"step {t}: ranks share an identity"
+        flat = [i for rank in per_rank for b in rank for i in b]
+        assert len(flat) == len(set(flat)) == len(pids), "every image exactly once per epoch, on one rank"
+        assert {pids[i] for i in flat} == set(pids)
+        # Step t of all ranks concatenated is step t of one process with the global batch.
+        single = list(iter(one))
+        assert [i for step in zip(*per_rank) for b in step for i in b] == single
+        assert sum(len(s) for s in samplers) == len(one)
+        epochs.append(per_rank)
+    assert epochs[0] != epochs[1], "reshuffled per epoch"
+    samplers[0].set_epoch(0)
+    assert samplers[0].rank_batches() == epochs[0][0], "an epoch is a function of (seed, epoch)"
+
+
+def test_random_sampler_splits_one_permutation():
+    world, b, n = 3, 5, 47
+    samplers = [DistributedRandomSampler(n, b, world, r, seed=2) for r in range(world)]
+    one = RandomSampler(n, seed=2)
+    for s in samplers:
+        s.set_epoch(4)
+    one.set_epoch(4)
+    parts = [list(iter(s)) for s in samplers]
+    assert all(len(p) == len(s) == 3 * b for p, s in zip(parts, samplers))  # 47 // 15 = 3 global batches
+    perm = list(iter(one))
+    assert [i for t in range(3) for p in parts for i in p[t * b:(t + 1) * b]] == perm[:45]
+    assert DistributedRandomSampler(n, b, 1, 0, seed=2).__len__() == 45
+
+
+def test_distributed_sampler_bad_input():
+    with pytest.raises(ValueError, match="rank must be in"):
+        DistributedRandomIdentitySampler(_pk_pids(), 8, 4, 2, 2)
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        DistributedRandomIdentitySampler(_pk_pids(), 6, 4, 2, 0)
+    with pytest.raises(ValueError, match="num_replicas must be >= 1"):
+        DistributedRandomSampler(10, 2, 0, 0)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        DistributedRandomSampler(10, 2, 2, 1.0)
+    with pytest.raises(ValueError, match="larger than the 10 samples"):
+        DistributedRandomSampler(10, 6, 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: a 1-epoch DDP training on 2 processes, checkpointed, resumed by one process
+# ---------------------------------------------------------------------------------------------
+
+def test_torchrun_trains_and_resumes_on_another_world_size(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ksl_ops.data import render_synthetic
+
+    synth = dict(num_train_ids=6, num_test_ids=4, num_cams=2, images_per_cam=3)
+    root = render_synthetic(tmp_path / "synthetic", height=32, width=16, **synth)
+    out = tmp_path / "run"
+    args = ["train", "--data-root", str(root), "--synth-ids", "6", "4", "--synth-cams", "2", "--synth-images", "3",
+            "--height", "32", "--width", "16", "--batch-size", "8", "--num-instances", "2", "--epochs", "2",
+            "--triplet-start", "0", "--max-iters", "2", "--workers", "0", "--output-dir", str(out),
+            "--progress", "off", "--device", "cpu", "--stop-after", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "ksl_ops.cli"] + args, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("epoch   1/2") == 1, "rank 0 alone logs:\n" + first.stdout
+    assert "stopping after epoch 1/2" in first.stdout
+    state = torch.load(out / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"][0]["world_size"] == 2 and "ksl_h" in metrics["history"][0]["loss"]
+
+    second = subprocess.run([sys.executable, "-m", "ksl_ops.cli", "train", "--resume", str(out / "last.ckpt"),
+                             "--workers", "0", "--progress", "off"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resumed from" in second.stdout and "epoch   2/2" in second.stdout and "mAP" in second.stdout
+    assert torch.load(out / "last.ckpt", weights_only=False)["epoch"] == 2
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and "world_size" not in history[1]
