@@ -1,8 +1,7 @@
-"""Full-training benchmark of KSL (DESIGN.md §7): three backbones, fused vs reference losses, Table 4.
+"""Full-training benchmark of KSL (DESIGN.md §7): three backbones, fused vs reference losses.
 
     python bench/train.py --quick                   # smoke run (a minute on a CPU)
     python bench/train.py                            # backbones + fused/reference, synthetic set
-    python bench/train.py --ablation --seeds 0 1 2   # + the Table-4 ablation (mean ± std over seeds)
     python bench/train.py --data-root /data --dataset market1501 --preset paper --device cuda
     python bench/train.py --nproc 2                  # images/s of 1 vs 2 processes (DDP); bench/ddp_scaling.py
 
@@ -13,8 +12,8 @@ Reports, per backbone:
   * full KSL training with the fused ops and with the pure-PyTorch reference: images/s, the share
     of step time spent in the losses (loss forward + backward, timed inside each step), final
     R1/mAP of the main branch;
-and, with --ablation, the Table-4 ablation on CMSNet (baseline, AUX, +KSL-P, +KSL-E, +KSL-H, KSL)
-over several seeds. JSON and PNG go to bench/results/ (the device name is in the file and the name).
+JSON and PNG go to bench/results/ (the device name is in the file and the name). The paper's ablations
+(Tables 1, 4, 5, 6) with paired seeds are bench/ablation.py.
 Timings are ratios measured side by side in one run; absolute numbers hold for the device reported.
 """
 from __future__ import annotations
@@ -23,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,13 +41,6 @@ from ksl_ops.engine.trainer import Trainer, load_dataset, resolve_device  # noqa
 BACKBONES = ("cmsnet", "mobilenetv2", "shufflenetv2")
 # Paper numbers (main branch, inference): parameters in millions, multiply-adds in millions at 256x128.
 PAPER = {"cmsnet": (2.1, 911), "mobilenetv2": (2.2, 204), "shufflenetv2": (1.2, 94)}
-ABLATION = ("baseline", "aux", "ksl-p", "ksl-e", "ksl-h", "ksl")
-# Paper Table 4 (CMSNet on CUHK03, R1 / mAP) for the same loss sets: AUX + one constraint is its
-# "+KSL-P" (cumulative from AUX), "KSL-E" and "KSL-H" rows; all three is its last cumulative row.
-PAPER_TABLE4 = {"baseline": (57.1, 54.2), "aux": (63.8, 61.1), "ksl-p": (73.6, 71.4), "ksl-e": (73.9, 71.6),
-                "ksl-h": (66.8, 63.6), "ksl": (76.8, 73.7)}
-
-
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -93,10 +84,6 @@ def run_training(cfg: TrainConfig, dataset, label: str):
     }
 
 
-def mean_std(xs):
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def plot(results, path: Path):
     import matplotlib
 
@@ -104,8 +91,7 @@ def plot(results, path: Path):
     import matplotlib.pyplot as plt
 
     runs = results.get("training") or {}
-    abl = results.get("ablation")
-    panels = (["img/s", "loss share", "accuracy"] if runs else []) + (["ablation"] if abl else [])
+    panels = ["img/s", "loss share", "accuracy"]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5 * len(panels), 8), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     if runs:
@@ -126,47 +112,10 @@ def plot(results, path: Path):
             ax.set_xticklabels(names)
             ax.set_title(title)
             ax.legend(fontsize=8)
-    if abl:
-        ax = axes["ablation"]
-        keys = list(abl)
-        for j, metric in enumerate(("R1", "mAP")):
-            ax.bar([i + j * 0.4 for i in range(len(keys))], [abl[k][metric][0] for k in keys], 0.4,
-                   yerr=[abl[k][metric][1] for k in keys], label=metric, capsize=3)
-        ax.set_xticks([i + 0.2 for i in range(len(keys))])
-        ax.set_xticklabels(keys, rotation=30)
-        ax.set_title(f"Table-4 ablation (CMSNet, {len(results['ablation_seeds'])} seeds, mean ± std)")
-        ax.legend()
     fig.suptitle(f"KSL training bench on {results['device']} ({results['dataset']}, {results['input']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def merge_ablations(paths, out_dir: Path) -> Path:
-    """Combine the ablation rows of several runs (e.g. one process per seed) into one JSON + PNG."""
-    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    rows = {}
-    for part in parts:
-        for losses, row in part.get("ablation", {}).items():
-            rows.setdefault(losses, []).extend(row["runs"])
-    abl = {}
-    for losses in [k for k in ABLATION if k in rows]:
-        runs = rows[losses]
-        abl[losses] = {"R1": mean_std([r["R1"] for r in runs]), "mAP": mean_std([r["mAP"] for r in runs]),
-                       "runs": runs, "paper_cuhk03": PAPER_TABLE4.get(losses)}
-    seeds = sorted({s for part in parts for s in part.get("ablation_seeds", [])})
-    merged = {k: parts[0][k] for k in ("device", "torch", "ksl_ops_backend", "dataset", "input", "schedule")}
-    merged.update(ablation=abl, ablation_seeds=seeds, merged_from=[str(p) for p in paths])
-    dev_tag = "cuda" if "CPU" not in merged["device"] else "cpu"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"train_ablation_{dev_tag}.json"
-    json_path.write_text(json.dumps(merged, indent=2), encoding="utf-8")
-    plot(merged, json_path.with_suffix(".png"))
-    for losses, a in abl.items():
-        print(f"  {losses:<9} R1 {a['R1'][0]:5.1f} ± {a['R1'][1]:4.1f} | mAP {a['mAP'][0]:5.1f} ± {a['mAP'][1]:4.1f} "
-              f"({len(a['runs'])} runs)")
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
-    return json_path
 
 
 def main(argv=None) -> int:
@@ -189,22 +138,13 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-iters", type=int, default=None, help="cap on iterations per epoch")
-    p.add_argument("--ablation", action="store_true", help="also run the Table-4 ablation on CMSNet")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the ablation")
-    p.add_argument("--ablation-losses", nargs="+", default=list(ABLATION), choices=ABLATION,
-                   help="which rows of the ablation to run (to split it over processes)")
     p.add_argument("--no-costs", action="store_true", help="skip the parameter / MAC table")
     p.add_argument("--skip-training", action="store_true",
-                   help="skip the per-backbone runs (with --ablation: only the ablation, written to ablation_*.json)")
+                   help="skip the per-backbone training runs (model costs only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--output", default=str(HERE / "results"), help="folder for the JSON and PNG")
-    p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="only combine the ablation rows of these result files (one per process) into one")
     args = p.parse_args(argv)
-    if args.merge:
-        merge_ablations(args.merge, Path(args.output))
-        return 0
 
     dev = resolve_device(args.device)
     workers = args.workers if args.workers is not None else (4 if dev.type == "cuda" else 0)
@@ -219,8 +159,6 @@ def main(argv=None) -> int:
         synthetic = dict(num_train_ids=8, num_test_ids=6, num_cams=2, images_per_cam=4)
         defaults = dict(epochs=1, height=32, width=16, batch_size=16, max_iters_per_epoch=2)
         overrides = {k: (v if v is not None else defaults.get(k)) for k, v in overrides.items()}
-        if args.seeds == [0, 1, 2]:
-            args.seeds = [0, 1]
     base = TrainConfig.from_preset(
         args.preset, dataset=args.dataset, data_root=args.data_root
         or (str(out_dir / "data" / ("synthetic-quick" if args.quick else "synthetic")) if args.dataset == "synthetic" else None),
@@ -265,26 +203,7 @@ def main(argv=None) -> int:
                   f"of step time ({r['loss_ms_per_step']:.1f} ms/step) | R1 {r['R1']:.1f} mAP {r['mAP']:.1f}", flush=True)
     results["training"] = training
 
-    if args.ablation:
-        print(f"\nTable-4 ablation on CMSNet, seeds {args.seeds}")
-        backend = "fused" if "fused" in backends else "reference"
-        abl = {}
-        for losses in args.ablation_losses:
-            per_seed = []
-            for seed in args.seeds:
-                cfg = TrainConfig.from_dict({**base.to_dict(), "backbone": "cmsnet", "losses": losses, "seed": seed,
-                                             "backend": backend, "output_dir": str(runs_dir / f"ablation_{losses}_s{seed}")})
-                per_seed.append(run_training(cfg, dataset, f"{losses}/seed{seed}"))
-            abl[losses] = {"R1": mean_std([r["R1"] for r in per_seed]), "mAP": mean_std([r["mAP"] for r in per_seed]),
-                           "runs": per_seed, "paper_cuhk03": PAPER_TABLE4.get(losses)}
-            a = abl[losses]
-            print(f"  {losses:<9} R1 {a['R1'][0]:5.1f} ± {a['R1'][1]:4.1f} | mAP {a['mAP'][0]:5.1f} ± {a['mAP'][1]:4.1f}"
-                  + (f" | paper (CUHK03) {a['paper_cuhk03'][0]} / {a['paper_cuhk03'][1]}" if a["paper_cuhk03"] else ""),
-                  flush=True)
-        results["ablation"] = abl
-        results["ablation_seeds"] = args.seeds
-
-    tag = ("quick_" if args.quick else "") + ("ablation_" if args.skip_training else "")
+    tag = "quick_" if args.quick else ""
     dev_tag = "cuda" if dev.type == "cuda" else "cpu"
     json_path = out_dir / f"train_{tag}{dev_tag}.json"
     png_path = out_dir / f"train_{tag}{dev_tag}.png"
