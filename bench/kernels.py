@@ -1,8 +1,11 @@
 """Kernel micro-benchmarks of the three KSL loss ops (DESIGN.md §7).
 
-For every op, size and available device it times the fused op, the eager pure-PyTorch reference and
-the torch.compile'd reference, forward only and forward + backward, side by side in one process, and
-records peak memory (CUDA). Everything goes through the public API, ``ksl_ops.<op>(..., backend=...)``.
+For every op, size and available device it times, forward only and forward + backward, side by side
+in one process: the fused op; the readable pure-PyTorch reference, eager and torch.compile'd; the
+vectorised eager formulation a user would write instead (bench/baselines.py), eager and
+torch.compile'd; and for the triplet pytorch-metric-learning's TripletMarginLoss + BatchHardMiner
+(with the `bench` extra). It records peak memory (CUDA) and the per-call host overhead of each op at a
+tiny size against `torch.log_softmax(z, -1).sum().backward()`.
 
     python bench/kernels.py                          # Re-ID sizes on every device, all ops
     python bench/kernels.py --device cpu --ops embedding_consensus --repeats 200
@@ -42,8 +45,17 @@ import torch  # noqa: E402
 
 import ksl_ops  # noqa: E402
 
+try:  # run as a script (bench/ on sys.path) or as bench.kernels
+    from bench import baselines  # noqa: E402
+except ImportError:  # pragma: no cover
+    import baselines  # noqa: E402
+
 OPS = ("prob_consensus", "embedding_consensus", "branch_triplet")
-IMPLS = ("fused", "reference", "compiled")
+# fused: the op; reference / compiled: the readable reference, eager and torch.compile'd;
+# vectorised / vec-compiled: what a user would write (bench/baselines.py), eager and compiled;
+# pml: pytorch-metric-learning's TripletMarginLoss + BatchHardMiner (branch_triplet only).
+IMPLS = ("fused", "reference", "compiled", "vectorised", "vec-compiled", "pml")
+BASELINES = ("reference", "compiled", "vectorised", "vec-compiled", "pml")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -105,6 +117,27 @@ def _call(op: str, backend: str):
         return fn(*inputs, backend=backend)
 
     return run
+
+
+def _vectorised(op: str):
+    return getattr(baselines, op)
+
+
+def _impls(op: str, use_compile: bool, which) -> dict:
+    """name -> callable for the implementations to time (compiled ones are compiled lazily)."""
+    out = {}
+    for name in which:
+        if name == "fused" or name == "reference":
+            out[name] = _call(op, name)
+        elif name == "compiled" and use_compile:
+            out[name] = torch.compile(_call(op, "reference"), dynamic=False)
+        elif name == "vectorised":
+            out[name] = _vectorised(op)
+        elif name == "vec-compiled" and use_compile:
+            out[name] = torch.compile(_vectorised(op), dynamic=False)
+        elif name == "pml" and op == "branch_triplet" and baselines.pml_available():
+            out[name] = baselines.pml_triplet()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +229,7 @@ def _fused_available(case: Case, device, dtype) -> Optional[str]:
         raise
 
 
-def run_case(case: Case, device, dtype, repeats, use_compile) -> dict:
+def run_case(case: Case, device, dtype, repeats, use_compile, which=IMPLS) -> dict:
     record = {"op": case.op, "size": case.size, "label": case.label, "shape": case.shape,
               "dtype": str(dtype).replace("torch.", ""), "results": {}, "status": "ok"}
     why = _fused_available(case, device, dtype)
@@ -208,19 +241,17 @@ def run_case(case: Case, device, dtype, repeats, use_compile) -> dict:
     for x in inputs:
         if x.is_floating_point():
             x.requires_grad_(True)
-    impls = {"fused": _call(case.op, "fused"), "reference": _call(case.op, "reference")}
-    if use_compile:
-        torch._dynamo.reset()
-        impls["compiled"] = torch.compile(_call(case.op, "reference"), dynamic=False)
+    torch._dynamo.reset()
+    impls = _impls(case.op, use_compile, which)
     warmup = max(3, repeats // 10)
     for name, fn in impls.items():
         for mode in MODES:
             key = f"{name}/{mode}"
             try:
-                if name == "compiled":  # compile (untimed) before the timed warm-up
+                if name in ("compiled", "vec-compiled"):  # compile (untimed) before the timed warm-up
                     t0 = time.perf_counter()
                     _step(fn, inputs, mode)
-                    record.setdefault("compile_s", {})[mode] = time.perf_counter() - t0
+                    record.setdefault("compile_s", {})[key] = time.perf_counter() - t0
                 stats = _time(fn, inputs, mode, device, repeats, warmup)
                 stats["peak_bytes"] = _peak_memory(fn, inputs, mode, device)
                 record["results"][key] = stats
@@ -232,7 +263,7 @@ def run_case(case: Case, device, dtype, repeats, use_compile) -> dict:
     ratios = {}
     for mode in MODES:
         fused = record["results"].get(f"fused/{mode}", {}).get("median_ms")
-        for other in ("reference", "compiled"):
+        for other in BASELINES:
             t = record["results"].get(f"{other}/{mode}", {}).get("median_ms")
             if fused and t:
                 ratios[f"{other}/fused {mode}"] = t / fused
@@ -287,8 +318,8 @@ def _fmt_mb(stats: Optional[dict]) -> str:
 
 def print_table(device_name: str, records: list, bandwidth: Optional[dict]) -> None:
     print(f"\n== {device_name} ==")
-    head = (f"{'op':<20} {'size':<16} {'mode':<8} {'fused':>9} {'reference':>10} {'compiled':>10} "
-            f"{'ref/fused':>9} {'comp/fused':>10} {'MiB fused/ref/comp':>20}")
+    head = f"{'op':<20} {'size':<16} {'mode':<8} " + " ".join(f"{i:>12}" for i in IMPLS)
+    head += " " + " ".join(f"{(b + '/f'):>15}" for b in BASELINES)
     if bandwidth:
         head += f" {'GB/s':>7} {'% copy':>7}"
     print(head)
@@ -300,22 +331,30 @@ def print_table(device_name: str, records: list, bandwidth: Optional[dict]) -> N
         for mode in MODES:
             res = rec["results"]
             r = rec["ratios"]
-            ref_ratio = r.get(f"reference/fused {mode}")
-            comp_ratio = r.get(f"compiled/fused {mode}")
-            mem = "/".join(_fmt_mb(res.get(f"{i}/{mode}")) for i in IMPLS)
-            line = (f"{rec['op']:<20} {rec['label']:<16} {mode:<8} {_fmt_ms(res.get('fused/' + mode)):>9} "
-                    f"{_fmt_ms(res.get('reference/' + mode)):>10} {_fmt_ms(res.get('compiled/' + mode)):>10} "
-                    f"{(f'{ref_ratio:.2f}x' if ref_ratio else '-'):>9} {(f'{comp_ratio:.2f}x' if comp_ratio else '-'):>10} "
-                    f"{mem:>20}")
+            line = f"{rec['op']:<20} {rec['label']:<16} {mode:<8} "
+            line += " ".join(f"{_fmt_ms(res.get(f'{i}/{mode}')):>12}" for i in IMPLS)
+            ratios = [r.get(f"{b}/fused {mode}") for b in BASELINES]
+            line += " " + " ".join(f"{(f'{x:.2f}x' if x else '-'):>15}" for x in ratios)
             bw = rec.get("bandwidth", {}).get(mode)
             if bandwidth and bw:
                 line += f" {bw['GBps']:>7.0f} {100 * bw['fraction_of_copy']:>6.0f}%"
             print(line)
+            if any(res.get(f"{i}/{mode}", {}).get("peak_bytes") is not None for i in IMPLS):
+                print(f"{'':<46}peak MiB " + " ".join(f"{_fmt_mb(res.get(f'{i}/{mode}')):>12}" for i in IMPLS))
     if bandwidth:
         print(f"device copy (clone of 1 GiB): {bandwidth['GBps']:.0f} GB/s")
 
 
-def plot(path: str, device_name: str, records: list) -> None:
+def print_overhead(device_name: str, overhead: dict) -> None:
+    print(f"\n== per-call host overhead, {device_name}: {overhead['shape']}, fwd+bwd ==")
+    base = overhead["baseline"]
+    print(f"{'baseline: ' + base['what']:<60} {base['median_us']:>8.1f} us")
+    for op, r in overhead["ops"].items():
+        print(f"{op:<60} {r['median_us']:>8.1f} us  {r['ratio_to_baseline']:.2f}x baseline"
+              f"   (forward op alone {r['bare_forward_us']:.1f} us)")
+
+
+def plot(path: str, device_name: str, records: list, overhead: Optional[dict] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,18 +362,26 @@ def plot(path: str, device_name: str, records: list) -> None:
     import matplotlib.ticker
 
     done = [r for r in records if r["status"] == "ok" and r["ratios"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(done) + 2), 4.5))
-    series = [(k, f"{k.split('/')[0]} / fused, {k.split(' ')[1]}") for k in
-              ("reference/fused fwd", "reference/fused fwd+bwd", "compiled/fused fwd", "compiled/fused fwd+bwd")]
-    width = 0.8 / len(series)
-    colors = ["#9ecae1", "#3182bd", "#fdae6b", "#e6550d"]
-    for i, ((key, name), color) in enumerate(zip(series, colors)):
+    ncols = 2 if overhead else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(max(7.0, 2.2 * len(done) + 2) + (5 if overhead else 0), 4.8),
+                             gridspec_kw={"width_ratios": [3, 1]} if overhead else None, squeeze=False)
+    ax = axes[0][0]
+    keys = [k for k in ("vectorised/fused", "vec-compiled/fused", "pml/fused", "reference/fused", "compiled/fused")
+            if any(f"{k} fwd+bwd" in r["ratios"] or f"{k} fwd" in r["ratios"] for r in done)]
+    series = [(f"{k} {m}", f"{k.split('/')[0]} / fused, {m}") for k in keys for m in MODES]
+    palette = {"vectorised": ("#c7e9c0", "#31a354"), "vec-compiled": ("#fdd0a2", "#e6550d"),
+               "pml": ("#dadaeb", "#756bb1"), "reference": ("#c6dbef", "#3182bd"),
+               "compiled": ("#d9d9d9", "#636363")}
+    width = 0.85 / max(1, len(series))
+    for i, (key, name) in enumerate(series):
+        impl, mode = key.split("/")[0], key.split(" ")[1]
+        color = palette[impl][MODES.index(mode)]
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(done))]
         ys = [r["ratios"].get(key, float("nan")) for r in done]
         bars = ax.bar(xs, ys, width, label=name, color=color)
         for bar, y in zip(bars, ys):
             if not math.isnan(y):
-                ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+                ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=6)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(done)))
     ax.set_xticklabels([f"{r['op']}\n{r['label']}" for r in done], fontsize=8)
@@ -342,14 +389,91 @@ def plot(path: str, device_name: str, records: list) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("time ratio (> 1: fused is faster)")
-    ax.set_title(f"ksl-ops fused kernels vs reference — {device_name}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"ksl-ops fused kernels vs alternatives — {device_name}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    if overhead:
+        ax2 = axes[0][1]
+        names = ["baseline"] + list(overhead["ops"])
+        vals = [overhead["baseline"]["median_us"]] + [r["median_us"] for r in overhead["ops"].values()]
+        ax2.bar(range(len(vals)), vals, color=["#636363"] + ["#3182bd"] * (len(vals) - 1))
+        ax2.axhline(1.5 * overhead["baseline"]["median_us"], color="#e6550d", linestyle="--", linewidth=0.8,
+                    label="1.5x baseline")
+        ax2.set_xticks(range(len(vals)))
+        ax2.set_xticklabels(["log_softmax\n.sum().backward()"] + [n.replace("_", "_\n") for n in names[1:]],
+                            fontsize=7)
+        ax2.set_ylabel("µs per call, fwd+bwd")
+        ax2.set_title(f"host overhead, {overhead['shape']}", fontsize=9)
+        ax2.legend(fontsize=7)
     not_run = [f"{r['op']} {r['label']}" for r in records if r["status"] != "ok"]
     if not_run:
         fig.text(0.01, 0.01, "not available: " + ", ".join(not_run), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def measure_overhead(device, repeats: int) -> dict:
+    """Per-call cost of each op at a tiny size (B=3, N=2, K=L=4), forward + backward through the
+    public API, against `torch.log_softmax(z, -1).sum().backward()` on the same input, interleaved
+    so that both see the same machine load. On a GPU this is host time per call (the kernels are far
+    shorter than the launches), measured over a burst of calls with one synchronisation at the end."""
+    torch.manual_seed(0)
+    B, N, K = 3, 2, 4
+    z = torch.randn(B, N, K, device=device, requires_grad=True)
+    e = torch.randn(B, N, K, device=device, requires_grad=True)
+    y = torch.tensor([0, 1], device=device)
+
+    def baseline():
+        torch.log_softmax(z, -1).sum().backward()
+
+    def both(outs):  # the loss a user writes from the op's two outputs
+        (outs[0] + outs[1]).backward()
+
+    steps = {
+        "prob_consensus": lambda: both(ksl_ops.prob_consensus(z)),
+        "embedding_consensus": lambda: both(ksl_ops.embedding_consensus(e)),
+        "branch_triplet": lambda: both(ksl_ops.branch_triplet(e, y)),
+    }
+    bare = {
+        "prob_consensus": lambda: torch.ops.ksl_ops.prob_consensus(z.detach(), 1.0, True, 1, False),
+        "embedding_consensus": lambda: torch.ops.ksl_ops.embedding_consensus(e.detach(), 1),
+        "branch_triplet": lambda: torch.ops.ksl_ops.branch_triplet(e.detach(), y, 0.3, False, 1),
+    }
+    # On a GPU: the mean over a burst of calls with one synchronisation at the end (host time per
+    # call, since the tiny kernels finish long before the next launch). On the CPU each call is timed
+    # on its own, so that a call that lost the core to another process is one outlier, not a burst.
+    burst = 20 if device.type == "cuda" else 1
+
+    def per_call_us(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / burst * 1e6
+
+    inner = 1 if device.type == "cuda" else 20
+    fns = {"baseline": baseline, **steps, **{f"bare/{k}": v for k, v in bare.items()}}
+    for fn in fns.values():  # warm-up
+        for _ in range(20):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):  # interleaved: every round times every function `inner` times
+        for k, fn in fns.items():
+            for _ in range(inner):
+                samples[k].append(per_call_us(fn))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "shape": f"B={B}, N={N}, K=L={K}",
+        "baseline": {"what": "torch.log_softmax(z, -1).sum().backward()", "median_us": med["baseline"]},
+        "ops": {op: {"median_us": med[op], "ratio_to_baseline": med[op] / med["baseline"],
+                     "bare_forward_us": med[f"bare/{op}"]} for op in steps},
+        "method": (f"median over {repeats} interleaved rounds of the mean of {burst} back-to-back calls, "
+                   "synchronised at the end" if device.type == "cuda" else
+                   f"median of {repeats} interleaved rounds x {inner} calls, each timed on its own"),
+    }
 
 
 def main(argv=None) -> int:
@@ -360,7 +484,11 @@ def main(argv=None) -> int:
                         help="reid: B=3, N=64, K in {751, 4101}, L=512; large: N=1024, K=100000, L=2048, "
                              "triplet N=4096 (CUDA only unless --large-on-cpu)")
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per measurement (median)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd implementations")
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help=f"comma-separated subset of {', '.join(IMPLS)} (pml needs the bench extra)")
+    parser.add_argument("--overhead-repeats", type=int, default=30,
+                        help="rounds of the per-call host overhead measurement (0: skip it)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     parser.add_argument("--large-on-cpu", action="store_true", help="also run the large sizes on the CPU")
     parser.add_argument("--threads", type=int, default=None,
@@ -375,6 +503,10 @@ def main(argv=None) -> int:
         parser.error(f"--ops: unknown op(s) {unknown}; choose from {list(OPS)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    which = [i.strip() for i in args.impls.split(",") if i.strip()]
+    bad = sorted(set(which) - set(IMPLS))
+    if bad or "fused" not in which:
+        parser.error(f"--impls: must include fused and come from {list(IMPLS)}, got {which}")
     dtype = getattr(torch, args.dtype)
     if args.threads is not None:
         if args.threads < 1:
@@ -402,7 +534,7 @@ def main(argv=None) -> int:
         records = []
         for case in dev_cases:
             print(f"[{name}] {case.op} {case.label} ...", flush=True)
-            rec = run_case(case, device, dtype, args.repeats, not args.no_compile)
+            rec = run_case(case, device, dtype, args.repeats, not args.no_compile, which)
             if bandwidth and case.size == "large" and rec["status"] == "ok":
                 rec["bandwidth"] = {}
                 for mode, factor in (("fwd", 1), ("fwd+bwd", 3)):
@@ -414,6 +546,9 @@ def main(argv=None) -> int:
                                                   "fraction_of_copy": gbps / bandwidth["GBps"]}
             records.append(rec)
         print_table(name, records, bandwidth)
+        overhead = measure_overhead(device, args.overhead_repeats) if args.overhead_repeats > 0 else None
+        if overhead:
+            print_overhead(name, overhead)
         report = {
             "device": name,
             "device_type": device.type,
@@ -424,6 +559,7 @@ def main(argv=None) -> int:
             "git_commit": _git_commit(),
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "dtype": args.dtype,
             "repeats": args.repeats,
             "timing": "CUDA events, median per run" if device.type == "cuda" else "time.perf_counter, median per run",
@@ -431,6 +567,16 @@ def main(argv=None) -> int:
                             if device.type == "cuda" else "not measured on the CPU (null)"),
             "bytes_moved": "fwd: input bytes; fwd+bwd: 3 x input bytes (read, read again, write the gradient)",
             "copy_bandwidth": bandwidth,
+            "implementations": {
+                "fused": "ksl_ops.<op>(...), the C++/CUDA op",
+                "reference": "ksl_ops.<op>(..., backend='reference'), the readable pure-PyTorch spec",
+                "compiled": "torch.compile of the reference",
+                "vectorised": "bench/baselines.py: what a user would write (log-softmax once + broadcast KL; "
+                              "vector_norm of differences; one addmm for all distances + masked max/min)",
+                "vec-compiled": "torch.compile of the vectorised formulation",
+                "pml": "pytorch-metric-learning TripletMarginLoss + BatchHardMiner, per branch and via ref_emb",
+            },
+            "host_overhead": overhead,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "measurements": records,
         }
@@ -438,7 +584,7 @@ def main(argv=None) -> int:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
         png_path = os.path.join(args.out, f"kernels-{slug}.png")
-        plot(png_path, name, records)
+        plot(png_path, name, records, overhead)
         print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(png_path)}")
     return 0
 

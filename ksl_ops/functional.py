@@ -2,8 +2,9 @@
 
 Each public function validates its inputs (DESIGN.md §3.4), then runs either the fused operator
 (torch.ops.ksl_ops.*, through a torch.autograd.Function) or, with backend="reference", the
-pure-PyTorch reference in ksl_ops.reference. Fake (meta) kernels and autograd formulas are
-registered here with torch.library so that opcheck and torch.compile(fullgraph=True) work.
+pure-PyTorch reference in ksl_ops.reference. Fake (meta) kernels are registered here with
+torch.library so that opcheck and torch.compile(fullgraph=True) work; the autograd of every op is
+C++ (csrc/autograd.cpp), so a call is one dispatch forward and one backward.
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ _BACKENDS = ("fused", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_OPS_CACHE: dict = {}
+
+
+def _op(name: str):
+    """torch.ops.ksl_ops.<name>.default, looked up once (a clear error if the extension is missing)."""
+    try:
+        return _OPS_CACHE[name]
+    except KeyError:
+        op = _OPS_CACHE[name] = getattr(_ext.ops(), name).default
+        return op
+
+
 def _reduction_code(reduction: str) -> int:
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
@@ -50,6 +63,11 @@ def _stack_branches(x: TensorOrBranches, name: str, shape: str) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"{name} must be a {shape} tensor or a list of B {shape.replace('B, ', '')} tensors, "
                              f"got a tensor of shape {tuple(x.shape)}")
+        # The common case costs a few attribute reads; anything unusual falls through to the checks
+        # below, which name the problem.
+        b, n, d = x.shape
+        if b >= 2 and n and d and x.dtype in _FLOAT_DTYPES:
+            return x
         stacked = x
     elif isinstance(x, (list, tuple)):
         if not all(isinstance(t, torch.Tensor) for t in x):
@@ -99,14 +117,6 @@ def _check_positive_number(value, name: str, allow_zero: bool = False) -> float:
     return value
 
 
-def _must_validate_values() -> bool:
-    """Reading tensor values (label range) would sync a GPU and break CUDA-graph capture and
-    torch.compile's full graph; skip that one check there."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
     n = emb.size(1)
     if not isinstance(labels, torch.Tensor):
@@ -118,8 +128,8 @@ def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(labels.shape)}")
     if labels.device != emb.device:
         raise ValueError(f"labels must be on the embeddings' device {emb.device}, got {labels.device}")
-    if _must_validate_values() and bool((labels < 0).any()):
-        raise ValueError(f"labels must be non-negative identity indices, got min {int(labels.min())}")
+    # Negative labels are rejected by the operator itself, where it costs no host synchronisation: the
+    # CPU kernel raises a ValueError, CUDA a device-side assert.
     return labels
 
 
@@ -140,7 +150,7 @@ def _prob_saves_grad(detach_target: bool, reduction: int) -> bool:
 
 def _prob_consensus_fused(z, temperature, detach_target, reduction):
     save_grad = _prob_saves_grad(detach_target, reduction) and z.requires_grad and torch.is_grad_enabled()
-    pp, pa, _, _ = _ext.ops().prob_consensus(z, temperature, detach_target, reduction, save_grad)
+    pp, pa, _, _ = _op("prob_consensus")(z, temperature, detach_target, reduction, save_grad)
     return pp, pa
 
 
@@ -160,43 +170,9 @@ def _prob_consensus_backward_fake(grad_pp, grad_pa, logits, row_lse, temperature
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _prob_consensus_setup_context(ctx, inputs, output):
-    logits, temperature, detach_target, reduction, save_grad = inputs
-    pp, pa, row_lse, grad_dir = output
-    ctx.loss_shapes = (pp.shape, pa.shape)
-    ctx.temperature, ctx.detach_target, ctx.reduction = temperature, detach_target, reduction
-    ctx.branches = logits.shape[0]
-    # row_lse and grad_dir are saved state, not losses: no zero-filled [B, N, K] gradient for them.
-    ctx.mark_non_differentiable(row_lse, grad_dir)
-    ctx.set_materialize_grads(False)
-    ctx.uses_grad_dir = bool(save_grad) and _prob_saves_grad(detach_target, reduction)
-    if ctx.uses_grad_dir:
-        ctx.save_for_backward(grad_dir)
-    else:
-        ctx.save_for_backward(logits, row_lse)
-
-
-def _prob_consensus_backward(ctx, grad_pp, grad_pa, _grad_lse, _grad_dir):
-    if grad_pp is None and grad_pa is None:
-        return None, None, None, None, None
-    if grad_pp is None:
-        grad_pp = grad_pa.new_zeros(ctx.loss_shapes[0])
-    if grad_pa is None:
-        grad_pa = grad_pp.new_zeros(ctx.loss_shapes[1])
-    if ctx.uses_grad_dir:
-        (grad_dir,) = ctx.saved_tensors
-        return grad_dir * (grad_pp * (ctx.branches - 1) + grad_pa), None, None, None, None
-    logits, row_lse = ctx.saved_tensors
-    grad = _ext.ops().prob_consensus_backward(grad_pp, grad_pa, logits, row_lse, ctx.temperature,
-                                              ctx.detach_target, ctx.reduction)
-    return grad, None, None, None, None
-
-
 if _ext.available():
     torch.library.register_fake("ksl_ops::prob_consensus")(_prob_consensus_fake)
     torch.library.register_fake("ksl_ops::prob_consensus_backward")(_prob_consensus_backward_fake)
-    torch.library.register_autograd("ksl_ops::prob_consensus", _prob_consensus_backward,
-                                    setup_context=_prob_consensus_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,35 +202,13 @@ def _embedding_consensus_backward_fake(grad_ep, grad_ea, emb, norms, reduction):
     return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
 
-def _embedding_consensus_setup_context(ctx, inputs, output):
-    emb, reduction = inputs
-    ctx.reduction = reduction
-    ctx.save_for_backward(emb, output[2])
-    ctx.mark_non_differentiable(output[2])
-
-
-def _embedding_consensus_backward(ctx, grad_ep, grad_ea, _grad_norms):
-    emb, norms = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None
-    # An output that did not reach the loss may arrive as None; it contributes nothing.
-    if grad_ep is None:
-        grad_ep = emb.new_zeros((emb.shape[0], emb.shape[0], emb.shape[1]) if ctx.reduction == 0 else ())
-    if grad_ea is None:
-        grad_ea = emb.new_zeros((emb.shape[0], emb.shape[1]) if ctx.reduction == 0 else ())
-    grad = torch.ops.ksl_ops.embedding_consensus_backward(grad_ep, grad_ea, emb, norms, ctx.reduction)
-    return grad, None
-
-
 if _ext.available():  # without the extension only backend="reference" works; nothing to register
     torch.library.register_fake("ksl_ops::embedding_consensus")(_embedding_consensus_fake)
     torch.library.register_fake("ksl_ops::embedding_consensus_backward")(_embedding_consensus_backward_fake)
-    torch.library.register_autograd("ksl_ops::embedding_consensus", _embedding_consensus_backward,
-                                    setup_context=_embedding_consensus_setup_context)
 
 
 def _embedding_consensus_fused(e, reduction):
-    ep, ea, _ = _ext.ops().embedding_consensus(e, reduction)
+    ep, ea, _ = _op("embedding_consensus")(e, reduction)
     return ep, ea
 
 
@@ -265,13 +219,13 @@ def _embedding_consensus_fused(e, reduction):
 
 def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):
     """One pass of torch.ops.ksl_ops.branch_triplet; the winners' indices stay internal (saved for
-    the backward by the autograd registration below)."""
-    self_loss, cross_loss, _, _ = _ext.ops().branch_triplet(e, labels, margin, soft_margin, reduction)
+    the backward by the op's C++ autograd)."""
+    self_loss, cross_loss, _, _ = _op("branch_triplet")(e, labels, margin, soft_margin, reduction)
     return self_loss, cross_loss
 
 
 def _branch_triplet_register():
-    """Fake kernels and the autograd formula of branch_triplet (only once the extension loaded)."""
+    """Fake kernels of branch_triplet (only once the extension loaded)."""
 
     def loss_shapes(emb, reduction):
         B, N = emb.shape[0], emb.shape[1]
@@ -289,21 +243,6 @@ def _branch_triplet_register():
     @torch.library.register_fake("ksl_ops::branch_triplet_backward")
     def _(grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction):
         return torch.empty_like(emb, memory_format=torch.contiguous_format)
-
-    def setup_context(ctx, inputs, output):
-        emb, _, margin, soft_margin, reduction = inputs
-        _, _, pos_idx, neg_idx = output
-        ctx.save_for_backward(emb, pos_idx, neg_idx)
-        ctx.options = (margin, soft_margin, reduction)
-
-    def backward(ctx, grad_self, grad_cross, _grad_pos, _grad_neg):
-        emb, pos_idx, neg_idx = ctx.saved_tensors
-        margin, soft_margin, reduction = ctx.options
-        grad_emb = torch.ops.ksl_ops.branch_triplet_backward(
-            grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction)
-        return grad_emb, None, None, None, None
-
-    torch.library.register_autograd("ksl_ops::branch_triplet", backward, setup_context=setup_context)
 
 
 if _ext.available():

@@ -120,25 +120,26 @@ def test_low_precision(dtype, reduction, device):
 
     # Tolerances. The inputs are the same numbers in both, so the error is the kernel's float32
     # arithmetic plus rounding the result to `dtype`:
-    # * a squared distance sums L terms in 16 lanes of L/16 each and a 4-level tree, so its relative
-    #   error is at most about (L/16 + 5)·eps32; a distance (sqrt) has half of that, a term
-    #   d⁺ − d⁻ + margin an absolute error of at most (L/16 + 5)·eps32·(d⁺ + d⁻) ≤ 2(L/16+5)·eps32·d_max;
+    # * a squared distance sums L terms in chunks of 16 (in order, within a chunk) and then the L/16
+    #   chunk sums in order on the CPU, or in 16 lanes of L/16 each and a 4-level tree on CUDA, so its
+    #   relative error is at most about (L/16 + 16)·eps32; a distance (sqrt) has half of that, a term
+    #   d⁺ − d⁻ + margin an absolute error of at most (L/16 + 16)·eps32·(d⁺ + d⁻) ≤ 2(L/16+16)·eps32·d_max;
     # * `mean` sums B² means of such terms and `none` returns single terms: the absolute error is
-    #   below B²·2(L/16+5)·eps32·d_max;
+    #   below B²·2(L/16+16)·eps32·d_max;
     # * then one rounding to `dtype` (relative eps_dtype / 2, we allow eps_dtype).
     eps32 = torch.finfo(torch.float32).eps
     eps = torch.finfo(dtype).eps
     d_max = torch.cdist(emb.double().flatten(0, 1), emb.double().flatten(0, 1)).max().item()
-    atol = B * B * 2 * (L / 16 + 5) * eps32 * d_max
+    atol = B * B * 2 * (L / 16 + 16) * eps32 * d_max
     for got, want in ((a, ra), (c, rc)):
         err = (got.double() - want.detach()).abs()
         assert torch.all(err <= atol + eps * want.detach().abs()), err.max()
     # Gradients: coefficient (a − b)/d per winner, each from float32 differences of exact inputs and a
-    # float32 d (relative error ~(L/16+5)·eps32), summed over at most 3·B² contributions per row, then
+    # float32 d (relative error ~(L/16+16)·eps32), summed over at most 3·B² contributions per row, then
     # rounded to dtype. The hardest samples are the same (no near-ties in this seeded draw).
     g, rg = e.grad.double(), e64.grad
     g_scale = rg.abs().max().item()
-    g_tol = eps * g_scale + 3 * B * B * (L / 16 + 5) * eps32 * g_scale
+    g_tol = eps * g_scale + 3 * B * B * (L / 16 + 16) * eps32 * g_scale
     assert (g - rg).abs().max().item() <= g_tol
 
 
@@ -373,8 +374,9 @@ def test_bad_inputs(device):
         ksl_ops.branch_triplet(emb, [0, 0, 1, 1])
     with pytest.raises(ValueError, match="labels"):
         ksl_ops.branch_triplet(emb, y.to("meta"))
-    with pytest.raises(ValueError, match="labels"):
-        ksl_ops.branch_triplet(emb, torch.tensor([0, -1, 1, 1], device=device))
+    if device.type == "cpu":  # on CUDA a device-side assert (tests/test_host_path.py, in a subprocess)
+        with pytest.raises(ValueError, match="labels"):
+            ksl_ops.branch_triplet(emb, torch.tensor([0, -1, 1, 1], device=device))
     with pytest.raises(ValueError, match="embeddings"):
         ksl_ops.branch_triplet(emb[:1], y)
     with pytest.raises(ValueError, match="embeddings"):

@@ -1,15 +1,26 @@
 // CPU kernels of branch_triplet: batch-hard triplets within a branch (eq. 2) and across branches
 // (KSL-H, eq. 11) in one pass over the B·N × B·N distances, never holding that matrix.
 //
-// Forward: one task per (u, v, group of 4 anchors); each anchor row of branch u is compared with every
-// row n of branch v, its squared distance computed from exact differences in a lane-wise vectorised
-// loop, and the running hardest positive / negative (value, index) updated on the fly. Memory beyond
-// the inputs is O(B²·N): the saved int32 winners and the per-anchor terms.
+// Forward, float32 (and float16 / bfloat16, widened): each distance of a branch pair u <= v is
+// computed once, in register tiles of 4 anchors × 16 candidates (forward_float below), and offered to
+// the running hardest positive / negative (value, index) of both its anchors, (u, m) and (v, n).
+// float64 (gradcheck) keeps the plain per-pair scan of forward_impl. Memory beyond the inputs is the
+// packed copy of the embeddings, O(B²·N) winners and per-anchor terms.
 //
-// Backward: per (u, v, m) coefficients for d⁺ and d⁻, then one task per *target* row (b, n) that sums
-// its contributions as an anchor and as a chosen positive / negative in a fixed order (a stable
-// counting sort of the winners gives each row its list). No two tasks write the same row, so the
-// result is deterministic and independent of the thread count.
+// Backward: per (u, v, m) coefficients for d⁺ and d⁻ (each recomputed in exactly the forward's
+// arithmetic), then one task per *target* row (b, n) that sums its contributions as an anchor and as
+// a chosen positive / negative in a fixed order (a stable counting sort of the winners gives each row
+// its list). No two tasks write the same row, so the result is deterministic and independent of the
+// thread count.
+
+// No fused multiply-add contraction anywhere in this file: the distance arithmetic says explicitly
+// where it fuses (tile_sqdist / pair_sqdist), so forward and backward round alike.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/branch_triplet.h"
@@ -30,7 +42,7 @@ using namespace ksl::triplet;
 
 constexpr int kAnchorRows = 4;  // anchors sharing one pass over a candidate row (register blocking)
 
-// ---- squared distances ----------------------------------------------------------------------------
+// ---- float64 squared distances -------------------------------------------------------------------
 // kAnchorRows squared distances Σ_l (a_r,l − b_l)² at once. Each lane j of `acc` sums l ≡ j (mod W)
 // in order, then the lanes are added in a fixed tree: the same order on every call and thread count,
 // and a loop the compiler can vectorise without reassociating (no fast-math needed).
@@ -71,9 +83,6 @@ __attribute__((always_inline)) inline void sqdist_rows_body(const T* const* a, c
 #define KSL_MULTIVERSION
 #endif
 
-KSL_MULTIVERSION void sqdist_rows(const float* const* a, const float* b, int64_t L, float* out) {
-  sqdist_rows_body<float>(a, b, L, out);
-}
 KSL_MULTIVERSION void sqdist_rows(const double* const* a, const double* b, int64_t L, double* out) {
   sqdist_rows_body<double>(a, b, L, out);
 }
@@ -87,6 +96,254 @@ T sqdist_one(const T* a, const T* b, int64_t L) {
   sqdist_rows(rows, b, L, out);
   return out[0];
 }
+
+// ---- float32: symmetric, register-tiled distances ---------------------------------------------------
+// The float32 forward (float16 / bfloat16 are widened to it) computes each distance of a branch pair
+// u < v once and uses it twice, d(e^u_m, e^v_n) = d(e^v_n, e^u_m): as a candidate of anchor (u, m) and
+// as a candidate of anchor (v, n). Tiles of kTileRows anchors × kTileCols candidates are computed by a
+// micro-kernel that keeps the kTileRows × kTileCols partial sums in registers: candidates are packed
+// class-major ([L][kTileCols], so one vector load gives kTileCols candidates' l-th value) and each
+// anchor value is broadcast, which is the shape of a GEMM micro-kernel with (b − a)² in place of a·b,
+// so the distances stay exact differences (no |a|² + |b|² − 2a·b cancellation for nearby points).
+//
+// Every squared distance — in any tile, in either direction, and when the backward recomputes d⁺ and
+// d⁻ of one pair — is the same sequence of roundings: l runs in chunks of kChunk, each chunk summed in
+// order into a fresh partial (with a fused multiply-add on CPUs that have one, plain multiply and add
+// otherwise: the same choice everywhere, made once), the partials added in order. So the backward
+// differentiates exactly the d⁺ − d⁻ the forward compared, and the result does not depend on the tile
+// a pair fell in. Relative error of a squared distance: about (kChunk + L / kChunk)·eps.
+constexpr int kTileRows = 4;
+constexpr int kTileCols = 16;
+constexpr int64_t kChunk = 16;
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define KSL_TRIPLET_AVX2 1
+#include <immintrin.h>
+bool triplet_cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+#define KSL_TRIPLET_AVX2 0
+#endif
+
+// out[r][c] = squared distance of anchor row a[r] and packed candidate c, for a kTileRows × kTileCols tile.
+void tile_sqdist_generic(const float* const* a, const float* packed, int64_t L, float (*out)[kTileCols]) {
+  float acc[kTileRows][kTileCols] = {};
+  for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
+    const int64_t l1 = std::min(L, l0 + kChunk);
+    float part[kTileRows][kTileCols] = {};
+    for (int64_t l = l0; l < l1; ++l) {
+      const float* b = packed + l * kTileCols;
+      for (int r = 0; r < kTileRows; ++r) {
+        const float ar = a[r][l];
+        for (int c = 0; c < kTileCols; ++c) {
+          const float d = b[c] - ar;
+          part[r][c] = part[r][c] + d * d;
+        }
+      }
+    }
+    for (int r = 0; r < kTileRows; ++r)
+      for (int c = 0; c < kTileCols; ++c) acc[r][c] += part[r][c];
+  }
+  for (int r = 0; r < kTileRows; ++r)
+    for (int c = 0; c < kTileCols; ++c) out[r][c] = acc[r][c];
+}
+
+float pair_sqdist_generic(const float* a, const float* b, int64_t L) {
+  float acc = 0;
+  for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
+    const int64_t l1 = std::min(L, l0 + kChunk);
+    float part = 0;
+    for (int64_t l = l0; l < l1; ++l) {
+      const float d = b[l] - a[l];
+      part = part + d * d;
+    }
+    acc += part;
+  }
+  return acc;
+}
+
+#if KSL_TRIPLET_AVX2
+__attribute__((target("avx2,fma"))) void tile_sqdist_avx2(const float* const* a, const float* packed, int64_t L,
+                                                          float (*out)[kTileCols]) {
+  static_assert(kTileRows == 4 && kTileCols == 16, "the AVX2 micro-kernel is 4 x (2 x 8)");
+  __m256 acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
+    const int64_t l1 = std::min(L, l0 + kChunk);
+    __m256 p00 = _mm256_setzero_ps(), p01 = p00, p10 = p00, p11 = p00, p20 = p00, p21 = p00, p30 = p00, p31 = p00;
+    for (int64_t l = l0; l < l1; ++l) {
+      const __m256 b0 = _mm256_loadu_ps(packed + l * kTileCols);
+      const __m256 b1 = _mm256_loadu_ps(packed + l * kTileCols + 8);
+      __m256 x = _mm256_broadcast_ss(a[0] + l), d0 = _mm256_sub_ps(b0, x), d1 = _mm256_sub_ps(b1, x);
+      p00 = _mm256_fmadd_ps(d0, d0, p00);
+      p01 = _mm256_fmadd_ps(d1, d1, p01);
+      x = _mm256_broadcast_ss(a[1] + l), d0 = _mm256_sub_ps(b0, x), d1 = _mm256_sub_ps(b1, x);
+      p10 = _mm256_fmadd_ps(d0, d0, p10);
+      p11 = _mm256_fmadd_ps(d1, d1, p11);
+      x = _mm256_broadcast_ss(a[2] + l), d0 = _mm256_sub_ps(b0, x), d1 = _mm256_sub_ps(b1, x);
+      p20 = _mm256_fmadd_ps(d0, d0, p20);
+      p21 = _mm256_fmadd_ps(d1, d1, p21);
+      x = _mm256_broadcast_ss(a[3] + l), d0 = _mm256_sub_ps(b0, x), d1 = _mm256_sub_ps(b1, x);
+      p30 = _mm256_fmadd_ps(d0, d0, p30);
+      p31 = _mm256_fmadd_ps(d1, d1, p31);
+    }
+    acc[0][0] = _mm256_add_ps(acc[0][0], p00);
+    acc[0][1] = _mm256_add_ps(acc[0][1], p01);
+    acc[1][0] = _mm256_add_ps(acc[1][0], p10);
+    acc[1][1] = _mm256_add_ps(acc[1][1], p11);
+    acc[2][0] = _mm256_add_ps(acc[2][0], p20);
+    acc[2][1] = _mm256_add_ps(acc[2][1], p21);
+    acc[3][0] = _mm256_add_ps(acc[3][0], p30);
+    acc[3][1] = _mm256_add_ps(acc[3][1], p31);
+  }
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_ps(out[r], acc[r][0]);
+    _mm256_storeu_ps(out[r] + 8, acc[r][1]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) float pair_sqdist_avx2(const float* a, const float* b, int64_t L) {
+  float acc = 0;
+  for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
+    const int64_t l1 = std::min(L, l0 + kChunk);
+    float part = 0;
+    for (int64_t l = l0; l < l1; ++l) {
+      const float d = b[l] - a[l];
+      part = std::fma(d, d, part);  // one lane of _mm256_fmadd_ps
+    }
+    acc += part;
+  }
+  return acc;
+}
+#endif
+
+void tile_sqdist(const float* const* a, const float* packed, int64_t L, float (*out)[kTileCols]) {
+#if KSL_TRIPLET_AVX2
+  if (triplet_cpu_has_avx2_fma()) return tile_sqdist_avx2(a, packed, L, out);
+#endif
+  tile_sqdist_generic(a, packed, L, out);
+}
+
+float pair_sqdist(const float* a, const float* b, int64_t L) {
+#if KSL_TRIPLET_AVX2
+  if (triplet_cpu_has_avx2_fma()) return pair_sqdist_avx2(a, b, L);
+#endif
+  return pair_sqdist_generic(a, b, L);
+}
+
+// A running hardest positive / negative of one anchor.
+struct Winners {
+  float pos = 0, neg = 0;
+  int ip = -1, in = -1;
+  void offer(float d, int n, int m, bool same) { offer_candidate(d, n, m, same, pos, ip, neg, in); }
+  void merge(const Winners& o) {  // winners are a total order on (value, index): any merge order agrees
+    if (o.ip >= 0 && beats_max(o.pos, o.ip, pos, ip)) pos = o.pos, ip = o.ip;
+    if (o.in >= 0 && beats_min(o.neg, o.in, neg, in)) neg = o.neg, in = o.in;
+  }
+};
+
+void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64_t L, float margin,
+                   bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, float* terms) {
+  const int64_t col_blocks = (N + kTileCols - 1) / kTileCols;
+  // Candidates packed per branch and block of kTileCols: [B][col_blocks][L][kTileCols]; a short last
+  // block repeats its last sample (those lanes are never read back).
+  std::vector<float> packed(static_cast<size_t>(B * col_blocks * L * kTileCols));
+  at::parallel_for(0, B * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t v = t / col_blocks, j = t % col_blocks;
+      float* dst = packed.data() + t * L * kTileCols;
+      for (int c = 0; c < kTileCols; ++c) {
+        const float* src = e + (v * N + std::min<int64_t>(j * kTileCols + c, N - 1)) * L;
+        for (int64_t l = 0; l < L; ++l) dst[l * kTileCols + c] = src[l];
+      }
+    }
+  });
+
+  // Tasks: (branch pair u <= v, block of row_block anchors of u). A task finds the winners of its
+  // anchors (u, m) over all candidates of v; for u < v it also offers each distance to anchor (v, n),
+  // whose winners over this task's rows are partial: they go to `partial` and are merged after.
+  const int64_t pairs = B * (B + 1) / 2;
+  const int64_t want_tasks = 8 * std::max<int64_t>(1, at::get_num_threads());
+  int64_t row_block = (N + std::max<int64_t>(1, want_tasks / pairs) - 1) / std::max<int64_t>(1, want_tasks / pairs);
+  row_block = std::max<int64_t>(row_block, (N + 15) / 16);  // at most 16 partials per cross anchor
+  row_block = (row_block + kTileRows - 1) / kTileRows * kTileRows;
+  const int64_t row_blocks = (N + row_block - 1) / row_block;
+  std::vector<int64_t> pair_u, pair_v;
+  for (int64_t u = 0; u < B; ++u)
+    for (int64_t v = u; v < B; ++v) pair_u.push_back(u), pair_v.push_back(v);
+  std::vector<Winners> partial(static_cast<size_t>(pairs * row_blocks * N));
+
+  auto finish = [&](int64_t o, const Winners& w) {
+    const bool valid = w.ip >= 0 && w.in >= 0;
+    pos_idx[o] = valid ? w.ip : -1;
+    neg_idx[o] = valid ? w.in : -1;
+    terms[o] = valid ? term(w.pos - w.neg, margin, soft_margin) : 0.f;
+  };
+
+  at::parallel_for(0, pairs * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Winners> rows(static_cast<size_t>(row_block)), cols(static_cast<size_t>(N));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / row_blocks, ib = task % row_blocks;
+      const int64_t u = pair_u[p], v = pair_v[p];
+      const bool cross = u != v;
+      const int64_t m_begin = ib * row_block, m_end = std::min(N, m_begin + row_block);
+      std::fill(rows.begin(), rows.end(), Winners{});
+      if (cross) std::fill(cols.begin(), cols.end(), Winners{});
+      for (int64_t j = 0; j < col_blocks; ++j) {
+        const float* pk = packed.data() + (v * col_blocks + j) * L * kTileCols;
+        const int64_t n0 = j * kTileCols;
+        const int ncols = static_cast<int>(std::min<int64_t>(kTileCols, N - n0));
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileRows) {
+          const int nrows = static_cast<int>(std::min<int64_t>(kTileRows, m_end - m0));
+          const float* a[kTileRows];
+          for (int r = 0; r < kTileRows; ++r) a[r] = e + (u * N + m0 + std::min(r, nrows - 1)) * L;
+          float d[kTileRows][kTileCols];
+          tile_sqdist(a, pk, L, d);
+          for (int r = 0; r < nrows; ++r)
+            for (int c = 0; c < ncols; ++c) d[r][c] = distance(d[r][c]);
+          for (int r = 0; r < nrows; ++r) {
+            const int m = static_cast<int>(m0 + r);
+            Winners& w = rows[m - m_begin];
+            for (int c = 0; c < ncols; ++c) {
+              const int n = static_cast<int>(n0 + c);
+              w.offer(d[r][c], n, m, y[n] == y[m]);
+            }
+          }
+          if (cross) {
+            for (int c = 0; c < ncols; ++c) {
+              const int n = static_cast<int>(n0 + c);
+              Winners& w = cols[n];
+              for (int r = 0; r < nrows; ++r) {
+                const int m = static_cast<int>(m0 + r);
+                w.offer(d[r][c], m, n, y[n] == y[m]);
+              }
+            }
+          }
+        }
+      }
+      for (int64_t m = m_begin; m < m_end; ++m) finish((u * B + v) * N + m, rows[m - m_begin]);
+      if (cross) std::copy(cols.begin(), cols.end(), partial.begin() + task * N);
+    }
+  });
+
+  // Anchors (v, n) of the pairs u < v: merge their partial winners over u's row blocks.
+  at::parallel_for(0, pairs * N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = i / N, n = i % N;
+      const int64_t u = pair_u[p], v = pair_v[p];
+      if (u == v) continue;
+      Winners w;
+      for (int64_t ib = 0; ib < row_blocks; ++ib) w.merge(partial[(p * row_blocks + ib) * N + n]);
+      finish((v * B + u) * N + n, w);
+    }
+  });
+}
+
+// The backward's d⁺ / d⁻ in exactly the forward's arithmetic for the dtype.
+float recompute_sqdist(const float* a, const float* b, int64_t L) { return pair_sqdist(a, b, L); }
+double recompute_sqdist(const double* a, const double* b, int64_t L) { return sqdist_one(a, b, L); }
 
 // ---- argument checks (the op may be called directly, without the Python wrapper) ------------------
 // Besides the shared checks (host/branch_triplet.h): the winners are stored as int32 sample indices.
@@ -152,11 +409,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
   check_labels(labels, emb, op);
   const int64_t B = emb.size(0), N = emb.size(1), L = emb.size(2);
   const at::Tensor y = labels.contiguous();
-  {
-    const int64_t* yp = y.data_ptr<int64_t>();
-    TORCH_CHECK(std::all_of(yp, yp + N, [](int64_t v) { return v >= 0; }), op,
-                ": labels must be non-negative");
-  }
 
   // Half inputs are widened once to their opmath type; float32 / float64 are used in place.
   const auto acc_type = at::toOpMathType(emb.scalar_type());
@@ -168,9 +420,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
 
   at::Tensor self_out, cross_out;
   AT_DISPATCH_FLOATING_TYPES(acc_type, "branch_triplet_cpu", [&] {
-    forward_impl<scalar_t>(e.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), B, N, L,
-                           static_cast<scalar_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(),
-                           neg_idx.data_ptr<int32_t>(), terms.data_ptr<scalar_t>());
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      forward_float(e.const_data_ptr<float>(), y.const_data_ptr<int64_t>(), B, N, L, static_cast<float>(margin),
+                    soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(), terms.data_ptr<float>());
+    } else {
+      forward_impl<scalar_t>(e.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), B, N, L,
+                             static_cast<scalar_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(),
+                             neg_idx.data_ptr<int32_t>(), terms.data_ptr<scalar_t>());
+    }
     const scalar_t* t = terms.const_data_ptr<scalar_t>();
     if (reduction == ksl::kNone) {
       at::Tensor s = at::empty({B, N}, e.options());
@@ -223,8 +480,8 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
       }
       const int64_t m = i % N, uv = i / N, u = uv / B, v = uv % B;
       const T* a = e + (u * N + m) * L;
-      const T sqp = sqdist_one(a, e + (v * N + p) * L, L);
-      const T sqn = sqdist_one(a, e + (v * N + q) * L, L);
+      const T sqp = recompute_sqdist(a, e + (v * N + p) * L, L);
+      const T sqn = recompute_sqdist(a, e + (v * N + q) * L, L);
       const T dp = distance(sqp), dn = distance(sqn);
       T up;
       if (reduction == ksl::kNone) {

@@ -408,6 +408,7 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
                                        const at::Tensor& row_lse, double temperature, bool detach_target,
                                        int64_t reduction) {
   ksl::prob::check_inputs(logits, temperature, reduction);
+  ksl::prob::check_backward_devices(grad_pp, grad_pa, row_lse, logits);
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
   const ksl::prob::SampleWeights w =

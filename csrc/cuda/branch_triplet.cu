@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
   check_args(emb_in, margin, soft_margin, reduction, op);
   check_cuda_limits(emb_in, op);
   check_labels(labels, emb_in, op);
-  // (Non-negative labels are checked by the Python wrapper; reading them here would sync.)
+  // (check_labels asserts non-negative labels on the device: no sync.)
   const int64_t B = emb_in.size(0), N = emb_in.size(1), L = emb_in.size(2);
 
   const c10::cuda::CUDAGuard guard(emb_in.device());

@@ -106,6 +106,7 @@ at::Tensor prob_consensus_backward_cuda(const at::Tensor& grad_pp, const at::Ten
                                         const at::Tensor& row_lse, double temperature, bool detach_target,
                                         int64_t reduction) {
   check_inputs(logits, temperature, reduction);
+  ksl::prob::check_backward_devices(grad_pp, grad_pa, row_lse, logits);
   c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);

@@ -34,8 +34,9 @@ inline void check_args(const at::Tensor& emb, double margin, bool soft_margin, i
               margin);
 }
 
-// The forward's labels: int64 [N] on emb's device. (Their values, non-negative, are checked where
-// reading them costs no synchronisation.)
+// The forward's labels: int64 [N] on emb's device, non-negative. The values are read on the host
+// only for CPU labels (a ValueError naming the smallest); on a GPU a device-side assert checks them,
+// so the call never waits for the device.
 inline void check_labels(const at::Tensor& labels, const at::Tensor& emb, const char* op) {
   const int64_t N = emb.size(1);
   TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
@@ -43,6 +44,38 @@ inline void check_labels(const at::Tensor& labels, const at::Tensor& emb, const 
               labels.sizes());
   TORCH_CHECK(labels.device() == emb.device(), op, ": labels must be on emb's device ", emb.device(), ", got ",
               labels.device());
+  if (labels.is_cpu()) {
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    const int64_t stride = labels.stride(0);
+    int64_t lowest = 0;
+    for (int64_t n = 0; n < N; ++n) lowest = y[n * stride] < lowest ? y[n * stride] : lowest;
+    TORCH_CHECK_VALUE(lowest >= 0, "labels must be non-negative identity indices, got min ", lowest);
+  } else if (labels.device().type() != at::kMeta) {
+    at::_assert_async(at::all(labels.ge(0)), "branch_triplet: labels must be non-negative identity indices");
+  }
+}
+
+// The saved winners' values: for every (u, v, m) either both -1 (an invalid anchor) or both in [0, N).
+// Anything else (a direct op call with made-up indices) would read and write out of bounds. CPU
+// indices are scanned here; on a GPU the same condition is a device-side assert (no host sync).
+inline void check_index_values(const at::Tensor& pos_idx, const at::Tensor& neg_idx, int64_t N) {
+  constexpr const char* what =
+      "branch_triplet_backward: pos_idx / neg_idx must be, for every anchor, both -1 (no valid triplet) or "
+      "both in [0, N)";
+  if (pos_idx.is_cpu()) {
+    const at::Tensor p = pos_idx.contiguous(), q = neg_idx.contiguous();
+    const int32_t* pp = p.const_data_ptr<int32_t>();
+    const int32_t* qp = q.const_data_ptr<int32_t>();
+    for (int64_t i = 0; i < p.numel(); ++i) {
+      const bool both_none = pp[i] == -1 && qp[i] == -1;
+      const bool both_in = pp[i] >= 0 && pp[i] < N && qp[i] >= 0 && qp[i] < N;
+      TORCH_CHECK(both_none || both_in, what, " = ", N, "; got pos_idx ", pp[i], " and neg_idx ", qp[i],
+                  " at flat index ", i);
+    }
+  } else if (pos_idx.device().type() != at::kMeta) {
+    const at::Tensor lo = at::minimum(pos_idx, neg_idx), hi = at::maximum(pos_idx, neg_idx);
+    at::_assert_async(at::all(at::where(hi.eq(-1), lo.eq(-1), lo.ge(0).logical_and_(hi.lt(N)))), what);
+  }
 }
 
 // The backward's saved winners pos_idx / neg_idx: int32 [B, B, N] on emb's device.
@@ -82,6 +115,7 @@ inline void check_backward_args(const at::Tensor& grad_self, const at::Tensor& g
   check_indices(pos_idx, "pos_idx", emb);
   check_indices(neg_idx, "neg_idx", emb);
   const int64_t B = emb.size(0), N = emb.size(1);
+  check_index_values(pos_idx, neg_idx, N);
   check_grad(grad_self, "grad_self", {B, N}, reduction, emb);
   check_grad(grad_cross, "grad_cross", {B, B, N}, reduction, emb);
 }

@@ -26,6 +26,10 @@ inline void check_inputs(const at::Tensor& logits, double temperature, int64_t r
               "prob_consensus: logits must be float16, bfloat16, float32 or float64, got ", st);
   TORCH_CHECK(logits.size(0) >= 2 && logits.size(0) <= kMaxBranches, "prob_consensus: logits must have 2 to ",
               kMaxBranches, " branches, got B = ", logits.size(0));
+  // N = 0 would make `mean` divide by zero (a NaN loss); every device refuses it alike.
+  TORCH_CHECK(logits.size(1) >= 1, "prob_consensus: logits has no samples (N = 0), shape ", logits.sizes());
+  TORCH_CHECK(logits.size(2) >= 1, "prob_consensus: logits must have at least one class (K >= 1), shape ",
+              logits.sizes());
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "prob_consensus: temperature must be finite and > 0, got ",
               temperature);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "prob_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
@@ -85,6 +89,22 @@ struct SampleWeights {
   at::Tensor pp;  // [B, B, N], from grad_pp
   at::Tensor pa;  // [B, N], from grad_pa
 };
+
+// The backward's saved / upstream tensors must live where the logits do: a direct op call with a CPU
+// row_lse and CUDA logits would otherwise hand a host pointer to the kernel.
+inline void check_backward_devices(const at::Tensor& grad_pp, const at::Tensor& grad_pa, const at::Tensor& row_lse,
+                                   const at::Tensor& logits) {
+  const auto dev = logits.device();
+  TORCH_CHECK(row_lse.device() == dev, "prob_consensus_backward: row_lse must be on the logits' device ", dev,
+              ", got ", row_lse.device());
+  TORCH_CHECK(grad_pp.device() == dev, "prob_consensus_backward: grad_pp must be on the logits' device ", dev,
+              ", got ", grad_pp.device());
+  TORCH_CHECK(grad_pa.device() == dev, "prob_consensus_backward: grad_pa must be on the logits' device ", dev,
+              ", got ", grad_pa.device());
+  TORCH_CHECK(at::isFloatingType(grad_pp.scalar_type()) && at::isFloatingType(grad_pa.scalar_type()),
+              "prob_consensus_backward: grad_pp and grad_pa must be floating, got ", grad_pp.scalar_type(), " and ",
+              grad_pa.scalar_type());
+}
 
 // Checks row_lse and the upstream gradients' shapes on the way.
 inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tensor& grad_pa,

@@ -1,0 +1,205 @@
+// Autograd of the three forward ops, in C++ (TORCH_LIBRARY_IMPL(ksl_ops, Autograd, m)): a call from
+// Python is one dispatch forward and one backward, with no Python autograd.Function, setup_context or
+// backward formula on the way. Each kernel is a torch::autograd::Function that calls the op below the
+// autograd key (so it reaches the CPU / CUDA kernel, or the fake kernel registered from Python under
+// torch.compile) and, in its backward, the op's *_backward operator through the dispatcher.
+//
+// The fake (meta) kernels stay in Python (ksl_ops/functional.py): torch.library.register_fake is what
+// opcheck and torch.compile see, and AOTAutograd traces this backward like any other C++ formula.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+
+constexpr int64_t kNone = 0;
+
+// The typed handle of ksl_ops::<name>, looked up once per call site.
+#define KSL_OP(name, Sig)                                                                                  \
+  ([]() -> const c10::TypedOperatorHandle<Sig>& {                                                          \
+    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("ksl_ops::" name, "").typed<Sig>(); \
+    return handle;                                                                                         \
+  }())
+
+// A loss output that did not reach the loss arrives undefined; it contributes nothing.
+Tensor or_zeros(const Tensor& g, at::IntArrayRef shape, const Tensor& like) {
+  return g.defined() ? g : at::zeros(shape, like.options());
+}
+
+// ---- prob_consensus -------------------------------------------------------------------------------
+using ProbFwd = Tensor4(const Tensor&, double, bool, int64_t, bool);
+using ProbBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, int64_t);
+
+class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, double temperature, bool detach_target,
+                               int64_t reduction, bool save_grad) {
+    Tensor pp, pa, row_lse, grad_dir;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(pp, pa, row_lse, grad_dir) = KSL_OP("prob_consensus", ProbFwd)
+                                                .call(logits, temperature, detach_target, reduction, save_grad);
+    }
+    // With save_grad, detach_target and a scalar reduction the forward wrote the whole gradient's
+    // direction (d pa / d logits; d pp / d logits = (B-1) times it): the backward only scales it.
+    const bool uses_grad_dir = save_grad && detach_target && reduction != kNone;
+    ctx->saved_data["uses_grad_dir"] = uses_grad_dir;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["detach_target"] = detach_target;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["B"] = logits.size(0);
+    ctx->saved_data["N"] = logits.size(1);
+    if (uses_grad_dir) {
+      ctx->save_for_backward({grad_dir});
+    } else {
+      ctx->save_for_backward({logits, row_lse});
+    }
+    // row_lse and grad_dir are saved state, not losses: no zero-filled [B, N, K] gradient for them.
+    ctx->mark_non_differentiable({row_lse, grad_dir});
+    ctx->set_materialize_grads(false);
+    return {pp, pa, row_lse, grad_dir};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& g_pp = grads[0];
+    const Tensor& g_pa = grads[1];
+    variable_list out(5);
+    if (!g_pp.defined() && !g_pa.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const int64_t B = ctx->saved_data["B"].toInt(), N = ctx->saved_data["N"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (ctx->saved_data["uses_grad_dir"].toBool()) {
+      // grad = grad_dir · ((B−1)·g_pp + g_pa): scalars here (reduction mean/sum).
+      const Tensor& grad_dir = saved[0];
+      Tensor scale;
+      if (!g_pp.defined()) {
+        scale = g_pa;
+      } else if (!g_pa.defined()) {
+        scale = g_pp * static_cast<double>(B - 1);
+      } else {
+        scale = at::add(g_pa, g_pp, static_cast<double>(B - 1));
+      }
+      out[0] = grad_dir * scale;
+      return out;
+    }
+    const Tensor& logits = saved[0];
+    const Tensor& row_lse = saved[1];
+    const bool none = reduction == kNone;
+    const Tensor gpp = none ? or_zeros(g_pp, {B, B, N}, logits) : or_zeros(g_pp, {}, logits);
+    const Tensor gpa = none ? or_zeros(g_pa, {B, N}, logits) : or_zeros(g_pa, {}, logits);
+    out[0] = KSL_OP("prob_consensus_backward", ProbBwd)
+                 .call(gpp, gpa, logits, row_lse, ctx->saved_data["temperature"].toDouble(),
+                       ctx->saved_data["detach_target"].toBool(), reduction);
+    return out;
+  }
+};
+
+Tensor4 prob_consensus_autograd(const Tensor& logits, double temperature, bool detach_target, int64_t reduction,
+                                bool save_grad) {
+  auto r = ProbConsensus::apply(logits, temperature, detach_target, reduction, save_grad);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+// ---- embedding_consensus --------------------------------------------------------------------------
+using EmbFwd = Tensor3(const Tensor&, int64_t);
+using EmbBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
+
+class EmbeddingConsensus : public torch::autograd::Function<EmbeddingConsensus> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& emb, int64_t reduction) {
+    Tensor ep, ea, norms;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(ep, ea, norms) = KSL_OP("embedding_consensus", EmbFwd).call(emb, reduction);
+    }
+    ctx->saved_data["reduction"] = reduction;
+    ctx->save_for_backward({emb, norms});
+    ctx->mark_non_differentiable({norms});
+    ctx->set_materialize_grads(false);
+    return {ep, ea, norms};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(2);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& emb = saved[0];
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const int64_t B = emb.size(0), N = emb.size(1);
+    const bool none = reduction == kNone;
+    const Tensor g_ep = none ? or_zeros(grads[0], {B, B, N}, emb) : or_zeros(grads[0], {}, emb);
+    const Tensor g_ea = none ? or_zeros(grads[1], {B, N}, emb) : or_zeros(grads[1], {}, emb);
+    out[0] = KSL_OP("embedding_consensus_backward", EmbBwd).call(g_ep, g_ea, emb, saved[1], reduction);
+    return out;
+  }
+};
+
+Tensor3 embedding_consensus_autograd(const Tensor& emb, int64_t reduction) {
+  auto r = EmbeddingConsensus::apply(emb, reduction);
+  return {r[0], r[1], r[2]};
+}
+
+// ---- branch_triplet -------------------------------------------------------------------------------
+using TripFwd = Tensor4(const Tensor&, const Tensor&, double, bool, int64_t);
+using TripBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool,
+                       int64_t);
+
+class BranchTriplet : public torch::autograd::Function<BranchTriplet> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& emb, const Tensor& labels, double margin,
+                               bool soft_margin, int64_t reduction) {
+    Tensor self_loss, cross_loss, pos_idx, neg_idx;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(self_loss, cross_loss, pos_idx, neg_idx) =
+          KSL_OP("branch_triplet", TripFwd).call(emb, labels, margin, soft_margin, reduction);
+    }
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["soft_margin"] = soft_margin;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->save_for_backward({emb, pos_idx, neg_idx});
+    ctx->mark_non_differentiable({pos_idx, neg_idx});
+    ctx->set_materialize_grads(false);
+    return {self_loss, cross_loss, pos_idx, neg_idx};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& emb = saved[0];
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const int64_t B = emb.size(0), N = emb.size(1);
+    const bool none = reduction == kNone;
+    const Tensor g_self = none ? or_zeros(grads[0], {B, N}, emb) : or_zeros(grads[0], {}, emb);
+    const Tensor g_cross = none ? or_zeros(grads[1], {B, B, N}, emb) : or_zeros(grads[1], {}, emb);
+    out[0] = KSL_OP("branch_triplet_backward", TripBwd)
+                 .call(g_self, g_cross, emb, saved[1], saved[2], ctx->saved_data["margin"].toDouble(),
+                       ctx->saved_data["soft_margin"].toBool(), reduction);
+    return out;
+  }
+};
+
+Tensor4 branch_triplet_autograd(const Tensor& emb, const Tensor& labels, double margin, bool soft_margin,
+                                int64_t reduction) {
+  auto r = BranchTriplet::apply(emb, labels, margin, soft_margin, reduction);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ksl_ops, Autograd, m) {
+  m.impl("prob_consensus", &prob_consensus_autograd);
+  m.impl("embedding_consensus", &embedding_consensus_autograd);
+  m.impl("branch_triplet", &branch_triplet_autograd);
+}
