@@ -113,10 +113,9 @@ def _all_gather_dim1(x: torch.Tensor, group) -> torch.Tensor:
 def _check_same_shapes(e: torch.Tensor, group) -> None:
     """Ranks must agree on [B, n, L]: a mismatched all-gather aborts the process (gloo) or hangs
     (nccl). One tiny all-gather and a host read; skipped where values cannot be read (torch.compile,
-    CUDA-graph capture), like the label check."""
-    from .functional import _must_validate_values
-
-    if world_size(group) == 1 or not _must_validate_values():
+    CUDA-graph capture)."""
+    if world_size(group) == 1 or torch.compiler.is_compiling() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
     mine = torch.tensor([list(e.shape)], dtype=torch.int64, device=e.device)
     shapes = _all_gather_dim1(mine.unsqueeze(0), group).squeeze(0).tolist()
