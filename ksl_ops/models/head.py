@@ -45,8 +45,8 @@ class ConvBNAct(nn.Sequential):
 #:
 #: - ``"fc"``: the FC-512 output before the BN, the paper's Figure 2 ("512-D embedding features from the
 #:   fully-connected layer"); the BN only conditions the classifier input.
-#: - ``"bnneck"``: the BN output (the classifier's input) is the embedding: its scale is held by the BN,
-#:   so a loss on embeddings cannot be lowered by shrinking them.
+#: - ``"bnneck"``: the BN output (the classifier's input) is the embedding: its scale is the BN's affine
+#:   weight, not the FC's output scale.
 #: - ``"osnet"``: ReLU(BN(FC)) is the embedding and the classifier input, as torchreid's OSNet head.
 NECKS = ("fc", "bnneck", "osnet")
 
