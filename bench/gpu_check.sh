@@ -49,7 +49,9 @@ if [ "$mode" = check ]; then
     exit 1
   fi
   echo "  $n tests"
-  "$PY" -m pytest --collect-only -q -p no:cacheprovider tests/test_host_path.py -k "no_host_sync" | grep -q no_host_sync
+  # Captured first: `pytest | grep -q` fails under pipefail when grep closes the pipe early.
+  sync_tests=$("$PY" -m pytest --collect-only -q -p no:cacheprovider tests/test_host_path.py -k "no_host_sync")
+  grep -q no_host_sync <<< "$sync_tests"
   echo "gpu_check --check: sanitizer cases and bench arguments parse"
   "$PY" bench/gpu_sanitize.py --list | tail -1
   "$PY" bench/gpu_sanitize.py --list --quick | tail -1
