@@ -33,6 +33,7 @@ def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor],
         out[f"ce/b{i}"] = F.cross_entropy(z.detach().float(), labels, label_smoothing=criterion.label_smoothing)
         out[f"emb_norm/b{i}"] = e.detach().float().norm(dim=1).mean()
     if criterion.triplet_active(epoch):
+        from ..distributed import _valid_anchor_count
         from ..functional import branch_triplet
 
         e = torch.stack([t.detach() for t in embeddings])
@@ -41,17 +42,13 @@ def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor],
         if e.size(0) == 1:
             e = e.expand(2, -1, -1)
         self_t, cross_t = branch_triplet(e, labels, criterion.margin, reduction="none", backend=criterion.backend)
-        same = labels[:, None] == labels[None, :]
-        has_pos = (same.sum(1) > 1)
-        has_neg = (~same).any(1)
-        valid = (has_pos & has_neg).to(self_t.dtype)
-        n_valid = valid.sum().clamp_min(1)
+        # Invalid anchors' terms are 0 (DESIGN §3.3), so counting terms > 0 needs no mask, only the count.
+        n_valid = _valid_anchor_count(labels).clamp_min(1).to(self_t.dtype)
         B = e.size(0)
-        out["triplet_active/self"] = ((self_t > 0).to(valid.dtype) * valid).sum() / (B * n_valid)
+        out["triplet_active/self"] = (self_t > 0).sum().to(self_t.dtype) / (B * n_valid)
         if B > 1 and len(embeddings) > 1:
             off = ~torch.eye(B, dtype=torch.bool, device=e.device)
-            active = ((cross_t > 0).to(valid.dtype) * valid)[off].sum()
-            out["triplet_active/cross"] = active / (B * (B - 1) * n_valid)
+            out["triplet_active/cross"] = (cross_t > 0)[off].sum().to(self_t.dtype) / (B * (B - 1) * n_valid)
     return out
 
 
