@@ -133,7 +133,8 @@ def command(args, losses: str, backbone: str, seed: int, d: Path) -> List[str]:
            "--workers", "0", "--progress", "off", "--recipe", args.recipe, "--device", "cpu"]
     if args.split == "val":
         cmd += ["--val-ids", str(VAL_IDS)]
-    for flag, value in (("--neck", args.neck), ("--consensus-start", args.consensus_start)):
+    for flag, value in (("--neck", args.neck), ("--consensus-start", args.consensus_start),
+                        ("--label-noise", args.label_noise or None)):
         if value is not None:
             cmd += [flag, str(value)]
     for flag, value in (("normalize-e", args.normalize_e), ("normalize-triplet", args.normalize_triplet)):
@@ -306,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--normalize-e", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--normalize-triplet", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--consensus-start", type=int, default=None)
+    p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
+                   help="train every run with this share of wrong labels, redrawn each epoch (bench/label_noise.py)")
     p.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
     p.add_argument("--lr", type=float, default=SCHEDULE["lr"])
     p.add_argument("--tag", default=None, help="results name (default: ablation_<split>)")
@@ -319,7 +322,8 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown table(s) or row(s) {bad}; tables are 1 4 5 6 or all")
     seeds = parse_seeds(args.seeds)
-    tag = args.tag or f"ablation_{args.split}"
+    tag = args.tag or (f"ablation_{args.split}" if not args.label_noise
+                       else f"label_noise_{args.label_noise:g}_{args.split}")
     out_root = HERE / "results" / "runs" / "ablation" / tag
     if args.rows:
         label = {losses: name for rows in TABLES.values() for name, losses in rows}
@@ -338,7 +342,8 @@ def main(argv=None) -> int:
         else:
             summary[t] = summarise(TABLES[t], args.backbone, res)
     recipe = {"recipe": args.recipe, "neck": args.neck, "normalize_e": args.normalize_e,
-              "normalize_triplet": args.normalize_triplet, "consensus_start": args.consensus_start}
+              "normalize_triplet": args.normalize_triplet, "consensus_start": args.consensus_start,
+              "label_noise": args.label_noise or None}
     setup = (f"synthetic {SYNTHETIC['num_train_ids']} train / {SYNTHETIC['num_test_ids']} test ids, "
              f"{SCHEDULE['height']}x{SCHEDULE['width']}, {args.epochs} epochs, SGD lr {args.lr:g}, "
              f"split {args.split}, seeds {seeds}, recipe {args.recipe}"

@@ -4,6 +4,8 @@
     ksl train --dataset market1501 --data-root /data --preset paper --device cuda
     ksl eval --checkpoint runs/cmsnet_ksl/last.ckpt [--rerank]
     ksl synth --root data/synthetic
+    ksl analyze weights --checkpoint runs/a/last.ckpt runs/b/last.ckpt --out weights.png
+    ksl analyze tsne --checkpoint runs/a/last.ckpt runs/b/last.ckpt --identities 20 --out tsne.png
 """
 from __future__ import annotations
 
@@ -95,19 +97,74 @@ def _cmd_synth(argv: List[str]) -> int:
     return 0
 
 
+def _cmd_analyze(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="ksl analyze", description="The paper's analyses of trained models: "
+                                "per-block weight distributions (Figure 5) and t-SNE of embeddings under "
+                                "test-time augmentation (Figure 7). Main branch only.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True, metavar="{weights,tsne}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", nargs="+", required=True, help="one or more last.ckpt written by `ksl train`")
+    common.add_argument("--labels", nargs="+", default=None, help="a name per checkpoint (default: its run folder)")
+    common.add_argument("--json", default=None, help="where to write the numbers (default: --out with .json)")
+    w = sub.add_parser("weights", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="histograms of each block's convolution weights, overlaid; share of near-zero weights")
+    w.add_argument("--out", default="weights.png", help="PNG to write")
+    w.add_argument("--threshold", type=float, default=None, help="|w| below this counts as dead (default 1e-3)")
+    w.add_argument("--with-init", action="store_true",
+                   help="add the untrained network (first checkpoint's config and seed) as a reference")
+    t = sub.add_parser("tsne", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="t-SNE of augmented test images of random identities, one panel per checkpoint "
+                            "(needs scikit-learn: pip install \"ksl-ops[analysis]\")")
+    t.add_argument("--out", default="tsne.png", help="PNG to write")
+    t.add_argument("--identities", type=int, default=20, help="test identities drawn at random")
+    t.add_argument("--draws", type=int, default=2, help="augmented copies of every image")
+    t.add_argument("--seed", type=int, default=0, help="picks the identities and the augmentations")
+    t.add_argument("--data-root", default=None, help="dataset folder (default: the one in the checkpoint)")
+    args = p.parse_args(argv)
+
+    from pathlib import Path
+
+    from . import analysis
+
+    try:
+        if args.what == "weights":
+            thr = analysis.DEAD_THRESHOLD if args.threshold is None else args.threshold
+            res = analysis.analyze_weights(args.checkpoint, args.out, args.labels, thr, args.with_init)
+            print(f"dead weights (|w| < {thr:g}) per block, % of the block's convolution weights:")
+            models = res["models"]
+            blocks = list(next(iter(models.values()))["blocks"])
+            print(f"  {'block':<12}" + "".join(f"{lab:>14}" for lab in models))
+            for b in blocks + ["all"]:
+                cells = [(m["dead_share"] if b == "all" else m["blocks"].get(b, {}).get("dead_share", float("nan")))
+                         for m in models.values()]
+                print(f"  {b:<12}" + "".join(f"{100 * c:>13.2f}%" for c in cells))
+        else:
+            res = analysis.analyze_tsne(args.checkpoint, args.out, args.labels, args.identities, args.draws,
+                                        args.seed, args.data_root)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out_json = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
+    out_json.write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out} and {out_json}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": "train a network with KSL and evaluate it (default: synthetic set, CMSNet, CPU schedule)",
         "eval": "evaluate a training checkpoint",
         "synth": "render the synthetic Re-ID set and its preview",
+        "analyze": "weight distributions (Fig. 5) or t-SNE under augmentation (Fig. 7) of checkpoints",
     }
     p = argparse.ArgumentParser(
         prog="ksl", description="Knowledge-Supervised Learning for person re-identification (ksl-ops).",
-        epilog="commands:\n" + "\n".join(f"  {k:<7} {v}" for k, v in commands.items())
+        epilog="commands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in commands.items())
                + "\n\n`ksl <command> --help` for the options of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=list(commands), metavar="command", help="train, eval or synth")
+    p.add_argument("command", choices=list(commands), metavar="command", help="train, eval, synth or analyze")
     p.add_argument("--version", action="version", version=_version())
     if not argv or argv[0] in ("-h", "--help", "--version"):
         p.parse_args(argv or ["--help"])
@@ -118,6 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _reference_train().main(rest, prog="ksl train")
     if args.command == "eval":
         return _cmd_eval(rest)
+    if args.command == "analyze":
+        return _cmd_analyze(rest)
     return _cmd_synth(rest)
 
 

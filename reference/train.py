@@ -70,6 +70,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="triplets and KSL-H on L2-normalised embeddings (default: the recipe's)")
     g.add_argument("--consensus-start", type=int, default=None,
                    help="epoch (0-based) from which KSL-P and KSL-E are added (default: the recipe's)")
+    g.add_argument("--label-noise", type=float, default=None, metavar="FRACTION",
+                   help="give this share of the training images a wrong identity, redrawn every epoch "
+                        "(the paper's Figure 6 robustness study; default 0)")
     g.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
                    help="loss implementation: fused C++/CUDA ops or the pure-PyTorch reference")
 
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace):
         dataset=args.dataset, data_root=args.data_root, height=args.height, width=args.width,
         batch_size=args.batch_size, num_instances=args.num_instances, workers=workers, synthetic=synthetic,
         backbone=args.backbone, losses=args.losses, backend=args.backend, recipe=args.recipe, neck=args.neck,
+        label_noise=args.label_noise,
         normalize_e=args.normalize_e, normalize_triplet=args.normalize_triplet,
         consensus_start_epoch=args.consensus_start, val_ids=args.val_ids, epochs=args.epochs,
         triplet_start_epoch=args.triplet_start, lr=args.lr, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,

@@ -208,6 +208,61 @@ class RandomErasing:
         return f"RandomErasing(p={self.p}, scale={self.scale}, ratio={self.ratio}, value={self.value!r})"
 
 
+class RandomPatch:
+    """With probability p, paste over a random place a patch cut from an image seen *before*.
+
+    An occlusion by other content (as in Re-ID augmentation; the KSL paper's "random patch", §4.8):
+    every call cuts one random rectangle (a fraction in ``scale`` of the image, aspect ratio h/w in
+    ``ratio``) of its input into a pool of the last ``pool_size`` patches, and, with probability p
+    and once the pool holds ``min_pool`` patches, pastes one drawn from the pool. So the pasted content
+    comes from other images (other identities, mostly) of the same stream.
+    """
+
+    def __init__(self, p: float = 0.5, scale: Tuple[float, float] = (0.01, 0.1),
+                 ratio: Tuple[float, float] = (0.5, 2.0), pool_size: int = 1000, min_pool: int = 10,
+                 generator: Optional[torch.Generator] = None):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomPatch: p must be in [0, 1], got {p}")
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"RandomPatch: scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"RandomPatch: ratio must satisfy 0 < lo <= hi, got {ratio}")
+        if pool_size < 1 or min_pool < 1:
+            raise ValueError(f"RandomPatch: pool_size and min_pool must be >= 1, got {pool_size}, {min_pool}")
+        self.p, self.scale, self.ratio = float(p), tuple(scale), tuple(ratio)
+        self.pool_size, self.min_pool, self.generator = int(pool_size), int(min_pool), generator
+        self.pool: List[torch.Tensor] = []
+
+    def _box(self, H: int, W: int) -> Tuple[int, int]:
+        area = H * W * (self.scale[0] + (self.scale[1] - self.scale[0]) * _rand(self.generator))
+        r = math.exp(math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * _rand(self.generator))
+        return min(max(int(round(math.sqrt(area * r))), 1), H), min(max(int(round(math.sqrt(area / r))), 1), W)
+
+    def _at(self, H: int, W: int, h: int, w: int) -> Tuple[int, int]:
+        return (int(torch.randint(0, H - h + 1, (), generator=self.generator)),
+                int(torch.randint(0, W - w + 1, (), generator=self.generator)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_chw(x, "RandomPatch")
+        _, H, W = x.shape
+        out = x
+        if _rand(self.generator) < self.p and len(self.pool) >= self.min_pool:
+            patch = self.pool[int(torch.randint(0, len(self.pool), (), generator=self.generator))]
+            h, w = min(patch.shape[1], H), min(patch.shape[2], W)
+            top, left = self._at(H, W, h, w)
+            out = x.clone()
+            out[:, top:top + h, left:left + w] = patch[:, :h, :w]
+        h, w = self._box(H, W)
+        top, left = self._at(H, W, h, w)
+        self.pool.append(x[:, top:top + h, left:left + w].clone())
+        if len(self.pool) > self.pool_size:
+            self.pool.pop(0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomPatch(p={self.p}, scale={self.scale}, ratio={self.ratio}, pool_size={self.pool_size})"
+
+
 def build_transforms(height: int, width: int, train: bool, *, flip_p: float = 0.5, padding: int = 10,
                      erasing_p: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD) -> Compose:

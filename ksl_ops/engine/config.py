@@ -112,6 +112,7 @@ class TrainConfig:
     losses: str = "ksl"
     label_smoothing: float = 0.1
     margin: float = 0.3
+    label_noise: float = 0.0                  # share of training labels made wrong, redrawn every epoch (Fig. 6)
     temperature: float = 1.0
     backend: str = "auto"                     # "fused", "reference", or "auto" (fused if compiled)
     recipe: str = "ksl-ops"                   # a RECIPES key; the four fields below override it
@@ -173,6 +174,8 @@ class TrainConfig:
                              f"({self.num_instances}) for the P×K sampler")
         if self.workers < 0 or self.warmup_epochs < 0 or self.eval_every < 0:
             raise ValueError("workers, warmup_epochs and eval_every must be >= 0")
+        if isinstance(self.label_noise, bool) or not 0.0 <= float(self.label_noise) < 1.0:
+            raise ValueError(f"label_noise must be a fraction in [0, 1), got {self.label_noise!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.recipe not in RECIPES:
@@ -247,4 +250,5 @@ class TrainConfig:
         return (f"{self.backbone} | losses={self.losses} | {recipe} | input {self.height}x{self.width} | "
                 f"{self.epochs} epochs, triplet + PxK sampler from epoch {self.triplet_start + 1} | "
                 f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) wd={self.weight_decay:g} "
-                f"batch={self.batch_size}{short}")
+                f"batch={self.batch_size}{short}"
+                + (f" | label noise {self.label_noise:g} (redrawn every epoch)" if self.label_noise else ""))

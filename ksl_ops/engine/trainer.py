@@ -36,7 +36,7 @@ from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .rerank import re_ranking
 
 __all__ = ["Trainer", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device", "load_dataset",
-           "build_model"]
+           "build_model", "load_trained_model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +259,21 @@ class Trainer:
             gen.manual_seed(self.dist.rank_seed(_epoch_seed(self.cfg.seed, epoch)))
         return loader
 
+    def _apply_label_noise(self, loader, epoch: int) -> Optional[float]:
+        """With cfg.label_noise > 0, give this epoch's share of training images a wrong identity (drawn
+        anew each epoch from (seed, epoch), the same on every rank; Figure 6); returns the realised share."""
+        if not self.cfg.label_noise:
+            return None
+        from ..data.label_noise import noisy_labels
+
+        clean = self.dataset.train
+        noisy = noisy_labels([pid for _, pid, _ in clean], self.num_classes, self.cfg.label_noise,
+                             seed=_epoch_seed(self.cfg.seed, epoch) ^ 0x5EED)
+        # The loader's sampler keeps grouping by the true identities (P×K draws K images of one person);
+        # only the targets the losses see change, as when an annotator mislabels an image.
+        loader.dataset.items = [(path, y, cam) for (path, _, cam), y in zip(clean, noisy)]
+        return sum(y != pid for y, (_, pid, _) in zip(noisy, clean)) / max(len(clean), 1)
+
     def test_loaders(self):
         if self._test_loaders is None:
             from ..data import build_test_loaders
@@ -287,6 +302,7 @@ class Trainer:
         seed = _epoch_seed(cfg.seed, epoch)
         _seed_everything(self.dist.rank_seed(seed))
         loader = self.train_loader(epoch)
+        noise = self._apply_label_noise(loader, epoch)
         self.model.train()
         iters = len(loader)
         if cfg.max_iters_per_epoch is not None:
@@ -348,6 +364,7 @@ class Trainer:
             "lr": lr_start,
             "sampler": self.sampler_for(epoch),
             "iters": iters,
+            **({"label_noise": noise} if noise is not None else {}),
             "time_s": elapsed,
             "images_per_s": n_images / max(elapsed, 1e-9),
             "loss": loss,
@@ -493,26 +510,32 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, log: Callable[[str], N
     return trainer.fit()
 
 
+def load_trained_model(path, device="cpu", log: Callable[[str], None] = print):
+    """(model, config, checkpoint state) of a `ksl train` checkpoint: the network it trained (with its
+    branches, if it had them) rebuilt from the saved config, weights loaded, in eval mode on ``device``."""
+    state = read_checkpoint(path)  # runs no code from the file; CheckpointError on a bad one
+    log(f"loaded {path}: {describe_checkpoint(state)}")
+    cfg = TrainConfig.from_dict(state["config"])
+    num_classes = checkpoint_num_classes(state)
+    if num_classes is None:
+        raise CheckpointError(f"{path} has no classifier weight and no num_classes entry to rebuild the model from")
+    model = build_model(cfg, num_classes)
+    load_model_state(model, state, path)
+    return model.to(torch.device(device)).eval(), cfg, state
+
+
 def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional[str] = None,
                         rerank: bool = False, device: str = "auto", workers: Optional[int] = None,
                         log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Evaluate the main branch of a saved checkpoint (on its own dataset unless another is given)."""
-    state = read_checkpoint(path)  # runs no code from the file; CheckpointError on a bad one
-    log(f"loaded {path}: {describe_checkpoint(state)}")
-    cfg = TrainConfig.from_dict(state["config"])
+    dev = resolve_device(device)
+    model, cfg, state = load_trained_model(path, dev, log)
     if dataset is not None:
         cfg.dataset = dataset
     if data_root is not None:
         cfg.data_root = data_root
     if workers is not None:
         cfg.workers = workers
-    dev = resolve_device(device)
-    num_classes = checkpoint_num_classes(state)
-    if num_classes is None:
-        raise CheckpointError(f"{path} has no classifier weight and no num_classes entry to rebuild the model from")
-    model = build_model(cfg, num_classes)
-    load_model_state(model, state, path)
-    model.to(dev)
     ds = load_dataset(cfg, log)
     from ..data import build_test_loaders
 
