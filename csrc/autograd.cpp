@@ -31,9 +31,12 @@ constexpr int64_t kNone = 0;
     return handle;                                                                                         \
   }())
 
-// A loss output that did not reach the loss arrives undefined; it contributes nothing.
-Tensor or_zeros(const Tensor& g, at::IntArrayRef shape, const Tensor& like) {
-  return g.defined() ? g : at::zeros(shape, like.options());
+// The upstream gradient of one loss output for a *_backward op: a loss output that did not reach the
+// loss arrives undefined and contributes nothing, so it becomes zeros of the output's shape (a scalar
+// for mean/sum, `none_shape` for reduction none).
+Tensor upstream_or_zeros(const Tensor& g, int64_t reduction, at::IntArrayRef none_shape, const Tensor& like) {
+  if (g.defined()) return g;
+  return reduction == kNone ? at::zeros(none_shape, like.options()) : at::zeros({}, like.options());
 }
 
 // ---- prob_consensus -------------------------------------------------------------------------------
@@ -94,9 +97,8 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
     }
     const Tensor& logits = saved[0];
     const Tensor& row_lse = saved[1];
-    const bool none = reduction == kNone;
-    const Tensor gpp = none ? or_zeros(g_pp, {B, B, N}, logits) : or_zeros(g_pp, {}, logits);
-    const Tensor gpa = none ? or_zeros(g_pa, {B, N}, logits) : or_zeros(g_pa, {}, logits);
+    const Tensor gpp = upstream_or_zeros(g_pp, reduction, {B, B, N}, logits);
+    const Tensor gpa = upstream_or_zeros(g_pa, reduction, {B, N}, logits);
     out[0] = KSL_OP("prob_consensus_backward", ProbBwd)
                  .call(gpp, gpa, logits, row_lse, ctx->saved_data["temperature"].toDouble(),
                        ctx->saved_data["detach_target"].toBool(), reduction);
@@ -136,9 +138,8 @@ class EmbeddingConsensus : public torch::autograd::Function<EmbeddingConsensus> 
     const Tensor& emb = saved[0];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t B = emb.size(0), N = emb.size(1);
-    const bool none = reduction == kNone;
-    const Tensor g_ep = none ? or_zeros(grads[0], {B, B, N}, emb) : or_zeros(grads[0], {}, emb);
-    const Tensor g_ea = none ? or_zeros(grads[1], {B, N}, emb) : or_zeros(grads[1], {}, emb);
+    const Tensor g_ep = upstream_or_zeros(grads[0], reduction, {B, B, N}, emb);
+    const Tensor g_ea = upstream_or_zeros(grads[1], reduction, {B, N}, emb);
     out[0] = KSL_OP("embedding_consensus_backward", EmbBwd).call(g_ep, g_ea, emb, saved[1], reduction);
     return out;
   }
@@ -180,9 +181,8 @@ class BranchTriplet : public torch::autograd::Function<BranchTriplet> {
     const Tensor& emb = saved[0];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t B = emb.size(0), N = emb.size(1);
-    const bool none = reduction == kNone;
-    const Tensor g_self = none ? or_zeros(grads[0], {B, N}, emb) : or_zeros(grads[0], {}, emb);
-    const Tensor g_cross = none ? or_zeros(grads[1], {B, B, N}, emb) : or_zeros(grads[1], {}, emb);
+    const Tensor g_self = upstream_or_zeros(grads[0], reduction, {B, N}, emb);
+    const Tensor g_cross = upstream_or_zeros(grads[1], reduction, {B, B, N}, emb);
     out[0] = KSL_OP("branch_triplet_backward", TripBwd)
                  .call(g_self, g_cross, emb, saved[1], saved[2], ctx->saved_data["margin"].toDouble(),
                        ctx->saved_data["soft_margin"].toBool(), reduction);
