@@ -23,6 +23,57 @@ ROOT = HERE.parent
 LABELS = {"baseline": "Baseline", "aux": "AUX", "ksl": "KSL"}
 
 
+def _ablation():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ablation", HERE / "ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def separation_by_seed(analysis, runs: Path, args, models) -> dict:
+    """intra/inter cosine distance and 1-NN accuracy of each model of each seed whose runs have all finished,
+    on one fixed set of augmented test images (augmentation seed 0), and the paired difference to AUX of
+    the same seed."""
+    import statistics
+
+    ab = _ablation()
+    from ksl_ops.engine.trainer import load_dataset, load_trained_model
+
+    ref = "aux" if "aux" in models else models[0]
+    per: dict = {m: {} for m in models}
+    images = None
+    for seed in ab.parse_seeds(args.stats_seeds):
+        dirs = {m: runs / f"{args.backbone}_{m}_s{seed}" for m in models}
+        if not all(ab.finished(d) for d in dirs.values()):  # a run still training has a last.ckpt too
+            continue
+        paths = {m: d / "last.ckpt" for m, d in dirs.items()}
+        for m, path in paths.items():
+            model, cfg, _ = load_trained_model(path, "cpu", log=lambda s: None)
+            if images is None:
+                cfg.val_ids = 0
+                ds = load_dataset(cfg, log=lambda s: None)
+                images = analysis.augmented_test_images(ds, cfg.height, cfg.width, args.identities, args.draws, seed=0)
+            per[m][seed] = analysis.separation(analysis.embed(model, images[0]), images[1])
+    seeds = sorted(per[ref])
+    out = {"seeds": seeds, "reference": ref, "models": {}}
+
+    def mean_se(xs):
+        return {"mean": statistics.fmean(xs), "se": statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")}
+
+    for m in models:
+        if not seeds:
+            break
+        row = {k: mean_se([per[m][s][k] for s in seeds]) for k in ("ratio", "nn_accuracy")}
+        row["per_seed"] = {s: per[m][s] for s in seeds}
+        if m != ref:
+            d = [per[m][s]["ratio"] - per[ref][s]["ratio"] for s in seeds]
+            row["delta_ratio"] = dict(mean_se(d), n=len(d), n_lower=sum(x < 0 for x in d))
+        out["models"][m] = row
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="which seed's runs of the ablation")
@@ -32,6 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--tsne", nargs="+", default=["baseline", "ksl"], help="models side by side in Figure 7")
     p.add_argument("--identities", type=int, default=20)
     p.add_argument("--draws", type=int, default=2)
+    p.add_argument("--stats-seeds", nargs="+", default=["0-4"],
+                   help="also measure the separation of every model of these seeds (where trained) on the same "
+                        "augmented images, for a paired comparison across seeds")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
 
@@ -40,9 +94,10 @@ def main(argv=None) -> int:
 
     runs = HERE / "results" / "runs" / "ablation" / args.tag
     ckpt = {m: runs / f"{args.backbone}_{m}_s{args.seed}" / "last.ckpt" for m in set(args.weights) | set(args.tsne)}
-    missing = sorted(m for m, c in ckpt.items() if not c.exists())
+    finished = _ablation().finished
+    missing = sorted(m for m, c in ckpt.items() if not finished(c.parent))
     if missing:
-        print(f"error: no checkpoint for {missing} (seed {args.seed}) under {runs}; train them with\n"
+        print(f"error: no finished run for {missing} (seed {args.seed}) under {runs}; train them with\n"
               f"  python bench/ablation.py --rows {' '.join(missing)} --seeds {args.seed}"
               + (" --split val" if args.tag.endswith("_val") else ""), file=sys.stderr)
         return 2
@@ -52,6 +107,8 @@ def main(argv=None) -> int:
                                  [LABELS.get(m, m) for m in args.weights], with_init=True)
     t = analysis.analyze_tsne([ckpt[m] for m in args.tsne], out / "analysis_tsne.png",
                               [LABELS.get(m, m) for m in args.tsne], args.identities, args.draws, seed=args.seed)
+    by_seed = separation_by_seed(analysis, runs, args, list(dict.fromkeys(args.weights + args.tsne)))
+    t["separation_by_seed"] = by_seed
     command = "python bench/analysis.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for name, res in (("analysis_weights", w), ("analysis_tsne", t)):
         res = dict(res, command=command, checkpoints_of=f"{args.tag}, {args.backbone}, seed {args.seed}")
@@ -62,6 +119,15 @@ def main(argv=None) -> int:
     print("t-SNE inputs, in the embedding space:")
     for lab, s in t["models"].items():
         print(f"  {lab:<16} intra/inter cosine distance {s['ratio']:.3f}, 1-NN identity accuracy {100 * s['nn_accuracy']:.1f}%")
+    if by_seed["seeds"]:
+        print(f"separation over seeds {by_seed['seeds']} (same augmented images for every model; mean ± s.e.; "
+              f"paired difference to {by_seed['reference']}):")
+        for m, row in by_seed["models"].items():
+            line = f"  {LABELS.get(m, m):<10} intra/inter {row['ratio']['mean']:.3f} ± {row['ratio']['se']:.3f}"
+            if "delta_ratio" in row:
+                d = row["delta_ratio"]
+                line += f"   Δ {d['mean']:+.3f} ± {d['se']:.3f} (lower in {d['n_lower']}/{d['n']} seeds)"
+            print(line)
     print(f"wrote {out}/analysis_weights.{{png,json}} and {out}/analysis_tsne.{{png,json}}")
     return 0
 
