@@ -41,3 +41,31 @@ def test_summary_is_paired_against_aux(ablation):
     assert d["per_seed"] == [2.0, 1.0, 3.0] and d["mean"] == pytest.approx(2.0)
     assert d["se"] == pytest.approx(1.0 / math.sqrt(3)) and d["n_positive"] == 3 and d["n"] == 3
     assert ksl["delta_mAP"]["n_positive"] == 2
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_args(**kw):
+    import argparse
+
+    base = dict(data_root="/tmp/d", epochs=60, lr=0.01, recipe="ksl-ops", split="test", neck=None,
+                consensus_start=None, normalize_e=None, normalize_triplet=None, label_noise=0.0, jobs=2)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_label_noise_level_zero_is_the_ablation_run(ablation, tmp_path):
+    noise = _load("label_noise")
+    assert noise.tag_for(0.0, "test") == "ablation_test" and noise.tag_for(0.2, "val") == "label_noise_0.2_val"
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    clean = ablation.command(_run_args(), "ksl", "shufflenetv2", 0, tmp_path / "a")
+    assert "--label-noise" not in clean  # so level 0 resumes / reuses the ablation's own run
+    noisy = ablation.command(_run_args(label_noise=0.3), "ksl", "shufflenetv2", 0, tmp_path / "b")
+    assert noisy[noisy.index("--label-noise") + 1] == "0.3"
+    assert [a for a in noisy if a not in ("--label-noise", "0.3")] == [a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+                                                                     for a in clean]
