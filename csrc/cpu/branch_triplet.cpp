@@ -14,7 +14,7 @@
 // thread count.
 
 // No fused multiply-add contraction anywhere in this file: the distance arithmetic says explicitly
-// where it fuses (tile_sqdist / pair_sqdist), so forward and backward round alike.
+// where it fuses (tile_sqdist / pairs_sqdist), so forward and backward round alike.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #elif defined(__clang__)
@@ -150,18 +150,33 @@ void tile_sqdist_generic(const float* const* a, const float* packed, int64_t L, 
     for (int c = 0; c < kTileCols; ++c) out[r][c] = acc[r][c];
 }
 
-float pair_sqdist_generic(const float* a, const float* b, int64_t L) {
-  float acc = 0;
+// kPairs independent squared distances out[i] = d(a[i], b[i]), each lane in exactly the arithmetic of one
+// lane of the tile micro-kernel (chunks of kChunk summed in order into a fresh partial, kFma: with a fused
+// multiply-add as _mm256_fmadd_ps does, else multiply then add). The backward recomputes its d⁺ and d⁻
+// here: done one pair at a time, each is a serial chain of L dependent adds (latency-bound, ~4 cycles per
+// element); kPairs independent chains side by side keep the floating-point units busy instead.
+constexpr int kPairs = 8;
+
+template <bool kFma>
+__attribute__((always_inline)) inline void pairs_sqdist_body(const float* const* a, const float* const* b, int64_t L,
+                                                             float* out) {
+  float acc[kPairs] = {};
   for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
     const int64_t l1 = std::min(L, l0 + kChunk);
-    float part = 0;
+    float part[kPairs] = {};
     for (int64_t l = l0; l < l1; ++l) {
-      const float d = b[l] - a[l];
-      part = part + d * d;
+      for (int i = 0; i < kPairs; ++i) {
+        const float d = b[i][l] - a[i][l];
+        part[i] = kFma ? std::fma(d, d, part[i]) : part[i] + d * d;
+      }
     }
-    acc += part;
+    for (int i = 0; i < kPairs; ++i) acc[i] += part[i];
   }
-  return acc;
+  for (int i = 0; i < kPairs; ++i) out[i] = acc[i];
+}
+
+void pairs_sqdist_generic(const float* const* a, const float* const* b, int64_t L, float* out) {
+  pairs_sqdist_body<false>(a, b, L, out);
 }
 
 #if KSL_TRIPLET_AVX2
@@ -204,18 +219,9 @@ __attribute__((target("avx2,fma"))) void tile_sqdist_avx2(const float* const* a,
   }
 }
 
-__attribute__((target("avx2,fma"))) float pair_sqdist_avx2(const float* a, const float* b, int64_t L) {
-  float acc = 0;
-  for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
-    const int64_t l1 = std::min(L, l0 + kChunk);
-    float part = 0;
-    for (int64_t l = l0; l < l1; ++l) {
-      const float d = b[l] - a[l];
-      part = std::fma(d, d, part);  // one lane of _mm256_fmadd_ps
-    }
-    acc += part;
-  }
-  return acc;
+__attribute__((target("avx2,fma"))) void pairs_sqdist_avx2(const float* const* a, const float* const* b, int64_t L,
+                                                           float* out) {
+  pairs_sqdist_body<true>(a, b, L, out);  // std::fma: one lane of _mm256_fmadd_ps
 }
 #endif
 
@@ -226,11 +232,11 @@ void tile_sqdist(const float* const* a, const float* packed, int64_t L, float (*
   tile_sqdist_generic(a, packed, L, out);
 }
 
-float pair_sqdist(const float* a, const float* b, int64_t L) {
+void pairs_sqdist(const float* const* a, const float* const* b, int64_t L, float* out) {
 #if KSL_TRIPLET_AVX2
-  if (triplet_cpu_has_avx2_fma()) return pair_sqdist_avx2(a, b, L);
+  if (triplet_cpu_has_avx2_fma()) return pairs_sqdist_avx2(a, b, L, out);
 #endif
-  return pair_sqdist_generic(a, b, L);
+  pairs_sqdist_generic(a, b, L, out);
 }
 
 // A running hardest positive / negative of one anchor.
@@ -341,9 +347,49 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
   });
 }
 
-// The backward's d⁺ / d⁻ in exactly the forward's arithmetic for the dtype.
-float recompute_sqdist(const float* a, const float* b, int64_t L) { return pair_sqdist(a, b, L); }
-double recompute_sqdist(const double* a, const double* b, int64_t L) { return sqdist_one(a, b, L); }
+// The backward's d⁺ / d⁻ in exactly the forward's arithmetic for the dtype: out[i] = d(a[i], b[i]) for
+// i < count <= kPairs (the unused lanes of the float path repeat pair 0 and are dropped).
+void recompute_sqdist(const float* const* a, const float* const* b, int count, int64_t L, float* out) {
+  const float* aa[kPairs];
+  const float* bb[kPairs];
+  for (int i = 0; i < kPairs; ++i) aa[i] = a[i < count ? i : 0], bb[i] = b[i < count ? i : 0];
+  float all[kPairs];
+  pairs_sqdist(aa, bb, L, all);
+  for (int i = 0; i < count; ++i) out[i] = all[i];
+}
+void recompute_sqdist(const double* const* a, const double* const* b, int count, int64_t L, double* out) {
+  for (int i = 0; i < count; ++i) out[i] = sqdist_one(a[i], b[i], L);
+}
+
+// The backward's row updates, multiversioned like sqdist_rows (the rest of the file is compiled for the
+// baseline ISA, where these loops run 4 floats wide): element-wise, no contraction in this file, so
+// every version rounds alike and the gradient does not depend on the CPU it ran on.
+template <typename T>
+__attribute__((always_inline)) inline void anchor_update_body(T* __restrict__ g, const T* x, const T* P, const T* Q,
+                                                              T cp, T cn, int64_t L) {
+  for (int64_t l = 0; l < L; ++l) g[l] += cp * (x[l] - P[l]) - cn * (x[l] - Q[l]);
+}
+template <typename T>
+__attribute__((always_inline)) inline void target_update_body(T* __restrict__ g, const T* a, const T* x, T c,
+                                                              int64_t L) {
+  for (int64_t l = 0; l < L; ++l) g[l] += c * (a[l] - x[l]);
+}
+// As the anchor of (u, v): g += cp (x − P) − cn (x − Q).
+KSL_MULTIVERSION void anchor_update(float* g, const float* x, const float* P, const float* Q, float cp, float cn,
+                                    int64_t L) {
+  anchor_update_body(g, x, P, Q, cp, cn, L);
+}
+KSL_MULTIVERSION void anchor_update(double* g, const double* x, const double* P, const double* Q, double cp,
+                                    double cn, int64_t L) {
+  anchor_update_body(g, x, P, Q, cp, cn, L);
+}
+// As the chosen positive (c = −cp) or negative (c = cn) of anchor a: g += c (a − x).
+KSL_MULTIVERSION void target_update(float* g, const float* a, const float* x, float c, int64_t L) {
+  target_update_body(g, a, x, c, L);
+}
+KSL_MULTIVERSION void target_update(double* g, const double* a, const double* x, double c, int64_t L) {
+  target_update_body(g, a, x, c, L);
+}
 
 // ---- argument checks (the op may be called directly, without the Python wrapper) ------------------
 // Besides the shared checks (host/branch_triplet.h): the winners are stored as int32 sample indices.
@@ -472,27 +518,44 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
   // ∂loss/∂e^u_m = cp (e^u_m − e^v_p) − cn (e^u_m − e^v_q) and the targets get the opposite.
   std::vector<T> cp(E), cn(E);
   at::parallel_for(0, E, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int32_t p = pos_idx[i], q = neg_idx[i];
-      if (p < 0 || q < 0) {
-        cp[i] = cn[i] = T(0);
-        continue;
+    // kPairs / 2 entries at a time: their d⁺ and d⁻ are recomputed together.
+    for (int64_t i0 = begin; i0 < end; i0 += kPairs / 2) {
+      const int64_t i1 = std::min(end, i0 + kPairs / 2);
+      const T* a[kPairs];
+      const T* b[kPairs];
+      int pairs = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int32_t p = pos_idx[i], q = neg_idx[i];
+        if (p < 0 || q < 0) continue;
+        const int64_t m = i % N, uv = i / N, u = uv / B, v = uv % B;
+        a[pairs] = a[pairs + 1] = e + (u * N + m) * L;
+        b[pairs] = e + (v * N + p) * L;
+        b[pairs + 1] = e + (v * N + q) * L;
+        pairs += 2;
       }
-      const int64_t m = i % N, uv = i / N, u = uv / B, v = uv % B;
-      const T* a = e + (u * N + m) * L;
-      const T sqp = recompute_sqdist(a, e + (v * N + p) * L, L);
-      const T sqn = recompute_sqdist(a, e + (v * N + q) * L, L);
-      const T dp = distance(sqp), dn = distance(sqn);
-      T up;
-      if (reduction == ksl::kNone) {
-        up = u == v ? gs[u * N + m] : gc[i];
-      } else {
-        up = u == v ? gs[0] : gc[0];
-        if (reduction == ksl::kMean) up /= count;
+      T sq[kPairs];
+      if (pairs > 0) recompute_sqdist(a, b, pairs, L, sq);
+      int k = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (pos_idx[i] < 0 || neg_idx[i] < 0) {
+          cp[i] = cn[i] = T(0);
+          continue;
+        }
+        const int64_t m = i % N, uv = i / N, u = uv / B, v = uv % B;
+        const T sqp = sq[k], sqn = sq[k + 1];
+        k += 2;
+        const T dp = distance(sqp), dn = distance(sqn);
+        T up;
+        if (reduction == ksl::kNone) {
+          up = u == v ? gs[u * N + m] : gc[i];
+        } else {
+          up = u == v ? gs[0] : gc[0];
+          if (reduction == ksl::kMean) up /= count;
+        }
+        const T g = up * term_grad(dp - dn, margin, soft_margin);
+        cp[i] = g * inv_distance_grad(sqp, dp);
+        cn[i] = g * inv_distance_grad(sqn, dn);
       }
-      const T g = up * term_grad(dp - dn, margin, soft_margin);
-      cp[i] = g * inv_distance_grad(sqp, dp);
-      cn[i] = g * inv_distance_grad(sqn, dn);
     }
   });
 
@@ -531,8 +594,7 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
         if (pos_idx[i] < 0) continue;
         const T* P = e + (v * N + pos_idx[i]) * L;
         const T* Q = e + (v * N + neg_idx[i]) * L;
-        const T cpi = cp[i], cni = cn[i];
-        for (int64_t l = 0; l < L; ++l) g[l] += cpi * (x[l] - P[l]) - cni * (x[l] - Q[l]);
+        anchor_update(g, x, P, Q, cp[i], cn[i], L);
       }
       // As the hardest positive (−cp (a − x)) or negative (+cn (a − x)) of anchors (u, m).
       for (int64_t k = start[row]; k < start[row + 1]; ++k) {
@@ -540,8 +602,7 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
         const bool negative = entries[k] & 1;
         const int64_t m = i % N, u = (i / N) / B;
         const T* a = e + (u * N + m) * L;
-        const T c = negative ? cn[i] : -cp[i];
-        for (int64_t l = 0; l < L; ++l) g[l] += c * (a[l] - x[l]);
+        target_update(g, a, x, negative ? cn[i] : -cp[i], L);
       }
     }
   });
