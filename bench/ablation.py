@@ -286,7 +286,9 @@ def plot(tables: Dict[str, List[Dict]], path: Path, subtitle: str) -> None:
         ax.set_title(f"Table {name}" if name != "1" else "Table 1: AUX vs KSL per backbone", fontsize=10)
         ax.set_ylabel("% (mean ± s.e., dots: seeds)")
         ax.legend(fontsize=8)
-    fig.suptitle(subtitle, fontsize=9)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(subtitle, 55 * len(names)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

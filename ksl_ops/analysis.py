@@ -98,6 +98,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _subsample(w: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
     return w[:: max(1, w.numel() // n)]  # torch.quantile takes at most 16M values
 
@@ -133,12 +144,7 @@ def plot_weight_distributions(blocks_by_model: Mapping[str, Mapping[str, torch.T
         ax.axis("off")
     fig.suptitle((title + "\n" if title else "") + f"convolution weights per block (main branch); "
                  f"grey band and 'dead': |w| < {threshold:g}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,12 +261,7 @@ def plot_tsne(panels: Sequence[Tuple[str, np.ndarray, np.ndarray, Optional[Dict[
         import textwrap
 
         fig.suptitle(textwrap.fill(title, 60 * len(panels)), fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,16 @@ def _rand(generator: Optional[torch.Generator]) -> float:
     return float(torch.rand((), generator=generator))
 
 
+def _check_box_args(name: str, p: float, scale, ratio) -> None:
+    """The arguments of a transform that draws a random rectangle with probability p."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: p must be in [0, 1], got {p}")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"{name}: scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"{name}: ratio must satisfy 0 < lo <= hi, got {ratio}")
+
+
 class Compose:
     """Apply transforms in order."""
 
@@ -169,12 +179,7 @@ class RandomErasing:
     def __init__(self, p: float = 0.5, scale: Tuple[float, float] = (0.02, 0.4),
                  ratio: Tuple[float, float] = (0.3, 3.3), value=0.0, attempts: int = 10,
                  generator: Optional[torch.Generator] = None):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomErasing: p must be in [0, 1], got {p}")
-        if not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"RandomErasing: scale must satisfy 0 < lo <= hi <= 1, got {scale}")
-        if not 0.0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"RandomErasing: ratio must satisfy 0 < lo <= hi, got {ratio}")
+        _check_box_args("RandomErasing", p, scale, ratio)
         self.p, self.scale, self.ratio, self.value = float(p), tuple(scale), tuple(ratio), value
         self.attempts, self.generator = int(attempts), generator
 
@@ -221,12 +226,7 @@ class RandomPatch:
     def __init__(self, p: float = 0.5, scale: Tuple[float, float] = (0.01, 0.1),
                  ratio: Tuple[float, float] = (0.5, 2.0), pool_size: int = 1000, min_pool: int = 10,
                  generator: Optional[torch.Generator] = None):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomPatch: p must be in [0, 1], got {p}")
-        if not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"RandomPatch: scale must satisfy 0 < lo <= hi <= 1, got {scale}")
-        if not 0.0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"RandomPatch: ratio must satisfy 0 < lo <= hi, got {ratio}")
+        _check_box_args("RandomPatch", p, scale, ratio)
         if pool_size < 1 or min_pool < 1:
             raise ValueError(f"RandomPatch: pool_size and min_pool must be >= 1, got {pool_size}, {min_pool}")
         self.p, self.scale, self.ratio = float(p), tuple(scale), tuple(ratio)
