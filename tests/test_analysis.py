@@ -80,7 +80,7 @@ def test_noisy_labels_bad_inputs(kwargs, message):
 
 
 def test_config_rejects_bad_label_noise():
-    for bad in (1.0, -0.1, True):
+    for bad in (1.0, -0.1, True, "0.1"):
         with pytest.raises(ValueError, match="label_noise must be a fraction"):
             TrainConfig.from_preset("cpu", label_noise=bad)
 

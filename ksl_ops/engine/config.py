@@ -174,7 +174,8 @@ class TrainConfig:
                              f"({self.num_instances}) for the P×K sampler")
         if self.workers < 0 or self.warmup_epochs < 0 or self.eval_every < 0:
             raise ValueError("workers, warmup_epochs and eval_every must be >= 0")
-        if isinstance(self.label_noise, bool) or not 0.0 <= float(self.label_noise) < 1.0:
+        if (isinstance(self.label_noise, bool) or not isinstance(self.label_noise, (int, float))
+                or not 0.0 <= self.label_noise < 1.0):
             raise ValueError(f"label_noise must be a fraction in [0, 1), got {self.label_noise!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
