@@ -36,8 +36,6 @@ def separation_by_seed(analysis, runs: Path, args, models) -> dict:
     """intra/inter cosine distance and 1-NN accuracy of each model of each seed whose runs have all finished,
     on one fixed set of augmented test images (augmentation seed 0), and the paired difference to AUX of
     the same seed."""
-    import statistics
-
     ab = _ablation()
     from ksl_ops.engine.trainer import load_dataset, load_trained_model
 
@@ -60,7 +58,7 @@ def separation_by_seed(analysis, runs: Path, args, models) -> dict:
     out = {"seeds": seeds, "reference": ref, "models": {}}
 
     def mean_se(xs):
-        return {"mean": statistics.fmean(xs), "se": statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")}
+        return dict(zip(("mean", "se"), ab.mean_se(xs)))
 
     for m in models:
         if not seeds:

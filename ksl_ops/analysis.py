@@ -155,9 +155,9 @@ def tsne_transform(height: int, width: int, generator: torch.Generator, padding:
     """The test-time augmentation of Figure 7: random flip, pad-and-crop, patch and erasing, each drawn
     from ``generator``; p = 0.5 each, as in training."""
     from .data.transforms import (Compose, Normalize, Pad, RandomCrop, RandomErasing, RandomHorizontalFlip,
-                                  RandomPatch, Resize, ToTensor)
+                                  RandomPatch, Resize, ToTensor, crop_padding)
 
-    pad = max(1, round(10 * height / 256)) if padding is None else padding
+    pad = crop_padding(height) if padding is None else padding
     return Compose([ToTensor(), Resize(height, width), RandomHorizontalFlip(0.5, generator=generator),
                     Pad(pad), RandomCrop(height, width, generator=generator), Normalize(),
                     RandomPatch(0.5, min_pool=1, generator=generator), RandomErasing(0.5, generator=generator)])

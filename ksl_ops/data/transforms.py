@@ -263,6 +263,12 @@ class RandomPatch:
         return f"RandomPatch(p={self.p}, scale={self.scale}, ratio={self.ratio}, pool_size={self.pool_size})"
 
 
+def crop_padding(height: int) -> int:
+    """The pad-and-crop padding for an input of this height: the usual 10 pixels at 256x128, scaled with
+    the input (a fixed 10 would shift a 64x32 input by a third of its width)."""
+    return max(1, round(10 * height / 256))
+
+
 def build_transforms(height: int, width: int, train: bool, *, flip_p: float = 0.5, padding: int = 10,
                      erasing_p: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD) -> Compose:

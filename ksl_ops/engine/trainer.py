@@ -238,13 +238,10 @@ class Trainer:
 
         kind = self.sampler_for(epoch)
         if kind not in self._loaders:
-            from ..data import build_transforms
+            from ..data.transforms import build_transforms, crop_padding
 
             cfg = self.cfg
-            # The usual pad-and-crop pads 10 pixels at 256x128; scale it with the input, or a 64x32
-            # input would be shifted by a third of its width.
-            pad = max(1, round(10 * cfg.height / 256))
-            tf = build_transforms(cfg.height, cfg.width, train=True, padding=pad)
+            tf = build_transforms(cfg.height, cfg.width, train=True, padding=crop_padding(cfg.height))
             batch = self.dist.per_rank_batch(cfg.batch_size, cfg.num_instances)
             self._loaders[kind] = build_train_loader(self.dataset, cfg.height, cfg.width, batch,
                                                      sampler=kind, num_instances=cfg.num_instances,
