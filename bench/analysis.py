@@ -19,24 +19,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench import ablation as ab  # noqa: E402
 
 LABELS = {"baseline": "Baseline", "aux": "AUX", "ksl": "KSL"}
-
-
-def _ablation():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_ablation", HERE / "ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def separation_by_seed(analysis, runs: Path, args, models) -> dict:
     """intra/inter cosine distance and 1-NN accuracy of each model of each seed whose runs have all finished,
     on one fixed set of augmented test images (augmentation seed 0), and the paired difference to AUX of
     the same seed."""
-    ab = _ablation()
     from ksl_ops.engine.trainer import load_dataset, load_trained_model
 
     ref = "aux" if "aux" in models else models[0]
@@ -92,7 +86,7 @@ def main(argv=None) -> int:
 
     runs = HERE / "results" / "runs" / "ablation" / args.tag
     ckpt = {m: runs / f"{args.backbone}_{m}_s{args.seed}" / "last.ckpt" for m in set(args.weights) | set(args.tsne)}
-    finished = _ablation().finished
+    finished = ab.finished
     missing = sorted(m for m, c in ckpt.items() if not finished(c.parent))
     if missing:
         print(f"error: no finished run for {missing} (seed {args.seed}) under {runs}; train them with\n"

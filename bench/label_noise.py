@@ -17,7 +17,6 @@ Output: bench/results/label_noise_<split>.json (per level and model: R1/mAP mean
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -26,13 +25,10 @@ from pathlib import Path
 from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(HERE.parent))
 
-
-def _ablation():
-    spec = importlib.util.spec_from_file_location("bench_ablation", HERE / "ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench import ablation as ab  # noqa: E402
 
 
 MODELS = (("Baseline", "baseline"), ("AUX", "aux"), ("KSL", "ksl"))
@@ -82,7 +78,6 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"noise levels must be in [0, 1), got {bad}")
 
-    ab = _ablation()
     seeds = ab.parse_seeds(args.seeds)
     levels = sorted(set(args.levels))
     rows = [(label, losses) for label, losses in MODELS]

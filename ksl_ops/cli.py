@@ -1,8 +1,8 @@
 """`ksl` command line: train, evaluate, render the synthetic set.
 
-    ksl train                      # synthetic set, CMSNet + full KSL, shortened CPU schedule, prints R1/mAP
+    ksl train                      # synthetic set, ShuffleNetV2 + full KSL, shortened CPU schedule, prints R1/mAP
     ksl train --dataset market1501 --data-root /data --preset paper --device cuda
-    ksl eval --checkpoint runs/cmsnet_ksl/last.ckpt [--rerank]
+    ksl eval --checkpoint runs/shufflenetv2_ksl/last.ckpt [--rerank]
     ksl synth --root data/synthetic
     ksl analyze weights --checkpoint runs/a/last.ckpt runs/b/last.ckpt --out weights.png
     ksl analyze tsne --checkpoint runs/a/last.ckpt runs/b/last.ckpt --identities 20 --out tsne.png

@@ -1,14 +1,14 @@
 """Reference training script for Knowledge-Supervised Learning (KSL, ACM MM'21, §4.2).
 
-    python reference/train.py                      # = `ksl train`: synthetic set, CMSNet + full KSL, CPU
+    python reference/train.py                      # = `ksl train`: synthetic set, ShuffleNetV2 + full KSL, CPU
     python reference/train.py --preset paper --dataset market1501 --data-root /data --device cuda
-    python reference/train.py --resume runs/cmsnet_ksl/last.ckpt
+    python reference/train.py --resume runs/shufflenetv2_ksl/last.ckpt
     torchrun --standalone --nproc_per_node=2 -m ksl_ops.cli train ...   # DDP, one process per GPU/CPU share
 
 With no argument it renders the synthetic Re-ID set (into ./data/synthetic, or $KSL_DATA), trains
-CMSNet with the isomorphic branches and all three consensus constraints on a *shortened CPU
+ShuffleNetV2 with the isomorphic branches and all three consensus constraints on a *shortened CPU
 schedule* (see ksl_ops.engine.config), evaluates the main branch (single-query CMC/mAP on the cosine
-distance of the 512-D embeddings) and prints R1/mAP. `--preset paper` is the paper's recipe: 350
+distance of the 512-D embeddings) and prints R1/mAP. `--preset paper` is the paper's recipe: CMSNet, 350
 epochs at 256×128, SGD lr 0.0015 with cosine decay, batch 64, weight decay 5e-4, triplets and the
 P×K sampler from epoch 150, label smoothing 0.1.
 
@@ -32,7 +32,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a Re-ID network with Knowledge-Supervised Learning and evaluate its main branch. "
-                    "With no argument: the synthetic set, CMSNet, full KSL, a shortened CPU schedule "
+                    "With no argument: the synthetic set, ShuffleNetV2, full KSL, a shortened CPU schedule "
                     "(under 10 minutes on a 2-core CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Defaults are None where the preset decides, so that what the user typed can be told apart.
@@ -53,7 +53,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--synth-images", type=int, default=None, help="synthetic set: images per identity per camera")
 
     g = p.add_argument_group("model and losses")
-    g.add_argument("--backbone", default="cmsnet", choices=["cmsnet", "mobilenetv2", "shufflenetv2"])
+    g.add_argument("--backbone", default=None, choices=["cmsnet", "mobilenetv2", "shufflenetv2"],
+                   help="default: the preset's (cpu shufflenetv2, paper cmsnet)")
     g.add_argument("--losses", default="ksl", choices=list(LOSS_PRESETS),
                    help="baseline: one branch, CE + triplet; aux: isomorphic branches, CE + triplet per branch; "
                         "ksl-p / ksl-e / ksl-h: aux + that constraint (ksl-pp, ksl-pa, ksl-ep, ksl-ea: one "
@@ -79,7 +80,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="cpu: shortened schedule for a CPU; paper: the paper's 350-epoch recipe")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (cpu preset 24, paper 350)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (cpu preset 16, paper 350)")
     g.add_argument("--triplet-start", type=int, default=None,
                    help="epoch (0-based) at which triplets and the P×K sampler start (default 150/350 of --epochs)")
     g.add_argument("--lr", type=float, default=None, help="initial learning rate (cpu preset 0.01, paper 0.0015)")
@@ -111,7 +112,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ksl_ops.engine.config import SYNTHETIC_DEFAULTS, TrainConfig
+    from ksl_ops.engine.config import PRESETS, SYNTHETIC_DEFAULTS, TrainConfig
     from ksl_ops.engine.trainer import resolve_device
 
     device = resolve_device(args.device)
@@ -123,17 +124,18 @@ def config_from_args(args: argparse.Namespace):
     if args.synth_images:
         synthetic["images_per_cam"] = args.synth_images
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    backbone = args.backbone or PRESETS[args.preset]["backbone"]
     return TrainConfig.from_preset(
         args.preset,
         dataset=args.dataset, data_root=args.data_root, height=args.height, width=args.width,
         batch_size=args.batch_size, num_instances=args.num_instances, workers=workers, synthetic=synthetic,
-        backbone=args.backbone, losses=args.losses, backend=args.backend, recipe=args.recipe, neck=args.neck,
+        backbone=backbone, losses=args.losses, backend=args.backend, recipe=args.recipe, neck=args.neck,
         label_noise=args.label_noise,
         normalize_e=args.normalize_e, normalize_triplet=args.normalize_triplet,
         consensus_start_epoch=args.consensus_start, val_ids=args.val_ids, epochs=args.epochs,
         triplet_start_epoch=args.triplet_start, lr=args.lr, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
         max_iters_per_epoch=args.max_iters, rerank=args.rerank, eval_every=args.eval_every,
-        output_dir=args.output_dir or os.path.join("runs", f"{args.backbone}_{args.losses}"),
+        output_dir=args.output_dir or os.path.join("runs", f"{backbone}_{args.losses}"),
         seed=args.seed, device=str(device), progress=args.progress, sync_bn=args.sync_bn)
 
 

@@ -1,19 +1,13 @@
 """bench/ablation.py's bookkeeping: seeds, the job list, and the paired statistics it reports."""
-import importlib.util
+import importlib
 import math
-import os
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("bench_ablation", os.path.join(ROOT, "bench", "ablation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("bench.ablation")
 
 
 def test_parse_seeds(ablation):
@@ -44,10 +38,7 @@ def test_summary_is_paired_against_aux(ablation):
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"bench.{name}")
 
 
 def _run_args(**kw):

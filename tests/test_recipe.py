@@ -130,7 +130,7 @@ def test_loss_presets_and_recipes_reach_the_loss():
         assert default.resolved(key) == value
     kw = default.loss_kwargs()
     assert kw["normalize_e"] and kw["normalize_triplet"]
-    assert kw["consensus_start_epoch"] == default.triplet_start == 10  # "triplet": 150/350 of 24 epochs
+    assert kw["consensus_start_epoch"] == default.triplet_start == 7  # "triplet": 150/350 of 16 epochs
     assert TrainConfig.from_preset("cpu", consensus_start_epoch=3).loss_kwargs()["consensus_start_epoch"] == 3
     # An explicit option wins over the recipe.
     assert TrainConfig.from_preset("cpu", recipe="paper", normalize_e=True).loss_kwargs()["normalize_e"] is True

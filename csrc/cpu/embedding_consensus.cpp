@@ -35,6 +35,11 @@
 namespace ksl {
 namespace {
 
+// Half and bfloat16 embeddings are read into float by the kernels anyway (their accumulation type),
+// so the kernels run on a float copy instead: the same bits come out (each value is still rounded
+// once, from float, into the caller's dtype), and only the float and double copies are compiled.
+at::Tensor kernel_input(const at::Tensor& t) { return t.to(emb::acc_type_of(t.scalar_type())); }
+
 // A fixed-width bundle of lanes: W coordinates l processed together. Each lane is an independent
 // accumulator, so the compiler may vectorise without reassociating any floating-point sum, and
 // the final sum over lanes runs in a fixed order (results do not depend on the thread count).
@@ -288,13 +293,13 @@ static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_DISPATCH_B lists B = 2..8")
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cpu(const at::Tensor& emb_in, int64_t reduction) {
   emb::check_inputs(emb_in, reduction);
-  const at::Tensor emb = emb_in.contiguous();
+  const at::Tensor emb = kernel_input(emb_in.contiguous());
   const int B = static_cast<int>(emb.size(0));
   emb::ForwardOutputs out = emb::allocate_forward(emb, reduction);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(emb.scalar_type(), "embedding_consensus_cpu", [&] {
     KSL_EMB_DISPATCH_B(B, forward_impl, emb, reduction, out.ep, out.ea, out.norms);
   });
-  return {out.ep, out.ea, out.norms};
+  return {out.ep.to(emb_in.scalar_type()), out.ea.to(emb_in.scalar_type()), out.norms};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,13 +366,15 @@ at::Tensor embedding_consensus_backward_cpu(const at::Tensor& grad_ep, const at:
   emb::check_upstream(grad_ep, grad_ea, emb, reduction);
   const int B = static_cast<int>(emb.size(0));
   const at::Tensor norms = norms_in.contiguous();
-  const at::Tensor gep = grad_ep.to(emb.scalar_type()).contiguous();
-  const at::Tensor gea = grad_ea.to(emb.scalar_type()).contiguous();
-  at::Tensor grad = at::empty_like(emb, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_backward_cpu", [&] {
-    KSL_EMB_DISPATCH_B(B, backward_impl, gep, gea, emb, norms, reduction, grad);
+  // The upstream gradients are rounded to emb's dtype first, as a half kernel would read them.
+  const at::Tensor gep = kernel_input(grad_ep.to(emb.scalar_type()).contiguous());
+  const at::Tensor gea = kernel_input(grad_ea.to(emb.scalar_type()).contiguous());
+  const at::Tensor embk = kernel_input(emb);
+  at::Tensor grad = at::empty_like(embk, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(embk.scalar_type(), "embedding_consensus_backward_cpu", [&] {
+    KSL_EMB_DISPATCH_B(B, backward_impl, gep, gea, embk, norms, reduction, grad);
   });
-  return grad;
+  return grad.to(emb.scalar_type());
 }
 
 }  // namespace

@@ -47,6 +47,12 @@
 namespace {
 
 using ksl::prob::fexp;
+
+// Half and bfloat16 logits are read into float by the kernels anyway (their accumulation type), so
+// the kernels run on a float copy instead: the same bits come out (each value is still rounded once,
+// from float, into the caller's dtype), and only the float and double copies of the kernels are
+// compiled, which halves the extension's build time.
+at::Tensor kernel_input(const at::Tensor& z) { return z.to(ksl::prob::acc_type_of(z.scalar_type())); }
 using ksl::prob::flog;
 
 constexpr int kLanes = 16;
@@ -371,12 +377,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cpu(co
   const double t2 = temperature * temperature;
 
   if (N > 0 && K > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "prob_consensus_cpu", [&] {
+    // The kernels run in the accumulation type (see kernel_input); grad_dir keeps z's dtype.
+    const at::Tensor zk = kernel_input(z);
+    at::Tensor grad_dir = saved.write_grad && zk.scalar_type() != z.scalar_type() ? at::empty_like(zk) : saved.grad_dir;
+    AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_cpu", [&] {
       ksl::prob::dispatch_branches(B, [&](auto kb) {
-        forward_impl<scalar_t, decltype(kb)::value>(z, temperature, saved.row_lse, pp_terms, pa_terms,
-                                                   saved.write_grad ? &saved.grad_dir : nullptr, saved.grad_scale);
+        forward_impl<scalar_t, decltype(kb)::value>(zk, temperature, saved.row_lse, pp_terms, pa_terms,
+                                                   saved.write_grad ? &grad_dir : nullptr, saved.grad_scale);
       });
     });
+    if (saved.write_grad && !grad_dir.is_same(saved.grad_dir)) saved.grad_dir.copy_(grad_dir);
   } else {
     saved.row_lse.fill_(K > 0 ? 0.0 : -std::numeric_limits<double>::infinity());
     pp_terms.zero_();
@@ -414,15 +424,16 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
   const ksl::prob::SampleWeights w =
       ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, ksl::prob::acc_type_of(z.scalar_type()), reduction);
   at::Tensor lse = row_lse.contiguous();
-  at::Tensor grad = at::empty({B, N, K}, z.options());
+  const at::Tensor zk = kernel_input(z);
+  at::Tensor grad = at::empty({B, N, K}, zk.options());
   if (N > 0 && K > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "prob_consensus_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_backward_cpu", [&] {
       ksl::prob::dispatch_branches(B, [&](auto kb) {
-        backward_impl<scalar_t, decltype(kb)::value>(z, lse, w.pp, w.pa, temperature, detach_target, grad);
+        backward_impl<scalar_t, decltype(kb)::value>(zk, lse, w.pp, w.pa, temperature, detach_target, grad);
       });
     });
   }
-  return grad;
+  return grad.to(z.scalar_type());
 }
 
 }  // namespace
