@@ -35,9 +35,8 @@
 namespace ksl {
 namespace {
 
-// Half and bfloat16 embeddings are read into float by the kernels anyway (their accumulation type),
-// so the kernels run on a float copy instead: the same bits come out (each value is still rounded
-// once, from float, into the caller's dtype), and only the float and double copies are compiled.
+// Half and bfloat16 run the float kernels on an upcast copy, bit for bit what a half kernel would
+// give (why: cpu/prob_consensus.cpp, kernel_input).
 at::Tensor kernel_input(const at::Tensor& t) { return t.to(emb::acc_type_of(t.scalar_type())); }
 
 // A fixed-width bundle of lanes: W coordinates l processed together. Each lane is an independent

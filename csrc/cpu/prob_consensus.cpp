@@ -47,13 +47,13 @@
 namespace {
 
 using ksl::prob::fexp;
+using ksl::prob::flog;
 
 // Half and bfloat16 logits are read into float by the kernels anyway (their accumulation type), so
 // the kernels run on a float copy instead: the same bits come out (each value is still rounded once,
 // from float, into the caller's dtype), and only the float and double copies of the kernels are
 // compiled, which halves the extension's build time.
 at::Tensor kernel_input(const at::Tensor& z) { return z.to(ksl::prob::acc_type_of(z.scalar_type())); }
-using ksl::prob::flog;
 
 constexpr int kLanes = 16;
 
