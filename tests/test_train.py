@@ -109,7 +109,7 @@ def test_cli_train_eval_synth(synth_root, tmp_path, capsys):
     assert ksl_main(["eval", "--checkpoint", str(out / "last.ckpt"), "--workers", "0"]) == 0
     text = capsys.readouterr().out
     assert "epoch 1" in text and "mAP" in text
-    assert f"loaded {out / 'last.ckpt'}: cmsnet, losses ksl-h, 6 classes, epoch 1/1, input 32x16" in text
+    assert f"loaded {out / 'last.ckpt'}: shufflenetv2, losses ksl-h, 6 classes, epoch 1/1, input 32x16" in text
     # Resuming a finished run only evaluates it.
     assert ksl_main(["train", "--resume", str(out / "last.ckpt"), "--workers", "0", "--progress", "off"]) == 0
     assert "resumed from" in capsys.readouterr().out
