@@ -20,6 +20,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 
 constexpr int64_t kNone = 0;
@@ -151,27 +152,27 @@ Tensor3 embedding_consensus_autograd(const Tensor& emb, int64_t reduction) {
 }
 
 // ---- branch_triplet -------------------------------------------------------------------------------
-using TripFwd = Tensor4(const Tensor&, const Tensor&, double, bool, int64_t);
-using TripBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool,
-                       int64_t);
+using TripFwd = Tensor5(const Tensor&, const Tensor&, double, bool, int64_t);
+using TripBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                       double, bool, int64_t);
 
 class BranchTriplet : public torch::autograd::Function<BranchTriplet> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& emb, const Tensor& labels, double margin,
                                bool soft_margin, int64_t reduction) {
-    Tensor self_loss, cross_loss, pos_idx, neg_idx;
+    Tensor self_loss, cross_loss, pos_idx, neg_idx, hard_sq;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(self_loss, cross_loss, pos_idx, neg_idx) =
+      std::tie(self_loss, cross_loss, pos_idx, neg_idx, hard_sq) =
           KSL_OP("branch_triplet", TripFwd).call(emb, labels, margin, soft_margin, reduction);
     }
     ctx->saved_data["margin"] = margin;
     ctx->saved_data["soft_margin"] = soft_margin;
     ctx->saved_data["reduction"] = reduction;
-    ctx->save_for_backward({emb, pos_idx, neg_idx});
-    ctx->mark_non_differentiable({pos_idx, neg_idx});
+    ctx->save_for_backward({emb, pos_idx, neg_idx, hard_sq});
+    ctx->mark_non_differentiable({pos_idx, neg_idx, hard_sq});
     ctx->set_materialize_grads(false);
-    return {self_loss, cross_loss, pos_idx, neg_idx};
+    return {self_loss, cross_loss, pos_idx, neg_idx, hard_sq};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -184,16 +185,16 @@ class BranchTriplet : public torch::autograd::Function<BranchTriplet> {
     const Tensor g_self = upstream_or_zeros(grads[0], reduction, {B, N}, emb);
     const Tensor g_cross = upstream_or_zeros(grads[1], reduction, {B, B, N}, emb);
     out[0] = KSL_OP("branch_triplet_backward", TripBwd)
-                 .call(g_self, g_cross, emb, saved[1], saved[2], ctx->saved_data["margin"].toDouble(),
+                 .call(g_self, g_cross, emb, saved[1], saved[2], saved[3], ctx->saved_data["margin"].toDouble(),
                        ctx->saved_data["soft_margin"].toBool(), reduction);
     return out;
   }
 };
 
-Tensor4 branch_triplet_autograd(const Tensor& emb, const Tensor& labels, double margin, bool soft_margin,
+Tensor5 branch_triplet_autograd(const Tensor& emb, const Tensor& labels, double margin, bool soft_margin,
                                 int64_t reduction) {
   auto r = BranchTriplet::apply(emb, labels, margin, soft_margin, reduction);
-  return {r[0], r[1], r[2], r[3]};
+  return {r[0], r[1], r[2], r[3], r[4]};
 }
 
 }  // namespace

@@ -32,9 +32,12 @@ TORCH_LIBRARY(ksl_ops, m) {
   m.def("embedding_consensus_backward(Tensor grad_ep, Tensor grad_ea, Tensor emb, Tensor norms, int reduction) -> Tensor");
 
   // Per-branch (eq. 2) and cross-branch (KSL-H, eq. 11) batch-hard triplets. Returns
-  // (self, cross, pos_idx, neg_idx); the indices are int32 [B, B, N], -1 for an invalid anchor.
+  // (self, cross, pos_idx, neg_idx, hard_sq): the indices are int32 [B, B, N], -1 for an invalid
+  // anchor; hard_sq [2, B, B, N] (float32; float64 for float64 emb) holds the squared distances of
+  // each anchor to its hardest positive (plane 0) and negative (plane 1), saved so that the
+  // backward's coefficients are elementwise instead of recomputing two distances per anchor.
   m.def("branch_triplet(Tensor emb, Tensor labels, float margin, bool soft_margin, int reduction) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("branch_triplet_backward(Tensor grad_self, Tensor grad_cross, Tensor emb, Tensor pos_idx, "
-        "Tensor neg_idx, float margin, bool soft_margin, int reduction) -> Tensor");
+        "Tensor neg_idx, Tensor hard_sq, float margin, bool soft_margin, int reduction) -> Tensor");
 }

@@ -218,9 +218,9 @@ def _embedding_consensus_fused(e, reduction):
 
 
 def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):
-    """One pass of torch.ops.ksl_ops.branch_triplet; the winners' indices stay internal (saved for
-    the backward by the op's C++ autograd)."""
-    self_loss, cross_loss, _, _ = _op("branch_triplet")(e, labels, margin, soft_margin, reduction)
+    """One pass of torch.ops.ksl_ops.branch_triplet; the winners' indices and squared distances stay
+    internal (saved for the backward by the op's C++ autograd)."""
+    self_loss, cross_loss, *_ = _op("branch_triplet")(e, labels, margin, soft_margin, reduction)
     return self_loss, cross_loss
 
 
@@ -238,10 +238,12 @@ def _branch_triplet_register():
         B, N = emb.shape[0], emb.shape[1]
         self_loss, cross_loss = loss_shapes(emb, reduction)
         pos_idx = emb.new_empty((B, B, N), dtype=torch.int32)
-        return self_loss, cross_loss, pos_idx, torch.empty_like(pos_idx)
+        acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+        hard_sq = emb.new_empty((2, B, B, N), dtype=acc)
+        return self_loss, cross_loss, pos_idx, torch.empty_like(pos_idx), hard_sq
 
     @torch.library.register_fake("ksl_ops::branch_triplet_backward")
-    def _(grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction):
+    def _(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin, reduction):
         return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
 

@@ -170,9 +170,9 @@ def test_opcheck(dtype, reduction, device):
     y = grouped_labels(10, 3, device)
     torch.library.opcheck(OPS.branch_triplet, (emb, y, 0.3, False, reduction))
     torch.library.opcheck(OPS.branch_triplet, (emb, y, 0.0, True, reduction))
-    s, c, pos, neg = OPS.branch_triplet(emb.detach(), y, 0.3, False, reduction)
+    s, c, pos, neg, sq = OPS.branch_triplet(emb.detach(), y, 0.3, False, reduction)
     torch.library.opcheck(OPS.branch_triplet_backward,
-                          (torch.ones_like(s), torch.ones_like(c), emb.detach(), pos, neg, 0.3, False,
+                          (torch.ones_like(s), torch.ones_like(c), emb.detach(), pos, neg, sq, 0.3, False,
                            reduction))
 
 
@@ -211,8 +211,8 @@ def test_no_valid_anchor(labels, reduction, device):
     assert torch.all(a == 0) and torch.all(c == 0)
     (a.sum() + c.sum()).backward()
     assert torch.all(emb.grad == 0)
-    _, _, pos, neg = OPS.branch_triplet(emb.detach(), y, 0.3, False, CODE[reduction])
-    assert torch.all(pos == -1) and torch.all(neg == -1)
+    _, _, pos, neg, sq = OPS.branch_triplet(emb.detach(), y, 0.3, False, CODE[reduction])
+    assert torch.all(pos == -1) and torch.all(neg == -1) and torch.all(sq == 0)
 
 
 def test_single_sample(device):
@@ -236,11 +236,36 @@ def test_all_embeddings_equal(margin, device):
     assert c.item() == pytest.approx(B * (B - 1) * per_term, rel=1e-12)
     (a + c).backward()
     assert torch.all(emb.grad == 0)
-    _, _, pos, neg = OPS.branch_triplet(emb.detach(), y, 0.3, False, 1)
+    _, _, pos, neg, sq = OPS.branch_triplet(emb.detach(), y, 0.3, False, 1)
+    assert torch.all(sq == 0)  # below the clamp: d = 1e-6 and no gradient through it
     # all distances tie: the lowest index of the right kind wins
     expect_pos = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6], device=device, dtype=torch.int32)
     expect_neg = torch.tensor([2, 2, 0, 0, 0, 0, 0, 0], device=device, dtype=torch.int32)
     assert torch.equal(pos, expect_pos.expand(B, B, N)) and torch.equal(neg, expect_neg.expand(B, B, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_saved_squared_distances(dtype, device):
+    """hard_sq[0 / 1, u, v, m] is the squared distance of anchor (u, m) to the positive / negative
+    (v, pos_idx / neg_idx) it chose, in emb's accumulation type; 0 where the anchor is invalid."""
+    torch.manual_seed(6)
+    B, N, L = 3, 13, 21
+    emb = torch.randn(B, N, L, dtype=dtype, device=device)
+    y = grouped_labels(N, 4, device)
+    y[0] = 99  # a singleton: invalid anchor
+    _, _, pos, neg, sq = OPS.branch_triplet(emb, y, 0.3, False, 1)
+    assert sq.shape == (2, B, B, N) and sq.dtype == dtype
+    e = emb.double()
+    for k, idx in enumerate((pos, neg)):
+        valid = idx >= 0
+        u = torch.arange(B, device=device)[:, None, None].expand(B, B, N)
+        v = torch.arange(B, device=device)[None, :, None].expand(B, B, N)
+        m = torch.arange(N, device=device)[None, None, :].expand(B, B, N)
+        want = (e[u, m] - e[v, idx.clamp_min(0).long()]).pow(2).sum(-1)
+        want = torch.where(valid, want, torch.zeros_like(want))
+        rtol = 1e-13 if dtype == torch.float64 else (L / 16 + 16) * 2.0 ** -23
+        torch.testing.assert_close(sq[k].double(), want, rtol=rtol, atol=0)
+    assert not (pos[:, :, 0] >= 0).any() and torch.all(sq[:, :, :, 0] == 0)
 
 
 def test_exact_ties_pick_lowest_index(device):
@@ -249,9 +274,11 @@ def test_exact_ties_pick_lowest_index(device):
     x = torch.tensor([-1.0, 2.0, 0.0, -2.0, 1.0], dtype=torch.float64, device=device)
     emb = torch.stack([x, -x])[..., None].requires_grad_(True)
     y = torch.tensor([0, 1, 0, 1, 0], device=device)
-    _, _, pos, neg = OPS.branch_triplet(emb.detach(), y, 1.5, False, 0)
+    _, _, pos, neg, sq = OPS.branch_triplet(emb.detach(), y, 1.5, False, 0)
     assert pos[:, :, 2].tolist() == [[0, 0], [0, 0]]
     assert neg[:, :, 2].tolist() == [[1, 1], [1, 1]]
+    assert sq[0, :, :, 2].tolist() == [[1.0, 1.0], [1.0, 1.0]]  # d⁺² and d⁻², exact
+    assert sq[1, :, :, 2].tolist() == [[4.0, 4.0], [4.0, 4.0]]
     (fa, fc, fg), (ra, rc, rg) = fused_and_reference(emb, y, 1.5, "none")
     torch.testing.assert_close(fa, ra, rtol=0, atol=1e-15)
     torch.testing.assert_close(fc, rc, rtol=0, atol=1e-15)
@@ -413,15 +440,21 @@ def test_bad_inputs_direct_op(device):
         OPS.branch_triplet(emb, y, -1.0, False, 1)
     with pytest.raises(RuntimeError, match="reduction"):
         OPS.branch_triplet(emb, y, 0.3, False, 3)
-    s, c, pos, neg = OPS.branch_triplet(emb, y, 0.3, False, 1)
+    s, c, pos, neg, sq = OPS.branch_triplet(emb, y, 0.3, False, 1)
     with pytest.raises(RuntimeError, match="pos_idx"):
-        OPS.branch_triplet_backward(s, c, emb, pos.long(), neg, 0.3, False, 1)
+        OPS.branch_triplet_backward(s, c, emb, pos.long(), neg, sq, 0.3, False, 1)
     with pytest.raises(RuntimeError, match="neg_idx"):
-        OPS.branch_triplet_backward(s, c, emb, pos, neg[:, :, :2], 0.3, False, 1)
+        OPS.branch_triplet_backward(s, c, emb, pos, neg[:, :, :2], sq, 0.3, False, 1)
     with pytest.raises(RuntimeError, match="grad_self"):
-        OPS.branch_triplet_backward(torch.ones(2, 4, device=device), c, emb, pos, neg, 0.3, False, 1)
+        OPS.branch_triplet_backward(torch.ones(2, 4, device=device), c, emb, pos, neg, sq, 0.3, False, 1)
     with pytest.raises(RuntimeError, match="grad_cross"):
-        OPS.branch_triplet_backward(s, torch.ones(3, device=device), emb, pos, neg, 0.3, False, 1)
+        OPS.branch_triplet_backward(s, torch.ones(3, device=device), emb, pos, neg, sq, 0.3, False, 1)
+    with pytest.raises(RuntimeError, match=r"hard_sq must have shape \[2, B, B, N\] = \[2, 2, 2, 4\]"):
+        OPS.branch_triplet_backward(s, c, emb, pos, neg, sq[:1], 0.3, False, 1)
+    with pytest.raises(RuntimeError, match="hard_sq must be Float for Float emb, got Double"):
+        OPS.branch_triplet_backward(s, c, emb, pos, neg, sq.double(), 0.3, False, 1)
+    with pytest.raises(RuntimeError, match="hard_sq must be Float for Half emb, got Half"):
+        OPS.branch_triplet_backward(s.half(), c.half(), emb.half(), pos, neg, sq.half(), 0.3, False, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,14 +95,14 @@ def test_prob_consensus_backward_checks_upstream_dtype():
 def _triplet_saved(device):
     emb = torch.randn(2, 4, 3, device=device)
     y = torch.tensor([0, 0, 1, 1], device=device)
-    s, c, pos, neg = OPS.branch_triplet(emb, y, 0.3, False, 1)
-    return emb, s, c, pos, neg
+    s, c, pos, neg, sq = OPS.branch_triplet(emb, y, 0.3, False, 1)
+    return emb, s, c, pos, neg, sq
 
 
 @pytest.mark.parametrize("bad", ["pos_ge_n", "neg_ge_n", "pos_below_minus_one", "pos_without_neg",
                                  "neg_without_pos"])
 def test_branch_triplet_backward_refuses_bad_indices_cpu(bad):
-    emb, s, c, pos, neg = _triplet_saved("cpu")
+    emb, s, c, pos, neg, sq = _triplet_saved("cpu")
     pos, neg = pos.clone(), neg.clone()
     if bad == "pos_ge_n":
         pos[0, 1, 2] = 4
@@ -115,15 +115,15 @@ def test_branch_triplet_backward_refuses_bad_indices_cpu(bad):
     else:
         pos[1, 1, 1] = -1
     with pytest.raises(RuntimeError, match=r"pos_idx / neg_idx must be.*both -1.*both in \[0, N\) = 4"):
-        OPS.branch_triplet_backward(s, c, emb, pos, neg, 0.3, False, 1)
+        OPS.branch_triplet_backward(s, c, emb, pos, neg, sq, 0.3, False, 1)
 
 
 def test_branch_triplet_backward_accepts_invalid_anchors():
     emb = torch.randn(2, 3, 3)
     y = torch.tensor([0, 1, 2])  # no positives at all: every index -1
-    s, c, pos, neg = OPS.branch_triplet(emb, y, 0.3, False, 1)
-    assert (pos == -1).all() and (neg == -1).all()
-    g = OPS.branch_triplet_backward(torch.ones(()), torch.ones(()), emb, pos, neg, 0.3, False, 1)
+    s, c, pos, neg, sq = OPS.branch_triplet(emb, y, 0.3, False, 1)
+    assert (pos == -1).all() and (neg == -1).all() and (sq == 0).all()
+    g = OPS.branch_triplet_backward(torch.ones(()), torch.ones(()), emb, pos, neg, sq, 0.3, False, 1)
     assert (g == 0).all()
 
 
@@ -205,12 +205,12 @@ def test_cuda_device_side_checks(case):
         if case == "negative_label":
             s, c = ksl_ops.branch_triplet(emb, torch.tensor([0, -1, 1, 1], device="cuda"))
         else:
-            s, c, pos, neg = ops.branch_triplet(emb, y, 0.3, False, 1)
+            s, c, pos, neg, sq = ops.branch_triplet(emb, y, 0.3, False, 1)
             if case == "index_out_of_range":
                 pos[0, 0, 0] = 4
             else:
                 neg[0, 0, 0] = -1
-            ops.branch_triplet_backward(s, c, emb, pos, neg, 0.3, False, 1)
+            ops.branch_triplet_backward(s, c, emb, pos, neg, sq, 0.3, False, 1)
         torch.cuda.synchronize()
         print("NO ERROR")
     """

@@ -68,18 +68,22 @@ KSL_HOST_DEVICE bool beats_min(T value, int index, T best, int best_index) {
   return value < best || (value == best && index < best_index);
 }
 
-// Offers candidate n at distance d to anchor m's running winners: a same-identity n != m competes for
-// the hardest positive (largest d), another identity for the hardest negative (smallest d).
+// Offers candidate n at distance d (squared distance sq) to anchor m's running winners: a
+// same-identity n != m competes for the hardest positive (largest d), another identity for the
+// hardest negative (smallest d). The winners are ranked by d, as the reference does (d clamps, so two
+// different tiny sq can tie in d); their sq rides along, saved for the backward.
 template <typename T>
-KSL_HOST_DEVICE void offer_candidate(T d, int n, int m, bool same_identity, T& best_pos, int& pos_index,
-                                     T& best_neg, int& neg_index) {
+KSL_HOST_DEVICE void offer_candidate(T d, T sq, int n, int m, bool same_identity, T& best_pos, T& pos_sq,
+                                     int& pos_index, T& best_neg, T& neg_sq, int& neg_index) {
   if (same_identity) {
     if (n != m && beats_max(d, n, best_pos, pos_index)) {
       best_pos = d;
+      pos_sq = sq;
       pos_index = n;
     }
   } else if (beats_min(d, n, best_neg, neg_index)) {
     best_neg = d;
+    neg_sq = sq;
     neg_index = n;
   }
 }
@@ -104,6 +108,30 @@ KSL_HOST_DEVICE T term_grad(T gap, T margin, bool soft_margin) {
   }
   // torch.relu's backward keeps the gradient unless the output is <= 0 (so NaN keeps it).
   return (gap + margin) <= T(0) ? T(0) : T(1);
+}
+
+// The upstream gradient of entry i = (u·B + v)·N + m (anchor m of branch u against branch v): per
+// anchor for reduction none (grad_self [B, N] where u = v, grad_cross [B, B, N] elsewhere), one scalar
+// per loss otherwise, divided by the number of valid anchors for mean (`count`, see mean_count).
+template <typename T>
+KSL_HOST_DEVICE T anchor_upstream(const T* grad_self, const T* grad_cross, int reduction, long long i, long long B,
+                                  long long N, T count) {
+  const long long m = i % N, uv = i / N, u = uv / B, v = uv % B;
+  if (reduction == kNone) return u == v ? grad_self[u * N + m] : grad_cross[i];
+  const T up = u == v ? grad_self[0] : grad_cross[0];
+  return reduction == kMean ? up / count : up;  // divided, as the reference does
+}
+
+// The backward's coefficients of one valid anchor from its saved squared distances sq⁺, sq⁻ and the
+// upstream gradient `up` of its term: cp = ∂loss/∂d⁺ / d⁺ and cn = ∂loss/∂d⁻ / d⁻ (without its minus
+// sign), so that ∂loss/∂anchor = cp (anchor − positive) − cn (anchor − negative). d is recomputed from
+// sq by the forward's own rule, so the relu / softplus sees exactly the forward's gap.
+template <typename T>
+KSL_HOST_DEVICE void anchor_coefficients(T up, T sq_pos, T sq_neg, T margin, bool soft_margin, T& cp, T& cn) {
+  const T dp = distance(sq_pos), dn = distance(sq_neg);
+  const T g = up * term_grad(dp - dn, margin, soft_margin);
+  cp = g * inv_distance_grad(sq_pos, dp);
+  cn = g * inv_distance_grad(sq_neg, dn);
 }
 
 // `mean` divides by the number of valid anchors, and by 1 when there is none (the sum is then 0).

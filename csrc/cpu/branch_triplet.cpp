@@ -7,14 +7,14 @@
 // float64 (gradcheck) keeps the plain per-pair scan of forward_impl. Memory beyond the inputs is the
 // packed copy of the embeddings, O(B²·N) winners and per-anchor terms.
 //
-// Backward: per (u, v, m) coefficients for d⁺ and d⁻ (each recomputed in exactly the forward's
-// arithmetic), then one task per *target* row (b, n) that sums its contributions as an anchor and as
-// a chosen positive / negative in a fixed order (a stable counting sort of the winners gives each row
+// The forward also returns the winners' squared distances (hard_sq), so the backward's per (u, v, m)
+// coefficients for d⁺ and d⁻ are elementwise; then one task per *target* row (b, n) sums its
+// contributions as an anchor and as a chosen positive / negative in a fixed order (a stable counting sort of the winners gives each row
 // its list). No two tasks write the same row, so the result is deterministic and independent of the
 // thread count.
 
 // No fused multiply-add contraction anywhere in this file: the distance arithmetic says explicitly
-// where it fuses (tile_sqdist / pairs_sqdist), so forward and backward round alike.
+// where it fuses (tile_sqdist), so every tile of every pair rounds alike.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #elif defined(__clang__)
@@ -87,16 +87,6 @@ KSL_MULTIVERSION void sqdist_rows(const double* const* a, const double* b, int64
   sqdist_rows_body<double>(a, b, L, out);
 }
 
-// One squared distance, in exactly the arithmetic of the forward (the backward must recompute the
-// same d⁺ and d⁻ the forward compared, bit for bit, so the relu's side of 0 is the same).
-template <typename T>
-T sqdist_one(const T* a, const T* b, int64_t L) {
-  const T* rows[kAnchorRows] = {a, a, a, a};
-  T out[kAnchorRows];
-  sqdist_rows(rows, b, L, out);
-  return out[0];
-}
-
 // ---- float32: symmetric, register-tiled distances ---------------------------------------------------
 // The float32 forward (float16 / bfloat16 are widened to it) computes each distance of a branch pair
 // u < v once and uses it twice, d(e^u_m, e^v_n) = d(e^v_n, e^u_m): as a candidate of anchor (u, m) and
@@ -106,12 +96,12 @@ T sqdist_one(const T* a, const T* b, int64_t L) {
 // anchor value is broadcast, which is the shape of a GEMM micro-kernel with (b − a)² in place of a·b,
 // so the distances stay exact differences (no |a|² + |b|² − 2a·b cancellation for nearby points).
 //
-// Every squared distance — in any tile, in either direction, and when the backward recomputes d⁺ and
-// d⁻ of one pair — is the same sequence of roundings: l runs in chunks of kChunk, each chunk summed in
-// order into a fresh partial (with a fused multiply-add on CPUs that have one, plain multiply and add
-// otherwise: the same choice everywhere, made once), the partials added in order. So the backward
-// differentiates exactly the d⁺ − d⁻ the forward compared, and the result does not depend on the tile
-// a pair fell in. Relative error of a squared distance: about (kChunk + L / kChunk)·eps.
+// Every squared distance — in any tile and in either direction — is the same sequence of roundings: l
+// runs in chunks of kChunk, each chunk summed in order into a fresh partial (with a fused multiply-add
+// on CPUs that have one, plain multiply and add otherwise: the same choice everywhere, made once), the
+// partials added in order, so the result does not depend on the tile a pair fell in. The winners'
+// squared distances are returned (hard_sq) and the backward differentiates exactly the d⁺ − d⁻ the
+// forward compared. Relative error of a squared distance: about (kChunk + L / kChunk)·eps.
 constexpr int kTileRows = 4;
 constexpr int kTileCols = 16;
 constexpr int64_t kChunk = 16;
@@ -148,35 +138,6 @@ void tile_sqdist_generic(const float* const* a, const float* packed, int64_t L, 
   }
   for (int r = 0; r < kTileRows; ++r)
     for (int c = 0; c < kTileCols; ++c) out[r][c] = acc[r][c];
-}
-
-// kPairs independent squared distances out[i] = d(a[i], b[i]), each lane in exactly the arithmetic of one
-// lane of the tile micro-kernel (chunks of kChunk summed in order into a fresh partial, kFma: with a fused
-// multiply-add as _mm256_fmadd_ps does, else multiply then add). The backward recomputes its d⁺ and d⁻
-// here: done one pair at a time, each is a serial chain of L dependent adds (latency-bound, ~4 cycles per
-// element); kPairs independent chains side by side keep the floating-point units busy instead.
-constexpr int kPairs = 8;
-
-template <bool kFma>
-__attribute__((always_inline)) inline void pairs_sqdist_body(const float* const* a, const float* const* b, int64_t L,
-                                                             float* out) {
-  float acc[kPairs] = {};
-  for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
-    const int64_t l1 = std::min(L, l0 + kChunk);
-    float part[kPairs] = {};
-    for (int64_t l = l0; l < l1; ++l) {
-      for (int i = 0; i < kPairs; ++i) {
-        const float d = b[i][l] - a[i][l];
-        part[i] = kFma ? std::fma(d, d, part[i]) : part[i] + d * d;
-      }
-    }
-    for (int i = 0; i < kPairs; ++i) acc[i] += part[i];
-  }
-  for (int i = 0; i < kPairs; ++i) out[i] = acc[i];
-}
-
-void pairs_sqdist_generic(const float* const* a, const float* const* b, int64_t L, float* out) {
-  pairs_sqdist_body<false>(a, b, L, out);
 }
 
 #if KSL_TRIPLET_AVX2
@@ -219,10 +180,6 @@ __attribute__((target("avx2,fma"))) void tile_sqdist_avx2(const float* const* a,
   }
 }
 
-__attribute__((target("avx2,fma"))) void pairs_sqdist_avx2(const float* const* a, const float* const* b, int64_t L,
-                                                           float* out) {
-  pairs_sqdist_body<true>(a, b, L, out);  // std::fma: one lane of _mm256_fmadd_ps
-}
 #endif
 
 void tile_sqdist(const float* const* a, const float* packed, int64_t L, float (*out)[kTileCols]) {
@@ -232,26 +189,22 @@ void tile_sqdist(const float* const* a, const float* packed, int64_t L, float (*
   tile_sqdist_generic(a, packed, L, out);
 }
 
-void pairs_sqdist(const float* const* a, const float* const* b, int64_t L, float* out) {
-#if KSL_TRIPLET_AVX2
-  if (triplet_cpu_has_avx2_fma()) return pairs_sqdist_avx2(a, b, L, out);
-#endif
-  pairs_sqdist_generic(a, b, L, out);
-}
 
-// A running hardest positive / negative of one anchor.
+// A running hardest positive / negative of one anchor: distance, squared distance, index.
 struct Winners {
-  float pos = 0, neg = 0;
+  float pos = 0, neg = 0, pos_sq = 0, neg_sq = 0;
   int ip = -1, in = -1;
-  void offer(float d, int n, int m, bool same) { offer_candidate(d, n, m, same, pos, ip, neg, in); }
+  void offer(float d, float sq, int n, int m, bool same) {
+    offer_candidate(d, sq, n, m, same, pos, pos_sq, ip, neg, neg_sq, in);
+  }
   void merge(const Winners& o) {  // winners are a total order on (value, index): any merge order agrees
-    if (o.ip >= 0 && beats_max(o.pos, o.ip, pos, ip)) pos = o.pos, ip = o.ip;
-    if (o.in >= 0 && beats_min(o.neg, o.in, neg, in)) neg = o.neg, in = o.in;
+    if (o.ip >= 0 && beats_max(o.pos, o.ip, pos, ip)) pos = o.pos, pos_sq = o.pos_sq, ip = o.ip;
+    if (o.in >= 0 && beats_min(o.neg, o.in, neg, in)) neg = o.neg, neg_sq = o.neg_sq, in = o.in;
   }
 };
 
 void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64_t L, float margin,
-                   bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, float* terms) {
+                   bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, float* terms, float* hard_sq) {
   const int64_t col_blocks = (N + kTileCols - 1) / kTileCols;
   // Candidates packed per branch and block of kTileCols: [B][col_blocks][L][kTileCols]; a short last
   // block repeats its last sample (those lanes are never read back).
@@ -281,11 +234,14 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
     for (int64_t v = u; v < B; ++v) pair_u.push_back(u), pair_v.push_back(v);
   std::vector<Winners> partial(static_cast<size_t>(pairs * row_blocks * N));
 
+  const int64_t E = B * B * N;
   auto finish = [&](int64_t o, const Winners& w) {
     const bool valid = w.ip >= 0 && w.in >= 0;
     pos_idx[o] = valid ? w.ip : -1;
     neg_idx[o] = valid ? w.in : -1;
     terms[o] = valid ? term(w.pos - w.neg, margin, soft_margin) : 0.f;
+    hard_sq[o] = valid ? w.pos_sq : 0.f;
+    hard_sq[E + o] = valid ? w.neg_sq : 0.f;
   };
 
   at::parallel_for(0, pairs * row_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -305,16 +261,16 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
           const int nrows = static_cast<int>(std::min<int64_t>(kTileRows, m_end - m0));
           const float* a[kTileRows];
           for (int r = 0; r < kTileRows; ++r) a[r] = e + (u * N + m0 + std::min(r, nrows - 1)) * L;
-          float d[kTileRows][kTileCols];
-          tile_sqdist(a, pk, L, d);
+          float sq[kTileRows][kTileCols], d[kTileRows][kTileCols];
+          tile_sqdist(a, pk, L, sq);
           for (int r = 0; r < nrows; ++r)
-            for (int c = 0; c < ncols; ++c) d[r][c] = distance(d[r][c]);
+            for (int c = 0; c < ncols; ++c) d[r][c] = distance(sq[r][c]);
           for (int r = 0; r < nrows; ++r) {
             const int m = static_cast<int>(m0 + r);
             Winners& w = rows[m - m_begin];
             for (int c = 0; c < ncols; ++c) {
               const int n = static_cast<int>(n0 + c);
-              w.offer(d[r][c], n, m, y[n] == y[m]);
+              w.offer(d[r][c], sq[r][c], n, m, y[n] == y[m]);
             }
           }
           if (cross) {
@@ -323,7 +279,7 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
               Winners& w = cols[n];
               for (int r = 0; r < nrows; ++r) {
                 const int m = static_cast<int>(m0 + r);
-                w.offer(d[r][c], m, n, y[n] == y[m]);
+                w.offer(d[r][c], sq[r][c], m, n, y[n] == y[m]);
               }
             }
           }
@@ -345,20 +301,6 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
       finish((v * B + u) * N + n, w);
     }
   });
-}
-
-// The backward's d⁺ / d⁻ in exactly the forward's arithmetic for the dtype: out[i] = d(a[i], b[i]) for
-// i < count <= kPairs (the unused lanes of the float path repeat pair 0 and are dropped).
-void recompute_sqdist(const float* const* a, const float* const* b, int count, int64_t L, float* out) {
-  const float* aa[kPairs];
-  const float* bb[kPairs];
-  for (int i = 0; i < kPairs; ++i) aa[i] = a[i < count ? i : 0], bb[i] = b[i < count ? i : 0];
-  float all[kPairs];
-  pairs_sqdist(aa, bb, L, all);
-  for (int i = 0; i < count; ++i) out[i] = all[i];
-}
-void recompute_sqdist(const double* const* a, const double* const* b, int count, int64_t L, double* out) {
-  for (int i = 0; i < count; ++i) out[i] = sqdist_one(a[i], b[i], L);
 }
 
 // The backward's row updates, multiversioned like sqdist_rows (the rest of the file is compiled for the
@@ -401,7 +343,8 @@ void check_cpu_limits(const at::Tensor& emb, const char* op) {
 // ---- forward ------------------------------------------------------------------------------------
 template <typename T>
 void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L, T margin,
-                  bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, T* terms) {
+                  bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, T* terms, T* hard_sq) {
+  const int64_t E = B * B * N;
   const int64_t groups = (N + kAnchorRows - 1) / kAnchorRows;
   at::parallel_for(0, B * B * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -412,10 +355,10 @@ void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L,
       const T* a[kAnchorRows];
       for (int r = 0; r < kAnchorRows; ++r)  // a short last group repeats its last anchor (unused)
         a[r] = e + (u * N + m0 + std::min(r, rows - 1)) * L;
-      T best_pos[kAnchorRows], best_neg[kAnchorRows];
+      T best_pos[kAnchorRows], best_neg[kAnchorRows], pos_sq[kAnchorRows], neg_sq[kAnchorRows];
       int ip[kAnchorRows], in[kAnchorRows];
       for (int r = 0; r < kAnchorRows; ++r) {
-        best_pos[r] = best_neg[r] = T(0);
+        best_pos[r] = best_neg[r] = pos_sq[r] = neg_sq[r] = T(0);
         ip[r] = in[r] = -1;
       }
       const T* ev = e + v * N * L;
@@ -425,8 +368,8 @@ void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L,
         const int ni = static_cast<int>(n);
         for (int r = 0; r < rows; ++r) {
           const int64_t m = m0 + r;
-          offer_candidate(distance(sq[r]), ni, static_cast<int>(m), y[n] == y[m], best_pos[r], ip[r], best_neg[r],
-                          in[r]);
+          offer_candidate(distance(sq[r]), sq[r], ni, static_cast<int>(m), y[n] == y[m], best_pos[r], pos_sq[r], ip[r],
+                          best_neg[r], neg_sq[r], in[r]);
         }
       }
       for (int r = 0; r < rows; ++r) {
@@ -435,6 +378,8 @@ void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L,
         pos_idx[o] = valid ? ip[r] : -1;
         neg_idx[o] = valid ? in[r] : -1;
         terms[o] = valid ? term(best_pos[r] - best_neg[r], margin, soft_margin) : T(0);
+        hard_sq[o] = valid ? pos_sq[r] : T(0);
+        hard_sq[E + o] = valid ? neg_sq[r] : T(0);
       }
     }
   });
@@ -446,7 +391,7 @@ int64_t count_valid(const int32_t* pos_idx, int64_t N) {  // validity is label-o
   return n;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
     const at::Tensor& emb, const at::Tensor& labels, double margin, bool soft_margin,
     int64_t reduction) {
   constexpr const char* op = "branch_triplet";
@@ -463,16 +408,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
   at::Tensor pos_idx = at::empty({B, B, N}, idx_opts);
   at::Tensor neg_idx = at::empty({B, B, N}, idx_opts);
   at::Tensor terms = at::empty({B, B, N}, e.options());
+  at::Tensor hard_sq = at::empty({2, B, B, N}, e.options());
 
   at::Tensor self_out, cross_out;
   AT_DISPATCH_FLOATING_TYPES(acc_type, "branch_triplet_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, float>) {
       forward_float(e.const_data_ptr<float>(), y.const_data_ptr<int64_t>(), B, N, L, static_cast<float>(margin),
-                    soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(), terms.data_ptr<float>());
+                    soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(), terms.data_ptr<float>(),
+                    hard_sq.data_ptr<float>());
     } else {
       forward_impl<scalar_t>(e.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), B, N, L,
                              static_cast<scalar_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(),
-                             neg_idx.data_ptr<int32_t>(), terms.data_ptr<scalar_t>());
+                             neg_idx.data_ptr<int32_t>(), terms.data_ptr<scalar_t>(), hard_sq.data_ptr<scalar_t>());
     }
     const scalar_t* t = terms.const_data_ptr<scalar_t>();
     if (reduction == ksl::kNone) {
@@ -504,60 +451,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
       cross_out = at::scalar_tensor(cross_sum, e.options());
     }
   });
-  return {self_out.to(emb.scalar_type()), cross_out.to(emb.scalar_type()), pos_idx, neg_idx};
+  return {self_out.to(emb.scalar_type()), cross_out.to(emb.scalar_type()), pos_idx, neg_idx, hard_sq};
 }
 
 // ---- backward -----------------------------------------------------------------------------------
 template <typename T>
-void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
-                   const int32_t* neg_idx, int64_t B, int64_t N, int64_t L, T margin,
-                   bool soft_margin, int64_t reduction, T* grad) {
+void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx, const int32_t* neg_idx,
+                   const T* hard_sq, int64_t B, int64_t N, int64_t L, T margin, bool soft_margin,
+                   int64_t reduction, T* grad) {
   const int64_t E = B * B * N;
   const T count = mean_count<T>(count_valid(pos_idx, N));
-  // cp, cn: ∂loss/∂d⁺ · 1/d⁺ and ∂loss/∂d⁻ · 1/d⁻ (the latter without its minus sign), so that
-  // ∂loss/∂e^u_m = cp (e^u_m − e^v_p) − cn (e^u_m − e^v_q) and the targets get the opposite.
+  // cp, cn (common/branch_triplet.h: anchor_coefficients) from the saved squared distances: ∂loss/∂e^u_m
+  // = cp (e^u_m − e^v_p) − cn (e^u_m − e^v_q), and the targets get the opposite.
   std::vector<T> cp(E), cn(E);
-  at::parallel_for(0, E, 16, [&](int64_t begin, int64_t end) {
-    // kPairs / 2 entries at a time: their d⁺ and d⁻ are recomputed together.
-    for (int64_t i0 = begin; i0 < end; i0 += kPairs / 2) {
-      const int64_t i1 = std::min(end, i0 + kPairs / 2);
-      const T* a[kPairs];
-      const T* b[kPairs];
-      int pairs = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int32_t p = pos_idx[i], q = neg_idx[i];
-        if (p < 0 || q < 0) continue;
-        const int64_t m = i % N, uv = i / N, u = uv / B, v = uv % B;
-        a[pairs] = a[pairs + 1] = e + (u * N + m) * L;
-        b[pairs] = e + (v * N + p) * L;
-        b[pairs + 1] = e + (v * N + q) * L;
-        pairs += 2;
-      }
-      T sq[kPairs];
-      if (pairs > 0) recompute_sqdist(a, b, pairs, L, sq);
-      int k = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        if (pos_idx[i] < 0 || neg_idx[i] < 0) {
-          cp[i] = cn[i] = T(0);
-          continue;
-        }
-        const int64_t m = i % N, uv = i / N, u = uv / B, v = uv % B;
-        const T sqp = sq[k], sqn = sq[k + 1];
-        k += 2;
-        const T dp = distance(sqp), dn = distance(sqn);
-        T up;
-        if (reduction == ksl::kNone) {
-          up = u == v ? gs[u * N + m] : gc[i];
-        } else {
-          up = u == v ? gs[0] : gc[0];
-          if (reduction == ksl::kMean) up /= count;
-        }
-        const T g = up * term_grad(dp - dn, margin, soft_margin);
-        cp[i] = g * inv_distance_grad(sqp, dp);
-        cn[i] = g * inv_distance_grad(sqn, dn);
-      }
+  for (int64_t i = 0; i < E; ++i) {
+    if (pos_idx[i] < 0) {
+      cp[i] = cn[i] = T(0);
+      continue;
     }
-  });
+    anchor_coefficients(anchor_upstream(gs, gc, static_cast<int>(reduction), i, B, N, count), hard_sq[i],
+                        hard_sq[E + i], margin, soft_margin, cp[i], cn[i]);
+  }
 
   // Who chose row (v, n) as its positive / negative: a stable counting sort of the winners, keyed by
   // target row, so each row's list is in increasing (u, v, m) order, positives before negatives.
@@ -610,9 +524,9 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
 
 at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Tensor& grad_cross,
                                        const at::Tensor& emb, const at::Tensor& pos_idx,
-                                       const at::Tensor& neg_idx, double margin, bool soft_margin,
-                                       int64_t reduction) {
-  check_backward_args(grad_self, grad_cross, emb, pos_idx, neg_idx, margin, soft_margin, reduction);
+                                       const at::Tensor& neg_idx, const at::Tensor& hard_sq_in, double margin,
+                                       bool soft_margin, int64_t reduction) {
+  check_backward_args(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq_in, margin, soft_margin, reduction);
   check_cpu_limits(emb, "branch_triplet_backward");
   const int64_t B = emb.size(0), N = emb.size(1), L = emb.size(2);
 
@@ -621,11 +535,13 @@ at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Te
   const at::Tensor gs = grad_self.to(acc_type).contiguous();
   const at::Tensor gc = grad_cross.to(acc_type).contiguous();
   const at::Tensor pi = pos_idx.contiguous(), ni = neg_idx.contiguous();
+  const at::Tensor hard_sq = hard_sq_in.contiguous();
   at::Tensor grad = at::empty({B, N, L}, e.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "branch_triplet_backward_cpu", [&] {
     backward_impl<scalar_t>(gs.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
                             e.const_data_ptr<scalar_t>(), pi.const_data_ptr<int32_t>(),
-                            ni.const_data_ptr<int32_t>(), B, N, L, static_cast<scalar_t>(margin),
+                            ni.const_data_ptr<int32_t>(), hard_sq.const_data_ptr<scalar_t>(), B, N, L,
+                            static_cast<scalar_t>(margin),
                             soft_margin, reduction, grad.data_ptr<scalar_t>());
   });
   return grad.to(emb.scalar_type());

@@ -10,9 +10,9 @@
 // result does not depend on which thread saw which candidate. Memory: O(B²·N) (int32 winners and
 // per-anchor terms); the only O(N·L) data is the input.
 //
-// Backward: per (u, v, m) coefficients (one thread each: it recomputes d⁺ and d⁻ with the forward's
-// exact summation order, so the relu sees the same gap), then per target row (b, n) the anchor's own
-// contributions. The contributions of anchors that chose row (b, n) as their hardest positive or
+// The forward also writes each winner's squared distance (hard_sq), so the backward needs no distance
+// again: one small kernel turns them into per (u, v, m) coefficients (elementwise, counting the valid
+// anchors for `mean` in the same block), then per target row (b, n) the anchor's own contributions. The contributions of anchors that chose row (b, n) as their hardest positive or
 // negative are either added with atomics (fast path) or, when
 // torch.use_deterministic_algorithms(True), gathered by the row's block in a fixed order (a scan of the
 // B·N winner entries of branch b, compacted in order). No host synchronisation anywhere: the number of
@@ -62,7 +62,7 @@ unsigned int blocks_for(int64_t work, int threads) {
   return static_cast<unsigned int>(std::min<int64_t>((work + threads - 1) / threads, int64_t{1} << 20));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
     const at::Tensor& emb_in, const at::Tensor& labels, double margin, bool soft_margin,
     int64_t reduction) {
   constexpr const char* op = "branch_triplet";
@@ -81,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
   at::Tensor pos_idx = at::empty({B, B, N}, idx_opts);
   at::Tensor neg_idx = at::empty({B, B, N}, idx_opts);
   at::Tensor terms = at::empty({B, B, N}, emb.options().dtype(acc_type));
+  at::Tensor hard_sq = at::empty({2, B, B, N}, emb.options().dtype(acc_type));
   at::Tensor self_out, cross_out;
   if (reduction == ksl::kNone) {
     self_out = at::empty({B, N}, emb.options());
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
     triplet_forward_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
         emb.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), int(B), int(N), int(L),
         static_cast<acc_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(),
-        terms.data_ptr<acc_t>());
+        terms.data_ptr<acc_t>(), hard_sq.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (reduction == ksl::kNone) {
       triplet_split_kernel<scalar_t, acc_t><<<blocks_for(B * B * N, 256), 256, 0, stream>>>(
@@ -111,29 +112,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {self_out, cross_out, pos_idx, neg_idx};
+  return {self_out, cross_out, pos_idx, neg_idx, hard_sq};
 }
 
 at::Tensor branch_triplet_backward_cuda(const at::Tensor& grad_self, const at::Tensor& grad_cross,
                                         const at::Tensor& emb_in, const at::Tensor& pos_idx_in,
-                                        const at::Tensor& neg_idx_in, double margin, bool soft_margin,
-                                        int64_t reduction) {
+                                        const at::Tensor& neg_idx_in, const at::Tensor& hard_sq_in, double margin,
+                                        bool soft_margin, int64_t reduction) {
   constexpr const char* op = "branch_triplet_backward";
   check_on_cuda(emb_in, op);
-  check_backward_args(grad_self, grad_cross, emb_in, pos_idx_in, neg_idx_in, margin, soft_margin, reduction);
+  check_backward_args(grad_self, grad_cross, emb_in, pos_idx_in, neg_idx_in, hard_sq_in, margin, soft_margin,
+                      reduction);
   check_cuda_limits(emb_in, op);
   const int64_t B = emb_in.size(0), N = emb_in.size(1), L = emb_in.size(2);
 
   const c10::cuda::CUDAGuard guard(emb_in.device());
   const at::Tensor emb = emb_in.contiguous();
   const at::Tensor pos_idx = pos_idx_in.contiguous(), neg_idx = neg_idx_in.contiguous();
+  const at::Tensor hard_sq = hard_sq_in.contiguous();
   const auto acc_type = at::toOpMathType(emb.scalar_type());
   const at::Tensor gs = grad_self.to(acc_type).contiguous();
   const at::Tensor gc = grad_cross.to(acc_type).contiguous();
   const int64_t E = B * B * N;
   at::Tensor cp = at::empty({E}, emb.options().dtype(acc_type));
   at::Tensor cn = at::empty({E}, emb.options().dtype(acc_type));
-  at::Tensor n_valid = at::empty({}, emb.options().dtype(at::kLong));
   at::Tensor grad = at::empty({B, N, L}, emb.options().dtype(acc_type));
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -143,12 +145,9 @@ at::Tensor branch_triplet_backward_cuda(const at::Tensor& grad_self, const at::T
     const scalar_t* e = emb.const_data_ptr<scalar_t>();
     const int32_t* pi = pos_idx.const_data_ptr<int32_t>();
     const int32_t* ni = neg_idx.const_data_ptr<int32_t>();
-    count_valid_kernel<<<1, kReduceThreads, 0, stream>>>(pi, int(N), n_valid.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    triplet_coef_kernel<scalar_t, acc_t><<<blocks_for(E, 128), 128, 0, stream>>>(
-        e, pi, ni, gs.const_data_ptr<acc_t>(), gc.const_data_ptr<acc_t>(), n_valid.const_data_ptr<int64_t>(),
-        int(B), int(N), int(L), static_cast<acc_t>(margin), soft_margin, int(reduction),
-        cp.data_ptr<acc_t>(), cn.data_ptr<acc_t>());
+    triplet_coef_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(
+        pi, hard_sq.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), gc.const_data_ptr<acc_t>(), int(B), int(N),
+        static_cast<acc_t>(margin), soft_margin, int(reduction), cp.data_ptr<acc_t>(), cn.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     triplet_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(B * N), kRowThreads, 0, stream>>>(
         e, pi, ni, cp.const_data_ptr<acc_t>(), cn.const_data_ptr<acc_t>(), int(B), int(N), int(L),

@@ -29,7 +29,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads * kThreads)
 triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B,
                        int N, int L, acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx,
-                       int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms) {
+                       int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq) {
   // +1 column: the transposed stores (row-major global → [k][row]) do not hit one bank.
   KSL_SHARED(acc_t, anchors_s, [kDepth][kTile + 1]);
   KSL_SHARED(acc_t, cands_s, [kDepth][kTile + 1]);
@@ -44,13 +44,13 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
   const scalar_t* ev = emb + static_cast<int64_t>(v) * N * L;
 
   int64_t my_label[kMicro];
-  acc_t best_pos[kMicro], best_neg[kMicro];
+  acc_t best_pos[kMicro], best_neg[kMicro], pos_sq[kMicro], neg_sq[kMicro];
   int ip[kMicro], in[kMicro];
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
     const int m = m0 + ty + kThreads * i;
     my_label[i] = m < N ? labels[m] : -1;
-    best_pos[i] = best_neg[i] = acc_t(0);
+    best_pos[i] = best_neg[i] = pos_sq[i] = neg_sq[i] = acc_t(0);
     ip[i] = in[i] = -1;
   }
 
@@ -89,7 +89,7 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
 #pragma unroll
           for (int j = 0; j < kMicro; ++j) {
             const acc_t diff = a[i] - b[j];
-            acc[i][j] += diff * diff;  // l in increasing order: the backward recomputes it the same way
+            acc[i][j] += diff * diff;
           }
       }
       __syncthreads();
@@ -104,7 +104,8 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
       for (int i = 0; i < kMicro; ++i) {
         const int m = m0 + ty + kThreads * i;
         if (m >= N) continue;
-        offer_candidate(distance(acc[i][j]), n, m, yn == my_label[i], best_pos[i], ip[i], best_neg[i], in[i]);
+        offer_candidate(distance(acc[i][j]), acc[i][j], n, m, yn == my_label[i], best_pos[i], pos_sq[i], ip[i],
+                        best_neg[i], neg_sq[i], in[i]);
       }
     }
   }
@@ -117,15 +118,19 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
 #pragma unroll
     for (int off = kThreads / 2; off > 0; off /= 2) {
       const acc_t pv = __shfl_xor_sync(0xffffffffu, best_pos[i], off);
+      const acc_t psq = __shfl_xor_sync(0xffffffffu, pos_sq[i], off);
       const int pi = __shfl_xor_sync(0xffffffffu, ip[i], off);
       const acc_t nv = __shfl_xor_sync(0xffffffffu, best_neg[i], off);
+      const acc_t nsq = __shfl_xor_sync(0xffffffffu, neg_sq[i], off);
       const int ni = __shfl_xor_sync(0xffffffffu, in[i], off);
       if (beats_max(pv, pi, best_pos[i], ip[i])) {
         best_pos[i] = pv;
+        pos_sq[i] = psq;
         ip[i] = pi;
       }
       if (beats_min(nv, ni, best_neg[i], in[i])) {
         best_neg[i] = nv;
+        neg_sq[i] = nsq;
         in[i] = ni;
       }
     }
@@ -140,6 +145,8 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
       pos_idx[o] = valid ? ip[i] : -1;
       neg_idx[o] = valid ? in[i] : -1;
       terms[o] = valid ? term(best_pos[i] - best_neg[i], margin, soft_margin) : acc_t(0);
+      hard_sq[o] = valid ? pos_sq[i] : acc_t(0);
+      hard_sq[static_cast<int64_t>(B) * B * N + o] = valid ? neg_sq[i] : acc_t(0);
     }
   }
 }
@@ -205,56 +212,26 @@ triplet_reduce_kernel(const acc_t* __restrict__ terms, const int32_t* __restrict
 }
 
 // ---- backward -----------------------------------------------------------------------------------
+// cp, cn for every entry (u, v, m) (common/branch_triplet.h: anchor_coefficients), elementwise from the
+// squared distances the forward saved; 0 for an invalid anchor. One block: it first counts the valid
+// anchors for `mean` (so no separate counting kernel), then strides over the B²·N entries, which are
+// few (a Re-ID batch has B·B·N ~ 600; even B = 8, N = 4096 is 512 entries per thread).
+template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
-count_valid_kernel(const int32_t* __restrict__ pos_idx, int N, int64_t* __restrict__ n_valid) {
-  KSL_SHARED(int64_t, scratch, [kReduceThreads]);
-  const int64_t c = count_valid_block(pos_idx, N, scratch);
-  if (threadIdx.x == 0) *n_valid = c;
-}
-
-// Squared distance in exactly the forward's order (l increasing, one accumulator, same contraction).
-template <typename scalar_t, typename acc_t>
-__device__ acc_t squared_distance(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int L) {
-  acc_t acc = 0;
-  for (int l = 0; l < L; ++l) {
-    const acc_t diff = static_cast<acc_t>(a[l]) - static_cast<acc_t>(b[l]);
-    acc += diff * diff;
-  }
-  return acc;
-}
-
-// cp, cn for entry (u, v, m): ∂loss/∂d⁺ / d⁺ and ∂loss/∂d⁻ / d⁻ (without its minus sign), so that
-// ∂loss/∂e^u_m = cp (e^u_m − e^v_p) − cn (e^u_m − e^v_q); 0 for an invalid anchor.
-template <typename scalar_t, typename acc_t>
-__global__ void triplet_coef_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
-                                    const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ grad_self,
-                                    const acc_t* __restrict__ grad_cross, const int64_t* __restrict__ n_valid,
-                                    int B, int N, int L, acc_t margin, bool soft_margin, int reduction,
-                                    acc_t* __restrict__ cp, acc_t* __restrict__ cn) {
+triplet_coef_kernel(const int32_t* __restrict__ pos_idx, const acc_t* __restrict__ hard_sq,
+                    const acc_t* __restrict__ grad_self, const acc_t* __restrict__ grad_cross, int B, int N,
+                    acc_t margin, bool soft_margin, int reduction, acc_t* __restrict__ cp, acc_t* __restrict__ cn) {
+  KSL_SHARED(int64_t, count_scratch, [kReduceThreads]);
+  const acc_t count = reduction == ksl::kMean ? mean_count<acc_t>(count_valid_block(pos_idx, N, count_scratch))
+                                              : acc_t(1);
   const int64_t E = static_cast<int64_t>(B) * B * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < E;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int p = pos_idx[i], q = neg_idx[i];
-    if (p < 0 || q < 0) {
+  for (int64_t i = threadIdx.x; i < E; i += blockDim.x) {
+    if (pos_idx[i] < 0) {
       cp[i] = cn[i] = acc_t(0);
       continue;
     }
-    const int64_t m = i % N, uv = i / N;
-    const int64_t u = uv / B, v = uv % B;
-    const scalar_t* a = emb + (u * N + m) * L;
-    const acc_t sqp = squared_distance<scalar_t, acc_t>(a, emb + (v * N + p) * L, L);
-    const acc_t sqn = squared_distance<scalar_t, acc_t>(a, emb + (v * N + q) * L, L);
-    const acc_t dp = distance(sqp), dn = distance(sqn);
-    acc_t up;
-    if (reduction == ksl::kNone) {
-      up = u == v ? grad_self[u * N + m] : grad_cross[i];
-    } else {
-      up = u == v ? grad_self[0] : grad_cross[0];
-      if (reduction == ksl::kMean) up /= mean_count<acc_t>(*n_valid);
-    }
-    const acc_t g = up * term_grad(dp - dn, margin, soft_margin);
-    cp[i] = g * inv_distance_grad(sqp, dp);
-    cn[i] = g * inv_distance_grad(sqn, dn);
+    anchor_coefficients(anchor_upstream(grad_self, grad_cross, reduction, i, B, N, count), hard_sq[i],
+                        hard_sq[E + i], margin, soft_margin, cp[i], cn[i]);
   }
 }
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <cstdint>
@@ -90,6 +91,21 @@ inline void check_indices(const at::Tensor& idx, const char* name, const at::Ten
               " must be on emb's device ", emb.device(), ", got ", idx.device());
 }
 
+// The backward's saved squared distances to the winners: [2, B, B, N] in emb's accumulation type
+// (float32, float64 for float64 emb) on emb's device. Any values are safe to read (no indexing).
+inline void check_hard_sq(const at::Tensor& hard_sq, const at::Tensor& emb) {
+  const int64_t B = emb.size(0), N = emb.size(1);
+  const auto acc = at::toOpMathType(emb.scalar_type());
+  TORCH_CHECK(hard_sq.scalar_type() == acc, "branch_triplet_backward: hard_sq must be ", acc, " for ",
+              emb.scalar_type(), " emb, got ", hard_sq.scalar_type());
+  TORCH_CHECK(hard_sq.dim() == 4 && hard_sq.size(0) == 2 && hard_sq.size(1) == B && hard_sq.size(2) == B &&
+                  hard_sq.size(3) == N,
+              "branch_triplet_backward: hard_sq must have shape [2, B, B, N] = [2, ", B, ", ", B, ", ", N, "], got ",
+              hard_sq.sizes());
+  TORCH_CHECK(hard_sq.device() == emb.device(), "branch_triplet_backward: hard_sq must be on emb's device ",
+              emb.device(), ", got ", hard_sq.device());
+}
+
 // An upstream gradient: `none_shape` ([B, N] for grad_self, [B, B, N] for grad_cross) for reduction
 // none, a scalar otherwise; floating, on emb's device.
 inline void check_grad(const at::Tensor& g, const char* name, at::IntArrayRef none_shape, int64_t reduction,
@@ -109,11 +125,12 @@ inline void check_grad(const at::Tensor& g, const char* name, at::IntArrayRef no
 
 // Everything the backward's arguments must satisfy on every device.
 inline void check_backward_args(const at::Tensor& grad_self, const at::Tensor& grad_cross, const at::Tensor& emb,
-                                const at::Tensor& pos_idx, const at::Tensor& neg_idx, double margin,
-                                bool soft_margin, int64_t reduction) {
+                                const at::Tensor& pos_idx, const at::Tensor& neg_idx, const at::Tensor& hard_sq,
+                                double margin, bool soft_margin, int64_t reduction) {
   check_args(emb, margin, soft_margin, reduction, "branch_triplet_backward");
   check_indices(pos_idx, "pos_idx", emb);
   check_indices(neg_idx, "neg_idx", emb);
+  check_hard_sq(hard_sq, emb);
   const int64_t B = emb.size(0), N = emb.size(1);
   check_index_values(pos_idx, neg_idx, N);
   check_grad(grad_self, "grad_self", {B, N}, reduction, emb);

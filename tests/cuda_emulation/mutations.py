@@ -73,7 +73,14 @@ MUTATIONS = [
      "scratch[threadIdx.x] += scratch[threadIdx.x + s];\n    __syncthreads();",
      "scratch[threadIdx.x] += scratch[threadIdx.x + s];", 0, "branch_triplet"),
     ("triplet_coef_tail_off_by_one", "cuda/branch_triplet.cuh",
-     "+ threadIdx.x; i < E;", "+ threadIdx.x; i < E - 1;", 1, "branch_triplet"),
+     "i = threadIdx.x; i < E; i += blockDim.x) {\n    if (pos_idx[i] < 0)",
+     "i = threadIdx.x; i < E - 1; i += blockDim.x) {\n    if (pos_idx[i] < 0)", 0, "branch_triplet"),
+    ("triplet_coef_mean_count_of_sum", "cuda/branch_triplet.cuh",
+     "reduction == ksl::kMean ? mean_count<acc_t>", "reduction == ksl::kSum ? mean_count<acc_t>", 0,
+     "branch_triplet"),
+    ("triplet_forward_negative_sq_plane", "cuda/branch_triplet.cuh",
+     "hard_sq[static_cast<int64_t>(B) * B * N + o] = valid ? neg_sq[i]",
+     "hard_sq[static_cast<int64_t>(B) * B * N + o] = valid ? pos_sq[i]", 0, "branch_triplet"),
 ]
 
 

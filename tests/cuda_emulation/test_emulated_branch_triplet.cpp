@@ -1,7 +1,8 @@
 // The CUDA kernels of branch_triplet (csrc/cuda/branch_triplet.cuh) executed by the emulation: the
 // tiled forward (hardest positive / negative per anchor and branch pair), the none split and the
-// mean/sum reduction, and the backward (valid-anchor count, coefficients, per-row kernel with the
-// deterministic gather, atomic scatter); float64/float32/float16/bfloat16; odd N and L.
+// mean/sum reduction, the winners' saved squared distances, and the backward (coefficients with the
+// valid-anchor count, per-row kernel with the deterministic gather, atomic scatter);
+// float64/float32/float16/bfloat16; odd N and L.
 // Expected values: csrc/common/branch_triplet.h. The winners are picked from squared distances
 // summed in the kernel's accumulation type and order (so ties resolve alike and indices must
 // match exactly); losses and gradients are then computed in double.
@@ -50,10 +51,11 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
   const long long E = 1LL * B * B * N;
   std::vector<int> rpos(E, -1), rneg(E, -1);
   std::vector<double> rterm(E, 0.0), rdp(E), rdn(E);
+  std::vector<acc_t> rsq(2 * E, acc_t(0));  // the winners' squared distances in the kernel's arithmetic
   for (int u = 0; u < B; ++u)
     for (int v = 0; v < B; ++v)
       for (int m = 0; m < N; ++m) {
-        acc_t bp = 0, bn = 0;
+        acc_t bp = 0, bn = 0, bpsq = 0, bnsq = 0;
         int ip = -1, in = -1;
         for (int n = 0; n < N; ++n) {
           acc_t sq = 0;
@@ -62,11 +64,12 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
                             static_cast<acc_t>(e[(static_cast<size_t>(v) * N + n) * L + l]);
             sq += d * d;
           }
-          tr::offer_candidate(tr::distance(sq), n, m, labels[n] == labels[m], bp, ip, bn, in);
+          tr::offer_candidate(tr::distance(sq), sq, n, m, labels[n] == labels[m], bp, bpsq, ip, bn, bnsq, in);
         }
         const long long o = (1LL * u * B + v) * N + m;
         if (ip < 0 || in < 0) continue;
         rpos[o] = ip, rneg[o] = in;
+        rsq[o] = bpsq, rsq[E + o] = bnsq;
         auto dist = [&](int n) {
           double sq = 0;
           for (int l = 0; l < L; ++l) {
@@ -82,15 +85,19 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
 
   // ---- forward ----
   std::vector<int32_t> pos(E, -7), neg(E, -7);
-  std::vector<acc_t> terms(E, acc_t(NAN));
+  std::vector<acc_t> terms(E, acc_t(NAN)), hard_sq(2 * E, acc_t(NAN));
   if (!harness::launch(where + " forward", dim3((N + kTile - 1) / kTile, B * B), dim3(kThreads, kThreads), [&] {
         triplet_forward_kernel<scalar_t, acc_t>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin), soft_margin,
-                                                pos.data(), neg.data(), terms.data());
+                                                pos.data(), neg.data(), terms.data(), hard_sq.data());
       }))
     return;
-  long long wrong_idx = 0;
+  long long wrong_idx = 0, wrong_sq = 0;
   for (long long o = 0; o < E; ++o) wrong_idx += pos[o] != rpos[o] || neg[o] != rneg[o];
   CHECK_MSG(wrong_idx == 0, where, std::to_string(wrong_idx) + " hardest positive/negative indices differ");
+  // Same summation order as the reference above, so the saved squared distances match bit for bit
+  // (and are 0 for invalid anchors).
+  for (long long o = 0; o < 2 * E; ++o) wrong_sq += !(hard_sq[o] == rsq[o]);
+  CHECK_MSG(wrong_sq == 0, where, std::to_string(wrong_sq) + " saved squared distances differ");
   Compare ct{where + " terms"};
   for (long long o = 0; o < E; ++o) ct(o, terms[o], rterm[o], term_tol(o));
 
@@ -163,14 +170,10 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
         }
     for (int gather = 1; gather >= 0; --gather) {
       std::vector<acc_t> cp(E, acc_t(NAN)), cn(E, acc_t(NAN)), grad(size, acc_t(NAN));
-      int64_t n_valid = -1;
       const std::string w = where + " backward reduction " + std::to_string(reduction) + (gather ? " deterministic" : " atomic");
-      bool ok = harness::launch(w + " count", dim3(1), dim3(kReduceThreads),
-                                [&] { count_valid_kernel(pos.data(), N, &n_valid); }) &&
-                harness::launch(w + " coef", dim3(blocks_for(E, 128)), dim3(128), [&] {
-                  triplet_coef_kernel<scalar_t, acc_t>(e.data(), pos.data(), neg.data(), gs.data(), gc.data(), &n_valid, B,
-                                                       N, L, static_cast<acc_t>(margin), soft_margin, reduction, cp.data(),
-                                                       cn.data());
+      bool ok = harness::launch(w + " coef", dim3(1), dim3(kReduceThreads), [&] {
+                  triplet_coef_kernel<acc_t>(pos.data(), hard_sq.data(), gs.data(), gc.data(), B, N,
+                                             static_cast<acc_t>(margin), soft_margin, reduction, cp.data(), cn.data());
                 }) &&
                 harness::launch(w + " rows", dim3(B * N), dim3(kRowThreads), [&] {
                   triplet_rows_kernel<scalar_t, acc_t>(e.data(), pos.data(), neg.data(), cp.data(), cn.data(), B, N, L,
@@ -182,7 +185,6 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
                                                   grad.data());
         });
       if (!ok) return;
-      CHECK_EQ(n_valid, static_cast<int64_t>(n_valid_want));
       Compare cg{w + " grad"};
       for (size_t i = 0; i < size; ++i) cg(static_cast<long long>(i), grad[i], want[i], (64.0 + 2 * L) * eps_acc * scale[i]);
     }
