@@ -37,7 +37,7 @@ namespace {
 
 // Half and bfloat16 run the float kernels on an upcast copy, bit for bit what a half kernel would
 // give (why: cpu/prob_consensus.cpp, kernel_input).
-at::Tensor kernel_input(const at::Tensor& t) { return t.to(emb::acc_type_of(t.scalar_type())); }
+at::Tensor kernel_input(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
 
 // A fixed-width bundle of lanes: W coordinates l processed together. Each lane is an independent
 // accumulator, so the compiler may vectorise without reassociating any floating-point sum, and

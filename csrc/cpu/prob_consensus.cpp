@@ -53,7 +53,7 @@ using ksl::prob::flog;
 // the kernels run on a float copy instead: the same bits come out (each value is still rounded once,
 // from float, into the caller's dtype), and only the float and double copies of the kernels are
 // compiled, which halves the extension's build time.
-at::Tensor kernel_input(const at::Tensor& z) { return z.to(ksl::prob::acc_type_of(z.scalar_type())); }
+at::Tensor kernel_input(const at::Tensor& z) { return z.to(at::toOpMathType(z.scalar_type())); }
 
 constexpr int kLanes = 16;
 
@@ -422,7 +422,7 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
   const at::Tensor z = logits.contiguous();
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
   const ksl::prob::SampleWeights w =
-      ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, ksl::prob::acc_type_of(z.scalar_type()), reduction);
+      ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, at::toOpMathType(z.scalar_type()), reduction);
   at::Tensor lse = row_lse.contiguous();
   const at::Tensor zk = kernel_input(z);
   at::Tensor grad = at::empty({B, N, K}, zk.options());

@@ -136,7 +136,7 @@ at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at
     const bool vec = can_vectorise(e, L, sizeof(scalar_t)) && can_vectorise(out, L, sizeof(scalar_t));
     if (!KSL_EMB_CUDA_STATIC_B(B, launch_backward_static, ge, ga, e, nrm, N, L, reduction, vec, out, stream)) {
       at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T},
-                                  emb.options().dtype(emb::acc_type_of(emb.scalar_type())));
+                                  emb.options().dtype(at::toOpMathType(emb.scalar_type())));
       acc_t* w = work.mutable_data_ptr<acc_t>();
       coefficients_kernel<scalar_t><<<static_cast<unsigned>((N + 127) / 128), 128, 0, stream>>>(ge, ga, nrm, B, N,
                                                                                                 reduction, w);

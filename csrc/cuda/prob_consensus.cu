@@ -112,7 +112,7 @@ at::Tensor prob_consensus_backward_cuda(const at::Tensor& grad_pp, const at::Ten
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
   // Scalar upstream gradients stay on the device (no sync).
   const ksl::prob::SampleWeights w =
-      ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, ksl::prob::acc_type_of(z.scalar_type()), reduction);
+      ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, at::toOpMathType(z.scalar_type()), reduction);
   const at::Tensor lse = row_lse.contiguous();
   at::Tensor grad = at::empty({B, N, K}, z.options());
   auto stream = c10::cuda::getCurrentCUDAStream();

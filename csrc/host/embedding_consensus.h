@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cstdint>
 
@@ -28,9 +29,6 @@ inline void check_inputs(const at::Tensor& emb, int64_t reduction) {
               "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
-// The kernels' arithmetic type, which is also the saved norms' dtype: float64 for float64 emb, else float32.
-inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The forward's outputs for a contiguous emb [B, N, L], allocated alike on both devices (not filled).
 struct ForwardOutputs {
   at::Tensor ep;     // [B, B, N] for reduction none, else a scalar; emb's dtype
@@ -41,7 +39,7 @@ struct ForwardOutputs {
 inline ForwardOutputs allocate_forward(const at::Tensor& emb, int64_t reduction) {
   const int64_t B = emb.size(0), N = emb.size(1);
   ForwardOutputs out;
-  out.norms = at::empty({N, term_count(static_cast<int>(B))}, emb.options().dtype(acc_type_of(emb.scalar_type())));
+  out.norms = at::empty({N, term_count(static_cast<int>(B))}, emb.options().dtype(at::toOpMathType(emb.scalar_type())));
   if (reduction == kNone) {
     out.ep = at::empty({B, B, N}, emb.options());
     out.ea = at::empty({B, N}, emb.options());
@@ -55,7 +53,7 @@ inline ForwardOutputs allocate_forward(const at::Tensor& emb, int64_t reduction)
 // The backward's checks of what the forward saved (norms) and of the upstream gradients' shapes.
 inline void check_norms(const at::Tensor& norms, const at::Tensor& emb) {
   const int64_t N = emb.size(1), T = term_count(static_cast<int>(emb.size(0)));
-  const auto acc = acc_type_of(emb.scalar_type());
+  const auto acc = at::toOpMathType(emb.scalar_type());
   TORCH_CHECK(norms.dim() == 2 && norms.size(0) == N && norms.size(1) == T && norms.scalar_type() == acc,
               "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", T, "] of dtype ", acc,
               ", got ", norms.sizes(), " ", norms.scalar_type());

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <cstdint>
@@ -35,9 +36,6 @@ inline void check_inputs(const at::Tensor& logits, double temperature, int64_t r
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "prob_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);
 }
-
-// The kernels' arithmetic type, which is also row_lse's dtype: float64 for float64 logits, else float32.
-inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The reduction's factor c on a per-sample term: 1/N for mean, 1 for sum (and none).
 inline double reduction_scale(int64_t reduction, int64_t N) {
@@ -75,7 +73,7 @@ inline SavedForBackward allocate_saved(const at::Tensor& z, double temperature, 
                                        bool save_grad) {
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
   SavedForBackward s;
-  s.row_lse = at::empty({B, N}, z.options().dtype(acc_type_of(z.scalar_type())));
+  s.row_lse = at::empty({B, N}, z.options().dtype(at::toOpMathType(z.scalar_type())));
   s.write_grad = save_grad && detach_target && reduction != kNone;
   s.grad_dir = s.write_grad ? at::empty({B, N, K}, z.options()) : at::empty({0}, z.options());
   s.grad_scale = temperature * reduction_scale(reduction, N);
