@@ -1,11 +1,11 @@
 // CUDA kernels of branch_triplet: batch-hard triplets within a branch (eq. 2) and across branches
 // (KSL-H, eq. 11), in one pass over the B·N × B·N distances without ever storing them.
 //
-// Forward (triplet_forward_kernel): a block per (branch pair (u, v), tile of 64 anchors). It walks the
-// candidates of branch v in tiles of 64, staging 16-wide slices of L for both tiles in shared
-// memory; each thread accumulates a 4 × 4 block of squared distances from exact differences, then
-// folds them into its per-anchor running hardest positive / negative (value, index), labels compared
-// on the fly. The 16 threads sharing anchors combine their winners with warp shuffles under the same
+// Forward (triplet_forward_kernel): a block per (branch pair (u, v), tile of 64 anchors, or 16 when
+// N <= 256 so that a Re-ID batch fills more of the GPU). It walks the candidates of branch v in tiles
+// of 64, staging 16-wide slices of L for both tiles in shared memory; each thread accumulates a 4 × 4
+// (1 × 4) block of squared distances from exact differences, then folds them into its per-anchor
+// running hardest positive / negative (value, index), labels compared on the fly. The 16 threads sharing anchors combine their winners with warp shuffles under the same
 // total order as the CPU (common/branch_triplet.h: NaN first, then value, then lowest index), so the
 // result does not depend on which thread saw which candidate. Memory: O(B²·N) (int32 winners and
 // per-anchor terms); the only O(N·L) data is the input.
@@ -94,9 +94,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "branch_triplet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dim3 grid(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>(B * B));
+    const int anchor_micro = forward_anchor_micro(N);
+    const int anchor_tile = kThreads * anchor_micro;
+    const dim3 grid(static_cast<unsigned int>((N + anchor_tile - 1) / anchor_tile), static_cast<unsigned int>(B * B));
     const dim3 block(kThreads, kThreads);
-    triplet_forward_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+    auto forward = anchor_micro == 1 ? triplet_forward_kernel<scalar_t, acc_t, 1>
+                                     : triplet_forward_kernel<scalar_t, acc_t, kMicro>;
+    forward<<<grid, block, 0, stream>>>(
         emb.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), int(B), int(N), int(L),
         static_cast<acc_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(),
         terms.data_ptr<acc_t>(), hard_sq.data_ptr<acc_t>());

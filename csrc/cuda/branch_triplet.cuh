@@ -15,39 +15,47 @@ namespace triplet_cuda {
 
 using namespace ksl::triplet;
 
-constexpr int kTile = 64;    // anchors per block, and candidates per step
+constexpr int kTile = 64;    // candidates per step (and anchors per block in the wide layout)
 constexpr int kThreads = 16; // the block is kThreads × kThreads; thread (tx, ty) owns anchors
-constexpr int kMicro = 4;    // ty + 16 i and candidates tx + 16 j, i, j < kMicro
+constexpr int kMicro = 4;    // ty + 16 i, i < kAnchorMicro, and candidates tx + 16 j, j < kMicro
 constexpr int kDepth = 16;   // slice of L staged in shared memory per step
 static_assert(kThreads * kMicro == kTile, "tile layout");
-static_assert(kTile * kDepth == 4 * kThreads * kThreads, "each thread stages 4 elements per tile");
+static_assert(kTile * kDepth == kMicro * kThreads * kThreads, "each thread stages kMicro candidate elements");
+
+// Anchors per block: kThreads · kAnchorMicro. The wide layout (4 anchors per thread, 64 per block)
+// reuses each staged candidate four times; at Re-ID sizes it leaves most of a GPU idle (N = 64, B = 3
+// is 9 blocks), so small N takes the narrow one (1 anchor per thread, 16 per block: 36 blocks). The
+// launch glue picks with forward_anchor_micro.
+constexpr int kNarrowMaxN = 256;
+inline int forward_anchor_micro(long long N) { return N <= kNarrowMaxN ? 1 : kMicro; }
 
 constexpr int kRowThreads = 256;  // backward row kernels
 
 // ---- forward ------------------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int kAnchorMicro>
 __global__ void __launch_bounds__(kThreads * kThreads)
 triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B,
                        int N, int L, acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx,
                        int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq) {
   // +1 column: the transposed stores (row-major global → [k][row]) do not hit one bank.
-  KSL_SHARED(acc_t, anchors_s, [kDepth][kTile + 1]);
+  constexpr int kAnchorTile = kThreads * kAnchorMicro;
+  KSL_SHARED(acc_t, anchors_s, [kDepth][kAnchorTile + 1]);
   KSL_SHARED(acc_t, cands_s, [kDepth][kTile + 1]);
   KSL_SHARED(int64_t, cand_labels, [kTile]);
 
   const int pair = blockIdx.y;
   const int u = pair / B, v = pair % B;
-  const int m0 = blockIdx.x * kTile;
+  const int m0 = blockIdx.x * kAnchorTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * kThreads + tx;
   const scalar_t* eu = emb + static_cast<int64_t>(u) * N * L;
   const scalar_t* ev = emb + static_cast<int64_t>(v) * N * L;
 
-  int64_t my_label[kMicro];
-  acc_t best_pos[kMicro], best_neg[kMicro], pos_sq[kMicro], neg_sq[kMicro];
-  int ip[kMicro], in[kMicro];
+  int64_t my_label[kAnchorMicro];
+  acc_t best_pos[kAnchorMicro], best_neg[kAnchorMicro], pos_sq[kAnchorMicro], neg_sq[kAnchorMicro];
+  int ip[kAnchorMicro], in[kAnchorMicro];
 #pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
+  for (int i = 0; i < kAnchorMicro; ++i) {
     const int m = m0 + ty + kThreads * i;
     my_label[i] = m < N ? labels[m] : -1;
     best_pos[i] = best_neg[i] = pos_sq[i] = neg_sq[i] = acc_t(0);
@@ -55,9 +63,9 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
   }
 
   for (int n0 = 0; n0 < N; n0 += kTile) {
-    acc_t acc[kMicro][kMicro];
+    acc_t acc[kAnchorMicro][kMicro];
 #pragma unroll
-    for (int i = 0; i < kMicro; ++i)
+    for (int i = 0; i < kAnchorMicro; ++i)
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
 
@@ -65,27 +73,32 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
     if (tid < kTile) cand_labels[tid] = n0 + tid < N ? labels[n0 + tid] : 0;
 
     for (int k0 = 0; k0 < L; k0 += kDepth) {
-      // Stage a kTile × kDepth slice of both tiles; 16 consecutive threads read 16 consecutive l of
+      // Stage a kDepth-deep slice of both tiles; 16 consecutive threads read 16 consecutive l of
       // one row. Out-of-range rows and l are zeros, which add exactly 0 to every sum.
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
+      for (int s = 0; s < kAnchorMicro; ++s) {
         const int e = tid + s * kThreads * kThreads;
         const int r = e / kDepth, k = e % kDepth;
-        const int l = k0 + k;
-        const int m = m0 + r, n = n0 + r;
+        const int l = k0 + k, m = m0 + r;
         anchors_s[k][r] = (m < N && l < L) ? static_cast<acc_t>(eu[static_cast<int64_t>(m) * L + l]) : acc_t(0);
+      }
+#pragma unroll
+      for (int s = 0; s < kMicro; ++s) {
+        const int e = tid + s * kThreads * kThreads;
+        const int r = e / kDepth, k = e % kDepth;
+        const int l = k0 + k, n = n0 + r;
         cands_s[k][r] = (n < N && l < L) ? static_cast<acc_t>(ev[static_cast<int64_t>(n) * L + l]) : acc_t(0);
       }
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < kDepth; ++k) {
-        acc_t a[kMicro], b[kMicro];
+        acc_t a[kAnchorMicro], b[kMicro];
 #pragma unroll
-        for (int i = 0; i < kMicro; ++i) a[i] = anchors_s[k][ty + kThreads * i];
+        for (int i = 0; i < kAnchorMicro; ++i) a[i] = anchors_s[k][ty + kThreads * i];
 #pragma unroll
         for (int j = 0; j < kMicro; ++j) b[j] = cands_s[k][tx + kThreads * j];
 #pragma unroll
-        for (int i = 0; i < kMicro; ++i)
+        for (int i = 0; i < kAnchorMicro; ++i)
 #pragma unroll
           for (int j = 0; j < kMicro; ++j) {
             const acc_t diff = a[i] - b[j];
@@ -101,7 +114,7 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
       if (n >= N) continue;
       const int64_t yn = cand_labels[tx + kThreads * j];
 #pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
+      for (int i = 0; i < kAnchorMicro; ++i) {
         const int m = m0 + ty + kThreads * i;
         if (m >= N) continue;
         offer_candidate(distance(acc[i][j]), acc[i][j], n, m, yn == my_label[i], best_pos[i], pos_sq[i], ip[i],
@@ -114,7 +127,7 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
   // an xor butterfly over offsets 8..1 stays inside the half-warp. beats_* is a total order, so every
   // lane ends with the same winner whatever the combination order.
 #pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
+  for (int i = 0; i < kAnchorMicro; ++i) {
 #pragma unroll
     for (int off = kThreads / 2; off > 0; off /= 2) {
       const acc_t pv = __shfl_xor_sync(0xffffffffu, best_pos[i], off);
@@ -137,7 +150,7 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
   }
   if (tx == 0) {
 #pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
+    for (int i = 0; i < kAnchorMicro; ++i) {
       const int m = m0 + ty + kThreads * i;
       if (m >= N) continue;
       const int64_t o = static_cast<int64_t>(pair) * N + m;

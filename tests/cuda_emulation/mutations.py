@@ -59,6 +59,8 @@ MUTATIONS = [
     ("triplet_forward_staging_no_barrier", "cuda/branch_triplet.cuh",
      "      }\n      __syncthreads();\n#pragma unroll\n      for (int k = 0; k < kDepth; ++k) {",
      "      }\n#pragma unroll\n      for (int k = 0; k < kDepth; ++k) {", 0, "branch_triplet"),
+    ("triplet_narrow_tile_origin", "cuda/branch_triplet.cuh",
+     "const int m0 = blockIdx.x * kAnchorTile;", "const int m0 = blockIdx.x * kTile;", 0, "branch_triplet"),
     ("triplet_butterfly_half_warp_mask", "cuda/branch_triplet.cuh",
      "__shfl_xor_sync(0xffffffffu, best_pos[i], off)", "__shfl_xor_sync(0x0000ffffu, best_pos[i], off)", 0,
      "branch_triplet"),

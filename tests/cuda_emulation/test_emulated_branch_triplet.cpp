@@ -6,8 +6,10 @@
 // Expected values: csrc/common/branch_triplet.h. The winners are picked from squared distances
 // summed in the kernel's accumulation type and order (so ties resolve alike and indices must
 // match exactly); losses and gradients are then computed in double.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <random>
 #include <vector>
 
@@ -86,20 +88,30 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
   // ---- forward ----
   std::vector<int32_t> pos(E, -7), neg(E, -7);
   std::vector<acc_t> terms(E, acc_t(NAN)), hard_sq(2 * E, acc_t(NAN));
-  if (!harness::launch(where + " forward", dim3((N + kTile - 1) / kTile, B * B), dim3(kThreads, kThreads), [&] {
-        triplet_forward_kernel<scalar_t, acc_t>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin), soft_margin,
-                                                pos.data(), neg.data(), terms.data(), hard_sq.data());
-      }))
-    return;
-  long long wrong_idx = 0, wrong_sq = 0;
-  for (long long o = 0; o < E; ++o) wrong_idx += pos[o] != rpos[o] || neg[o] != rneg[o];
-  CHECK_MSG(wrong_idx == 0, where, std::to_string(wrong_idx) + " hardest positive/negative indices differ");
-  // Same summation order as the reference above, so the saved squared distances match bit for bit
-  // (and are 0 for invalid anchors).
-  for (long long o = 0; o < 2 * E; ++o) wrong_sq += !(hard_sq[o] == rsq[o]);
-  CHECK_MSG(wrong_sq == 0, where, std::to_string(wrong_sq) + " saved squared distances differ");
-  Compare ct{where + " terms"};
-  for (long long o = 0; o < E; ++o) ct(o, terms[o], rterm[o], term_tol(o));
+  // Both layouts (16 and 64 anchors per block) must give the same results; the later steps use the wide one's.
+  auto forward = [&](auto anchor_micro) {
+    constexpr int kAM = decltype(anchor_micro)::value;
+    const std::string w = where + " forward (" + std::to_string(kThreads * kAM) + " anchors per block)";
+    std::fill(pos.begin(), pos.end(), -7), std::fill(neg.begin(), neg.end(), -7);
+    std::fill(terms.begin(), terms.end(), acc_t(NAN)), std::fill(hard_sq.begin(), hard_sq.end(), acc_t(NAN));
+    const int tile = kThreads * kAM;
+    if (!harness::launch(w, dim3((N + tile - 1) / tile, B * B), dim3(kThreads, kThreads), [&] {
+          triplet_forward_kernel<scalar_t, acc_t, kAM>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin),
+                                                       soft_margin, pos.data(), neg.data(), terms.data(), hard_sq.data());
+        }))
+      return false;
+    long long wrong_idx = 0, wrong_sq = 0;
+    for (long long o = 0; o < E; ++o) wrong_idx += pos[o] != rpos[o] || neg[o] != rneg[o];
+    CHECK_MSG(wrong_idx == 0, w, std::to_string(wrong_idx) + " hardest positive/negative indices differ");
+    // Same summation order as the reference above, so the saved squared distances match bit for bit
+    // (and are 0 for invalid anchors).
+    for (long long o = 0; o < 2 * E; ++o) wrong_sq += !(hard_sq[o] == rsq[o]);
+    CHECK_MSG(wrong_sq == 0, w, std::to_string(wrong_sq) + " saved squared distances differ");
+    Compare ct{w + " terms"};
+    for (long long o = 0; o < E; ++o) ct(o, terms[o], rterm[o], term_tol(o));
+    return true;
+  };
+  if (!forward(std::integral_constant<int, 1>{}) || !forward(std::integral_constant<int, kMicro>{})) return;
 
   {  // reduction none
     std::vector<scalar_t> self_out(B * N, harness::nan_value<scalar_t>()), cross(E, harness::nan_value<scalar_t>());
