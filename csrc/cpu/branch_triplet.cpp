@@ -9,9 +9,9 @@
 //
 // The forward also returns the winners' squared distances (hard_sq), so the backward's per (u, v, m)
 // coefficients for d⁺ and d⁻ are elementwise; then one task per *target* row (b, n) sums its
-// contributions as an anchor and as a chosen positive / negative in a fixed order (a stable counting sort of the winners gives each row
-// its list). No two tasks write the same row, so the result is deterministic and independent of the
-// thread count.
+// contributions as an anchor and as a chosen positive / negative in a fixed order (a stable counting
+// sort of the winners gives each row its list). No two tasks write the same row, so the result is
+// deterministic and independent of the thread count.
 
 // No fused multiply-add contraction anywhere in this file: the distance arithmetic says explicitly
 // where it fuses (tile_sqdist), so every tile of every pair rounds alike.
@@ -188,7 +188,6 @@ void tile_sqdist(const float* const* a, const float* packed, int64_t L, float (*
 #endif
   tile_sqdist_generic(a, packed, L, out);
 }
-
 
 // A running hardest positive / negative of one anchor: distance, squared distance, index.
 struct Winners {
@@ -541,8 +540,7 @@ at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Te
     backward_impl<scalar_t>(gs.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
                             e.const_data_ptr<scalar_t>(), pi.const_data_ptr<int32_t>(),
                             ni.const_data_ptr<int32_t>(), hard_sq.const_data_ptr<scalar_t>(), B, N, L,
-                            static_cast<scalar_t>(margin),
-                            soft_margin, reduction, grad.data_ptr<scalar_t>());
+                            static_cast<scalar_t>(margin), soft_margin, reduction, grad.data_ptr<scalar_t>());
   });
   return grad.to(emb.scalar_type());
 }

@@ -5,18 +5,19 @@
 // N <= 256 so that a Re-ID batch fills more of the GPU). It walks the candidates of branch v in tiles
 // of 64, staging 16-wide slices of L for both tiles in shared memory; each thread accumulates a 4 × 4
 // (1 × 4) block of squared distances from exact differences, then folds them into its per-anchor
-// running hardest positive / negative (value, index), labels compared on the fly. The 16 threads sharing anchors combine their winners with warp shuffles under the same
-// total order as the CPU (common/branch_triplet.h: NaN first, then value, then lowest index), so the
-// result does not depend on which thread saw which candidate. Memory: O(B²·N) (int32 winners and
+// running hardest positive / negative (value, index), labels compared on the fly. The 16 threads
+// sharing anchors combine their winners with warp shuffles under the same total order as the CPU
+// (common/branch_triplet.h: NaN first, then value, then lowest index), so the result does not depend on
+// which thread saw which candidate. Memory: O(B²·N) (int32 winners and
 // per-anchor terms); the only O(N·L) data is the input.
 //
 // The forward also writes each winner's squared distance (hard_sq), so the backward needs no distance
 // again: one small kernel turns them into per (u, v, m) coefficients (elementwise, counting the valid
-// anchors for `mean` in the same block), then per target row (b, n) the anchor's own contributions. The contributions of anchors that chose row (b, n) as their hardest positive or
-// negative are either added with atomics (fast path) or, when
-// torch.use_deterministic_algorithms(True), gathered by the row's block in a fixed order (a scan of the
-// B·N winner entries of branch b, compacted in order). No host synchronisation anywhere: the number of
-// valid anchors for `mean` is counted on the device.
+// anchors for `mean` in the same block), then per target row (b, n) the anchor's own contributions.
+// The contributions of anchors that chose row (b, n) as their hardest positive or negative are either
+// added with atomics (fast path) or, when torch.use_deterministic_algorithms(True), gathered by the
+// row's block in a fixed order (a scan of the B·N winner entries of branch b, compacted in order). No
+// host synchronisation anywhere: the number of valid anchors for `mean` is counted on the device.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
