@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -201,10 +201,17 @@ def run_all(args, jobs: List[Tuple[str, str, int]], out_root: Path, tag: str) ->
         bar.close()
 
 
-def mean_se(xs: Sequence[float]) -> Tuple[float, float]:
+def mean_se(xs: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and standard error; the error is None (JSON null) for a single value, where it is undefined."""
     m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
     return m, se
+
+
+def pm(mean: float, se: Optional[float], digits: int = 1, sign: str = "") -> str:
+    """'mean ± se', or 'mean (1 seed)' where the error is undefined."""
+    text = f"{mean:{sign}.{digits}f}"
+    return f"{text} ± {se:.{digits}f}" if se is not None else f"{text} (1 seed)"
 
 
 def collect(jobs: List[Tuple[str, str, int]], tag: str) -> Dict[Tuple[str, str], Dict[int, Dict]]:
@@ -244,14 +251,14 @@ def summarise(rows: Sequence[Tuple[str, str]], backbone: str, res, reference: st
 def fmt(row: Dict, metric: str) -> str:
     if metric not in row:
         return "-"
-    return f"{row[metric]['mean']:.1f} ± {row[metric]['se']:.1f}"
+    return pm(row[metric]["mean"], row[metric]["se"])
 
 
 def fmt_delta(row: Dict, metric: str) -> str:
     d = row.get(f"delta_{metric}")
     if not d:
         return ""
-    return f"{d['mean']:+.1f} ± {d['se']:.1f} ({d['n_positive']}/{d['n']})"
+    return f"{pm(d['mean'], d['se'], sign='+')} ({d['n_positive']}/{d['n']})"
 
 
 def print_table(title: str, rows: List[Dict]) -> None:
@@ -276,7 +283,7 @@ def plot(tables: Dict[str, List[Dict]], path: Path, subtitle: str) -> None:
         xs = range(len(rows))
         for off, metric, color in ((-0.18, "R1", "tab:blue"), (0.18, "mAP", "tab:orange")):
             ax.bar([x + off for x in xs], [r[metric]["mean"] for r in rows], 0.36,
-                   yerr=[r[metric]["se"] if r[metric]["se"] == r[metric]["se"] else 0 for r in rows],
+                   yerr=[r[metric]["se"] or 0.0 for r in rows],
                    color=color, alpha=0.8, capsize=3, label=metric)
             for x, r in zip(xs, rows):
                 ax.scatter([x + off] * len(r[metric]["per_seed"]), r[metric]["per_seed"], s=6, color="k", zorder=3)
@@ -359,7 +366,7 @@ def main(argv=None) -> int:
            "tables": summary,
            "runs": {f"{bb}/{losses}/s{s}": v for (losses, bb), per in res.items() for s, v in per.items()}}
     out_json = HERE / "results" / f"{tag}.json"
-    out_json.write_text(json.dumps(obj, indent=1))
+    out_json.write_text(json.dumps(obj, indent=1, allow_nan=False))
     if any("R1" in r for rows in summary.values() for r in rows):
         plot(summary, HERE / "results" / f"{tag}.png", setup)
     print(f"\nwrote {out_json} and {out_json.with_suffix('.png')}")

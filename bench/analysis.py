@@ -115,10 +115,10 @@ def main(argv=None) -> int:
         print(f"separation over seeds {by_seed['seeds']} (same augmented images for every model; mean ± s.e.; "
               f"paired difference to {by_seed['reference']}):")
         for m, row in by_seed["models"].items():
-            line = f"  {LABELS.get(m, m):<10} intra/inter {row['ratio']['mean']:.3f} ± {row['ratio']['se']:.3f}"
+            line = f"  {LABELS.get(m, m):<10} intra/inter {ab.pm(row['ratio']['mean'], row['ratio']['se'], 3)}"
             if "delta_ratio" in row:
                 d = row["delta_ratio"]
-                line += f"   Δ {d['mean']:+.3f} ± {d['se']:.3f} (lower in {d['n_lower']}/{d['n']} seeds)"
+                line += f"   Δ {ab.pm(d['mean'], d['se'], 3, '+')} (lower in {d['n_lower']}/{d['n']} seeds)"
             print(line)
     print(f"wrote {out}/analysis_weights.{{png,json}} and {out}/analysis_tsne.{{png,json}}")
     return 0

@@ -52,7 +52,7 @@ def plot(levels: List[float], summary: Dict[str, List[Dict]], path: Path, subtit
                 continue
             xs = [lv for lv, _ in pts]
             ys = [100.0 - r[metric]["mean"] for _, r in pts]
-            es = [r[metric]["se"] if r[metric]["se"] == r[metric]["se"] else 0.0 for _, r in pts]
+            es = [r[metric]["se"] or 0.0 for _, r in pts]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
         ax.set_xlabel("noise level (share of training labels that are wrong, redrawn each epoch)", fontsize=8)
         ax.set_ylabel(f"test error = 100 - {metric} (%)")
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "test_error": "100 - R1 (and 100 - mAP), in %", "tables": summary, "runs": runs}
     out = HERE / "results" / f"label_noise_{args.split}.json"
-    out.write_text(json.dumps(obj, indent=1))
+    out.write_text(json.dumps(obj, indent=1, allow_nan=False))
     if any("R1" in r for rs in summary.values() for r in rs):
         plot(levels, summary, out.with_suffix(".png"), setup)
     print(f"\nwrote {out} and {out.with_suffix('.png')}")

@@ -60,3 +60,16 @@ def test_label_noise_level_zero_is_the_ablation_run(ablation, tmp_path):
     assert noisy[noisy.index("--label-noise") + 1] == "0.3"
     assert [a for a in noisy if a not in ("--label-noise", "0.3")] == [a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
                                                                      for a in clean]
+
+
+def test_one_seed_has_no_standard_error(ablation):
+    """A row with a single seed reports its error as None (JSON null), never NaN, and prints without one."""
+    import json
+
+    res = {("aux", "mobilenetv2"): {0: {"R1": 83.5, "mAP": 67.0}}, ("ksl", "mobilenetv2"): {0: {"R1": 89.0, "mAP": 70.8}}}
+    aux, ksl = ablation.summarise([("AUX", "aux"), ("KSL", "ksl")], "mobilenetv2", res)
+    assert ksl["R1"]["se"] is None and ksl["delta_R1"]["se"] is None and ksl["delta_R1"]["mean"] == pytest.approx(5.5)
+    text = json.dumps([aux, ksl], allow_nan=False)  # raises on NaN
+    assert json.loads(text)[1]["R1"]["se"] is None
+    assert ablation.fmt(ksl, "R1") == "89.0 (1 seed)" and ablation.fmt_delta(ksl, "R1") == "+5.5 (1 seed) (1/1)"
+    assert ablation.pm(2.0, 0.25, 2, "+") == "+2.00 ± 0.25"
