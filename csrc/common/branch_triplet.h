@@ -11,6 +11,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #include "common/macros.h"
 
@@ -96,6 +97,22 @@ KSL_HOST_DEVICE T term(T gap, T margin, bool soft_margin) {
   }
   const T x = gap + margin;
   return x < T(0) ? T(0) : x;  // NaN passes through, as torch.relu
+}
+
+// Stores anchor o's forward results (o = (u·B + v)·N + m, E = B·B·N): its winners' indices, its term,
+// and the winners' squared distances for the backward (positives at hard_sq[o], negatives at
+// hard_sq[E + o]). An anchor lacking a positive or a negative is invalid: indices −1 (what the backward
+// and `mean`'s count test), term and distances 0.
+template <typename T>
+KSL_HOST_DEVICE void store_anchor(long long o, long long E, int pos_index, int neg_index, T best_pos, T best_neg,
+                                  T pos_sq, T neg_sq, T margin, bool soft_margin, int32_t* pos_idx,
+                                  int32_t* neg_idx, T* terms, T* hard_sq) {
+  const bool valid = pos_index >= 0 && neg_index >= 0;
+  pos_idx[o] = valid ? pos_index : -1;
+  neg_idx[o] = valid ? neg_index : -1;
+  terms[o] = valid ? term(best_pos - best_neg, margin, soft_margin) : T(0);
+  hard_sq[o] = valid ? pos_sq : T(0);
+  hard_sq[E + o] = valid ? neg_sq : T(0);
 }
 
 // ∂term/∂gap (so ∂term/∂d⁺ = this, ∂term/∂d⁻ = −this).

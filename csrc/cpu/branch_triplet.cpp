@@ -235,12 +235,8 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
 
   const int64_t E = B * B * N;
   auto finish = [&](int64_t o, const Winners& w) {
-    const bool valid = w.ip >= 0 && w.in >= 0;
-    pos_idx[o] = valid ? w.ip : -1;
-    neg_idx[o] = valid ? w.in : -1;
-    terms[o] = valid ? term(w.pos - w.neg, margin, soft_margin) : 0.f;
-    hard_sq[o] = valid ? w.pos_sq : 0.f;
-    hard_sq[E + o] = valid ? w.neg_sq : 0.f;
+    store_anchor(o, E, w.ip, w.in, w.pos, w.neg, w.pos_sq, w.neg_sq, margin, soft_margin, pos_idx, neg_idx, terms,
+                 hard_sq);
   };
 
   at::parallel_for(0, pairs * row_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -372,13 +368,8 @@ void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L,
         }
       }
       for (int r = 0; r < rows; ++r) {
-        const int64_t o = uv * N + m0 + r;
-        const bool valid = ip[r] >= 0 && in[r] >= 0;
-        pos_idx[o] = valid ? ip[r] : -1;
-        neg_idx[o] = valid ? in[r] : -1;
-        terms[o] = valid ? term(best_pos[r] - best_neg[r], margin, soft_margin) : T(0);
-        hard_sq[o] = valid ? pos_sq[r] : T(0);
-        hard_sq[E + o] = valid ? neg_sq[r] : T(0);
+        store_anchor(uv * N + m0 + r, E, ip[r], in[r], best_pos[r], best_neg[r], pos_sq[r], neg_sq[r], margin,
+                     soft_margin, pos_idx, neg_idx, terms, hard_sq);
       }
     }
   });

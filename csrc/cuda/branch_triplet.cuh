@@ -153,13 +153,8 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
     for (int i = 0; i < kAnchorMicro; ++i) {
       const int m = m0 + ty + kThreads * i;
       if (m >= N) continue;
-      const int64_t o = static_cast<int64_t>(pair) * N + m;
-      const bool valid = ip[i] >= 0 && in[i] >= 0;
-      pos_idx[o] = valid ? ip[i] : -1;
-      neg_idx[o] = valid ? in[i] : -1;
-      terms[o] = valid ? term(best_pos[i] - best_neg[i], margin, soft_margin) : acc_t(0);
-      hard_sq[o] = valid ? pos_sq[i] : acc_t(0);
-      hard_sq[static_cast<int64_t>(B) * B * N + o] = valid ? neg_sq[i] : acc_t(0);
+      store_anchor(static_cast<long long>(pair) * N + m, static_cast<long long>(B) * B * N, ip[i], in[i], best_pos[i],
+                   best_neg[i], pos_sq[i], neg_sq[i], margin, soft_margin, pos_idx, neg_idx, terms, hard_sq);
     }
   }
 }

@@ -138,11 +138,30 @@ static void test_batch_hard() {
   }
 }
 
+// store_anchor: a valid anchor's results land at o and E + o; an anchor lacking a positive or a
+// negative is stored as invalid (-1, 0) whatever its running winners hold.
+static void test_store_anchor() {
+  const long long E = 3;
+  int32_t pos_idx[E], neg_idx[E];
+  double terms[E], hard_sq[2 * E];
+  for (long long i = 0; i < E; ++i) pos_idx[i] = neg_idx[i] = 7, terms[i] = hard_sq[i] = hard_sq[E + i] = 9.0;
+  store_anchor(1LL, E, 4, 2, 3.0, 1.0, 9.0, 1.0, 0.5, false, pos_idx, neg_idx, terms, hard_sq);
+  EXPECT(pos_idx[1] == 4 && neg_idx[1] == 2 && terms[1] == 2.5 && hard_sq[1] == 9.0 && hard_sq[E + 1] == 1.0);
+  EXPECT(pos_idx[0] == 7 && terms[2] == 9.0);  // other anchors untouched
+  store_anchor(0LL, E, -1, 2, 3.0, 1.0, 9.0, 1.0, 0.5, false, pos_idx, neg_idx, terms, hard_sq);
+  EXPECT(pos_idx[0] == -1 && neg_idx[0] == -1 && terms[0] == 0.0 && hard_sq[0] == 0.0 && hard_sq[E] == 0.0);
+  store_anchor(2LL, E, 4, -1, 3.0, 1.0, 9.0, 1.0, 0.5, true, pos_idx, neg_idx, terms, hard_sq);
+  EXPECT(pos_idx[2] == -1 && neg_idx[2] == -1 && terms[2] == 0.0 && hard_sq[2] == 0.0 && hard_sq[E + 2] == 0.0);
+  store_anchor(2LL, E, 0, 1, 3.0, 1.0, 9.0, 1.0, 0.5, true, pos_idx, neg_idx, terms, hard_sq);
+  EXPECT(near(terms[2], std::log1p(std::exp(2.0)), 1e-15));  // soft margin
+}
+
 int main() {
   test_distance();
   test_winner_order();
   test_term();
   test_batch_hard();
+  test_store_anchor();
   if (failures) std::printf("%d failure(s)\n", failures);
   else std::printf("test_branch_triplet: ok\n");
   return failures ? 1 : 0;

@@ -80,9 +80,8 @@ MUTATIONS = [
     ("triplet_coef_mean_count_of_sum", "cuda/branch_triplet.cuh",
      "reduction == ksl::kMean ? mean_count<acc_t>", "reduction == ksl::kSum ? mean_count<acc_t>", 0,
      "branch_triplet"),
-    ("triplet_forward_negative_sq_plane", "cuda/branch_triplet.cuh",
-     "hard_sq[static_cast<int64_t>(B) * B * N + o] = valid ? neg_sq[i]",
-     "hard_sq[static_cast<int64_t>(B) * B * N + o] = valid ? pos_sq[i]", 0, "branch_triplet"),
+    ("triplet_forward_negative_sq_plane", "common/branch_triplet.h",
+     "hard_sq[E + o] = valid ? neg_sq", "hard_sq[E + o] = valid ? pos_sq", 0, "branch_triplet"),
 ]
 
 
