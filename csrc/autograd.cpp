@@ -11,6 +11,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -43,6 +44,10 @@ Tensor upstream_or_zeros(const Tensor& g, int64_t reduction, at::IntArrayRef non
 // ---- prob_consensus -------------------------------------------------------------------------------
 using ProbFwd = Tensor4(const Tensor&, double, bool, int64_t, bool);
 using ProbBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, int64_t);
+using ProbBwdSaved = Tensor(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&);
+
+// An upstream gradient as an optional argument: absent when that output did not reach the loss.
+std::optional<Tensor> given(const Tensor& g) { return g.defined() ? std::optional<Tensor>(g) : std::nullopt; }
 
 class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
  public:
@@ -83,17 +88,8 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
     const int64_t B = ctx->saved_data["B"].toInt(), N = ctx->saved_data["N"].toInt();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     if (ctx->saved_data["uses_grad_dir"].toBool()) {
-      // grad = grad_dir · ((B−1)·g_pp + g_pa): scalars here (reduction mean/sum).
-      const Tensor& grad_dir = saved[0];
-      Tensor scale;
-      if (!g_pp.defined()) {
-        scale = g_pa;
-      } else if (!g_pa.defined()) {
-        scale = g_pp * static_cast<double>(B - 1);
-      } else {
-        scale = at::add(g_pa, g_pp, static_cast<double>(B - 1));
-      }
-      out[0] = grad_dir * scale;
+      // grad = grad_dir · ((B−1)·g_pp + g_pa), g scalars here (reduction mean/sum): one op, one launch.
+      out[0] = KSL_OP("prob_consensus_backward_saved", ProbBwdSaved).call(given(g_pp), given(g_pa), saved[0]);
       return out;
     }
     const Tensor& logits = saved[0];

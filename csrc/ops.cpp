@@ -24,6 +24,9 @@ TORCH_LIBRARY(ksl_ops, m) {
         "bool save_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("prob_consensus_backward(Tensor grad_pp, Tensor grad_pa, Tensor logits, Tensor row_lse, "
         "float temperature, bool detach_target, int reduction) -> Tensor");
+  // The backward when the forward saved grad_dir: grad_dir · ((B-1)·grad_pp + grad_pa), the upstream
+  // gradients scalars of grad_dir's dtype (an absent one counts 0); one elementwise pass.
+  m.def("prob_consensus_backward_saved(Tensor? grad_pp, Tensor? grad_pa, Tensor grad_dir) -> Tensor");
 
   // KSL-E (eq. 7-10). Returns (ep, ea, norms): norms [N, B(B-1)/2 + B] (float32; float64 for
   // float64 emb) holds every sample's pair norms then average norms, saved for the backward so

@@ -170,9 +170,14 @@ def _prob_consensus_backward_fake(grad_pp, grad_pa, logits, row_lse, temperature
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+def _prob_consensus_backward_saved_fake(grad_pp, grad_pa, grad_dir):
+    return torch.empty_like(grad_dir, memory_format=torch.contiguous_format)
+
+
 if _ext.available():
     torch.library.register_fake("ksl_ops::prob_consensus")(_prob_consensus_fake)
     torch.library.register_fake("ksl_ops::prob_consensus_backward")(_prob_consensus_backward_fake)
+    torch.library.register_fake("ksl_ops::prob_consensus_backward_saved")(_prob_consensus_backward_saved_fake)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,22 @@ def test_prob_consensus_backward_checks_upstream_dtype():
         OPS.prob_consensus_backward(torch.ones((), dtype=torch.long), torch.ones(()), z, lse, 1.0, True, 1)
 
 
+def test_prob_consensus_backward_saved_checks_its_arguments():
+    op = OPS.prob_consensus_backward_saved
+    _, _, _, grad_dir = OPS.prob_consensus(torch.randn(3, 4, 5), 1.0, True, 1, True)
+    one = torch.ones(())
+    with pytest.raises(RuntimeError, match=r"grad_dir must be \[B, N, K\] with 2 to 8 branches, got shape \[4, 5\]"):
+        op(one, one, grad_dir[0])
+    with pytest.raises(RuntimeError, match=r"grad_dir must be \[B, N, K\] with 2 to 8 branches, got shape \[1, 4, 5\]"):
+        op(one, one, grad_dir[:1])
+    with pytest.raises(RuntimeError, match="grad_dir must be float16, bfloat16, float32 or float64, got Long"):
+        op(one, one, grad_dir.long())
+    with pytest.raises(RuntimeError, match=r"grad_pp must be a scalar \(the forward saved grad_dir only for reduction mean/sum\)"):
+        op(torch.ones(3, 3, 4), one, grad_dir)
+    with pytest.raises(RuntimeError, match="grad_pa must have grad_dir's dtype Float, got Double"):
+        op(one, one.double(), grad_dir)
+
+
 def _triplet_saved(device):
     emb = torch.randn(2, 4, 3, device=device)
     y = torch.tensor([0, 0, 1, 1], device=device)
@@ -184,6 +200,18 @@ def test_cuda_prob_backward_refuses_tensors_on_other_devices():
         OPS.prob_consensus_backward(one.cpu(), one, z, lse, 1.0, False, 1)
     with pytest.raises(RuntimeError, match="grad_pa must be on the logits' device"):
         OPS.prob_consensus_backward(one, one.cpu(), z, lse, 1.0, False, 1)
+
+
+@pytest.mark.cuda
+def test_cuda_prob_backward_saved_refuses_tensors_on_other_devices():
+    _, _, _, grad_dir = OPS.prob_consensus(torch.randn(3, 4, 5, device="cuda"), 1.0, True, 1, True)
+    one = torch.ones((), device="cuda")
+    with pytest.raises(RuntimeError, match="grad_pp must be on grad_dir's device cuda:0, got cpu"):
+        OPS.prob_consensus_backward_saved(one.cpu(), one, grad_dir)
+    with pytest.raises(RuntimeError, match="grad_pa must be on grad_dir's device cuda:0, got cpu"):
+        OPS.prob_consensus_backward_saved(one, one.cpu(), grad_dir)
+    with pytest.raises(RuntimeError, match="grad_dir must be a CUDA tensor here"):
+        OPS.prob_consensus_backward_saved(one, one, grad_dir.cpu())  # dispatched by grad_pp's device
 
 
 def _run_in_subprocess(code: str):

@@ -162,6 +162,40 @@ def test_opcheck_backward(device):
     torch.library.opcheck(torch.ops.ksl_ops.prob_consensus_backward.default, (one, one, z, lse, 1.3, True, 1))
 
 
+def _saved_args(device, dtype, B=3, N=4, K=7):
+    z = torch.randn(B, N, K, dtype=dtype, device=device)
+    _, _, _, grad_dir = torch.ops.ksl_ops.prob_consensus(z, 1.3, True, 1, True)
+    assert grad_dir.shape == (B, N, K)
+    return grad_dir
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B", [2, 3, 5, 8])
+def test_backward_saved_is_the_scaled_direction(device, dtype, B):
+    # grad_dir · ((B-1)·g_pp + g_pa): the factor summed in the opmath type and rounded to the dtype once,
+    # then one opmath product per element. (torch.add(g_pa, g_pp, alpha=B-1) on a half / bfloat16 CPU
+    # scalar rounds alpha·g_pp first, so it is not the reference here.)
+    grad_dir = _saved_args(device, dtype, B=B)
+    g_pp = torch.tensor(0.37, dtype=dtype, device=device)
+    g_pa = torch.tensor(-1.9, dtype=dtype, device=device)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    factor = (g_pa.to(opmath) + (B - 1) * g_pp.to(opmath)).to(dtype)
+    op = torch.ops.ksl_ops.prob_consensus_backward_saved
+    assert torch.equal(op(g_pp, g_pa, grad_dir), grad_dir * factor)
+    assert torch.equal(op(None, g_pa, grad_dir), grad_dir * g_pa)
+    assert torch.equal(op(g_pp, None, grad_dir), grad_dir * (g_pp.to(opmath) * (B - 1)).to(dtype))
+    assert torch.equal(op(None, None, grad_dir), torch.zeros_like(grad_dir))
+    want = grad_dir.double() * ((B - 1) * 0.37 - 1.9)
+    assert _rel_err(op(g_pp, g_pa, grad_dir).double(), want) < 4 * torch.finfo(dtype).eps
+
+
+def test_opcheck_backward_saved(device):
+    grad_dir = _saved_args(device, torch.float64)
+    one = torch.tensor(1.5, dtype=torch.float64, device=device)
+    for upstream in ((one, one), (None, one), (one, None)):
+        torch.library.opcheck(torch.ops.ksl_ops.prob_consensus_backward_saved.default, (*upstream, grad_dir))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(device, backend):
     torch._dynamo.reset()

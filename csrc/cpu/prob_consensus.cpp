@@ -436,9 +436,27 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
   return grad.to(z.scalar_type());
 }
 
+// grad = grad_dir · factor: the factor from the shared rule (the upstream gradients are CPU scalars,
+// read here), the product ATen's (in the opmath type, rounded once), as the CUDA kernel computes it.
+at::Tensor prob_consensus_backward_saved_cpu(const std::optional<at::Tensor>& grad_pp,
+                                             const std::optional<at::Tensor>& grad_pa, const at::Tensor& grad_dir) {
+  ksl::prob::check_saved_backward(grad_pp, grad_pa, grad_dir);
+  const at::Tensor *gpp = ksl::prob::given(grad_pp), *gpa = ksl::prob::given(grad_pa);
+  double factor = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_dir.scalar_type(), "prob_consensus_backward_saved_cpu",
+                                  [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    factor = static_cast<double>(ksl::prob::saved_grad_factor<scalar_t, acc_t>(
+                                        gpp ? gpp->const_data_ptr<scalar_t>() : nullptr,
+                                        gpa ? gpa->const_data_ptr<scalar_t>() : nullptr, int(grad_dir.size(0))));
+                                  });
+  return at::mul(grad_dir.contiguous(), factor);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ksl_ops, CPU, m) {
   m.impl("prob_consensus", &prob_consensus_cpu);
   m.impl("prob_consensus_backward", &prob_consensus_backward_cpu);
+  m.impl("prob_consensus_backward_saved", &prob_consensus_backward_saved_cpu);
 }

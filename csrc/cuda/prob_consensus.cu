@@ -17,7 +17,8 @@
 //   ∂pp/∂z^b = (B−1) · ∂pa/∂z^b = (B−1) · T · c · (p^b − a^b),  c = 1/N (mean) or 1 (sum),
 // and pass 2 has p and a in registers, so the forward also writes grad_dir = T·c·(p − a) (computed
 // in float32, stored in the logits' dtype) when the logits require grad. The backward is then one
-// elementwise scaling, grad = grad_dir · ((B−1)·g_pp + g_pa): bytes moved forward R + W, backward
+// elementwise scaling, grad = grad_dir · ((B−1)·g_pp + g_pa) (prob_consensus_backward_saved: one
+// launch, the upstream scalars read on the device): bytes moved forward R + W, backward
 // R + W, no exp/log and no reduction in the backward. Recomputing instead would read the logits
 // once more in the backward and redo every exp and log for the same R + W of the gradient, and it
 // would need the logits kept alive, where grad_dir replaces them. Only one tensor is kept, so memory
@@ -36,8 +37,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
@@ -130,9 +133,34 @@ at::Tensor prob_consensus_backward_cuda(const at::Tensor& grad_pp, const at::Ten
   return grad;
 }
 
+// One launch, instead of the eager add of the two upstream scalars and the multiply it replaces.
+at::Tensor prob_consensus_backward_saved_cuda(const std::optional<at::Tensor>& grad_pp,
+                                              const std::optional<at::Tensor>& grad_pa, const at::Tensor& grad_dir) {
+  TORCH_CHECK(grad_dir.is_cuda(), "prob_consensus_backward_saved: grad_dir must be a CUDA tensor here");
+  ksl::prob::check_saved_backward(grad_pp, grad_pa, grad_dir);
+  c10::cuda::CUDAGuard guard(grad_dir.device());
+  const at::Tensor gd = grad_dir.contiguous();
+  at::Tensor grad = at::empty_like(gd);
+  const int64_t numel = gd.numel();
+  if (numel == 0) return grad;
+  const at::Tensor *gpp = ksl::prob::given(grad_pp), *gpa = ksl::prob::given(grad_pa);
+  // Enough blocks to fill an H100 several times over; larger tensors are strided over.
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 8192);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "prob_consensus_backward_saved_cuda", [&] {
+    prob_consensus_saved_backward_kernel<scalar_t, at::opmath_type<scalar_t>>
+        <<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+            gd.const_data_ptr<scalar_t>(), gpp ? gpp->const_data_ptr<scalar_t>() : nullptr,
+            gpa ? gpa->const_data_ptr<scalar_t>() : nullptr, int(gd.size(0)), numel, grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ksl_ops, CUDA, m) {
   m.impl("prob_consensus", &prob_consensus_cuda);
   m.impl("prob_consensus_backward", &prob_consensus_backward_cuda);
+  m.impl("prob_consensus_backward_saved", &prob_consensus_backward_saved_cuda);
 }

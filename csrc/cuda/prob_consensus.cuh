@@ -254,5 +254,19 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_backward_kernel(
   }
 }
 
+// Backward from the saved direction: grad = grad_dir · factor (saved_grad_factor), one elementwise
+// pass. Every thread reads the two scalar upstream gradients on the device (no host sync) and
+// strides over the numel elements.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) prob_consensus_saved_backward_kernel(
+    const scalar_t* __restrict__ grad_dir, const scalar_t* __restrict__ g_pp, const scalar_t* __restrict__ g_pa,
+    int B, int64_t numel, scalar_t* __restrict__ grad) {
+  const acc_t f = static_cast<acc_t>(ksl::prob::saved_grad_factor<scalar_t, acc_t>(g_pp, g_pa, B));
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_dir[i]) * f);
+  }
+}
+
 }  // namespace prob_cuda
 }  // namespace ksl

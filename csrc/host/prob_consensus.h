@@ -10,7 +10,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
@@ -122,6 +124,32 @@ inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tenso
   const double scale = reduction_scale(reduction, N);
   return {(grad_pp.to(acc).reshape({1, 1, 1}) * scale).expand({B, B, N}).contiguous(),
           (grad_pa.to(acc).reshape({1, 1}) * scale).expand({B, N}).contiguous()};
+}
+
+// An upstream gradient the saved-direction backward was given: nullptr when absent (None from Python,
+// or undefined: that loss output did not reach the loss).
+inline const at::Tensor* given(const std::optional<at::Tensor>& g) { return g.has_value() && g->defined() ? &*g : nullptr; }
+
+// prob_consensus_backward_saved: grad_dir [B, N, K] as the forward wrote it, and each given upstream
+// gradient a scalar of grad_dir's dtype on grad_dir's device (the kernel reads them there, unsynced).
+inline void check_saved_backward(const std::optional<at::Tensor>& grad_pp, const std::optional<at::Tensor>& grad_pa,
+                                 const at::Tensor& grad_dir) {
+  TORCH_CHECK(grad_dir.dim() == 3 && grad_dir.size(0) >= 2 && grad_dir.size(0) <= kMaxBranches,
+              "prob_consensus_backward_saved: grad_dir must be [B, N, K] with 2 to ", kMaxBranches,
+              " branches, got shape ", grad_dir.sizes());
+  const auto st = grad_dir.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "prob_consensus_backward_saved: grad_dir must be float16, bfloat16, float32 or float64, got ", st);
+  const std::pair<const char*, const at::Tensor*> upstream[] = {{"grad_pp", given(grad_pp)}, {"grad_pa", given(grad_pa)}};
+  for (const auto& [name, g] : upstream) {
+    if (g == nullptr) continue;
+    TORCH_CHECK(g->device() == grad_dir.device(), "prob_consensus_backward_saved: ", name,
+                " must be on grad_dir's device ", grad_dir.device(), ", got ", g->device());
+    TORCH_CHECK(g->numel() == 1, "prob_consensus_backward_saved: ", name,
+                " must be a scalar (the forward saved grad_dir only for reduction mean/sum), got shape ", g->sizes());
+    TORCH_CHECK(g->scalar_type() == st, "prob_consensus_backward_saved: ", name, " must have grad_dir's dtype ", st,
+                ", got ", g->scalar_type());
+  }
 }
 
 }  // namespace prob

@@ -146,9 +146,30 @@ void test_underflow_stays_finite() {
   expect(std::fabs(laf[0] - want) < 1e-2, "float log a^0 with underflow", laf[0], want);
 }
 
+// The saved-direction backward's factor (B−1)·g_pp + g_pa, with an absent upstream counting 0.
+void test_saved_grad_factor() {
+  const double pp = 0.25, pa = -1.5;
+  for (int B = 2; B <= ksl::prob::kMaxBranches; ++B) {
+    const double both = ksl::prob::saved_grad_factor<double, double>(&pp, &pa, B);
+    expect(both == (B - 1) * 0.25 - 1.5, "factor, both upstream", both, (B - 1) * 0.25 - 1.5);
+    const double only_pp = ksl::prob::saved_grad_factor<double, double>(&pp, nullptr, B);
+    expect(only_pp == (B - 1) * 0.25, "factor, grad_pp only", only_pp, (B - 1) * 0.25);
+    const double only_pa = ksl::prob::saved_grad_factor<double, double>(nullptr, &pa, B);
+    expect(only_pa == -1.5, "factor, grad_pa only", only_pa, -1.5);
+    const double none = ksl::prob::saved_grad_factor<double, double>(nullptr, nullptr, B);
+    expect(none == 0.0, "factor, no upstream", none, 0.0);
+  }
+  // float inputs summed in double and rounded once to float
+  const float fpp = 1.0f / 3.0f, fpa = 1e-8f;
+  const float f = ksl::prob::saved_grad_factor<float, double>(&fpp, &fpa, 4);
+  expect(f == static_cast<float>(3.0 * double(fpp) + double(fpa)), "float factor rounded once", f,
+         static_cast<float>(3.0 * double(fpp) + double(fpa)));
+}
+
 }  // namespace
 
 int main() {
+  test_saved_grad_factor();
   test_exp_log();
   test_sample(2, 5, 1.0, true, 1, 1.0);
   test_sample(3, 7, 1.0, false, 2, 2.0);

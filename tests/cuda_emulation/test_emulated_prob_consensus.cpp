@@ -1,7 +1,8 @@
 // The CUDA kernels of prob_consensus (csrc/cuda/prob_consensus.cuh) executed by the emulation:
 // forward with reduction none and mean/sum (the last-block ticket), the gradient direction written by
 // the forward, and the recomputing backward with and without detach_target; float64/float32/
-// float16/bfloat16 logits; odd N and K. Expected values: double, csrc/common/prob_consensus.h.
+// float16/bfloat16 logits; odd N and K; the backward from the saved direction. Expected values: double,
+// csrc/common/prob_consensus.h.
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -198,6 +199,39 @@ void run_case(int case_index, int N, int K, double T, double logit_scale) {
   }
 }
 
+// Backward from the saved direction: grad = grad_dir · ((B−1)·g_pp + g_pa), over a grid that strides
+// (numel above blocks × threads) and one that does not, with either upstream gradient absent.
+template <typename scalar_t>
+void saved_backward_case(int case_index, int B, int64_t numel, int blocks) {
+  using acc_t = ksl::opmath_t<scalar_t>;
+  const double eps_out = harness::eps<scalar_t>();
+  std::mt19937_64 rng(777 + case_index);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<scalar_t> dir(static_cast<size_t>(numel));
+  for (auto& x : dir) x = harness::from_double<scalar_t>(normal(rng));
+  const scalar_t g_pp = harness::from_double<scalar_t>(0.75), g_pa = harness::from_double<scalar_t>(-0.3);
+  ksl_emu::set_schedule(harness::schedule_for(case_index));
+  for (int given = 1; given < 4; ++given) {  // bit 0: g_pp, bit 1: g_pa
+    const scalar_t* pp = (given & 1) ? &g_pp : nullptr;
+    const scalar_t* pa = (given & 2) ? &g_pa : nullptr;
+    std::vector<scalar_t> grad(dir.size() + 1, harness::nan_value<scalar_t>());  // + a guard element
+    const std::string where = std::string("prob_consensus saved backward ") + harness::dtype_name<scalar_t>() +
+                              " B=" + std::to_string(B) + " numel=" + std::to_string(numel) + " blocks=" +
+                              std::to_string(blocks) + " upstream " + std::to_string(given);
+    if (!harness::launch(where, dim3(blocks), dim3(kThreads), [&] {
+          prob_consensus_saved_backward_kernel<scalar_t, acc_t>(dir.data(), pp, pa, B, numel, grad.data());
+        }))
+      return;
+    const double factor = (pa ? harness::to_double(g_pa) : 0.0) + (pp ? (B - 1) * harness::to_double(g_pp) : 0.0);
+    Compare c{where};
+    for (int64_t i = 0; i < numel; ++i) {
+      const double want = harness::to_double(dir[i]) * factor;
+      c(i, harness::to_double(grad[i]), want, 3 * eps_out * std::fabs(want) + harness::tiny<scalar_t>());
+    }
+    CHECK_MSG(std::isnan(harness::to_double(grad[numel])), "saved backward writes past numel", where);
+  }
+}
+
 // The deterministic kernels give the same bits under every block and thread order.
 template <typename scalar_t, int kB>
 void same_bits_under_every_schedule(int N, int K) {
@@ -247,5 +281,9 @@ int main() {
   // log a^b carries the loss.
   run_case<float, 3>(index++, 5, 31, 1.0, 1e4);
   same_bits_under_every_schedule<float, 3>(65, 257);
+  saved_backward_case<double>(index++, 3, 3 * 5 * 7, 1);
+  saved_backward_case<float>(index++, 5, 2 * kThreads * 3 + 17, 2);  // strides 4 times, short tail
+  saved_backward_case<c10::Half>(index++, 2, kThreads + 1, 2);       // second block has one element
+  saved_backward_case<c10::BFloat16>(index++, 8, 1, 1);
   return report("emulated_prob_consensus");
 }
