@@ -408,6 +408,35 @@ def test_cuda_graph_capture(detach, reduction, capture_cuda_graph):
 
 
 @pytest.mark.cuda
+def test_cuda_ticket_counter_per_stream(capture_cuda_graph):
+    # The scalar reductions' last-block counter is kept per stream and reset by the kernel; a captured
+    # graph has its own. Calls one after another, on two streams at once, and a graph replaying on a
+    # side stream while eager calls run give the single-call result bit for bit.
+    z = [torch.randn(3, 257, 751, device="cuda") for _ in range(2)]
+    want = [_fused(x, 1.0, True, "mean") for x in z]
+    for _ in range(3):
+        for x, w in zip(z, want):
+            assert all(torch.equal(a, b) for a, b in zip(_fused(x, 1.0, True, "mean"), w))
+    streams = [torch.cuda.Stream() for _ in z]
+    torch.cuda.synchronize()
+    for _ in range(5):
+        outs = []
+        for st, x in zip(streams, z):
+            with torch.cuda.stream(st):
+                outs.append(_fused(x, 1.0, True, "mean"))
+        torch.cuda.synchronize()
+        for o, w in zip(outs, want):
+            assert torch.equal(o[0], w[0]) and torch.equal(o[1], w[1])
+    graph, captured = capture_cuda_graph(lambda: _fused(z[0], 1.0, True, "mean"))
+    with torch.cuda.stream(streams[0]):
+        graph.replay()
+    eager = [_fused(z[1], 1.0, True, "mean") for _ in range(4)]
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], want[0][0]) and torch.equal(captured[1], want[0][1])
+    assert all(torch.equal(e[0], want[1][0]) and torch.equal(e[1], want[1][1]) for e in eager)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("detach", [True, False])
 def test_cuda_deterministic(detach):
     z = torch.randn(3, 256, 4101, device="cuda", requires_grad=True)

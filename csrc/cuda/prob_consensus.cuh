@@ -187,6 +187,9 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_forward_kernel(
   if (threadIdx.x == 0) last_block = atomicAdd(ticket, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last_block) return;
+  // Every other block has drawn its ticket: put the counter back to 0 for the next launch on this
+  // stream (the host keeps one zeroed counter per stream instead of a fill per call).
+  if (threadIdx.x == 0) *ticket = 0u;
   __threadfence();
   acc_t sums[2] = {0, 0};  // pp, pa
   for (int64_t m = threadIdx.x; m < N; m += blockDim.x) {

@@ -38,6 +38,8 @@ MUTATIONS = [
      "for (int64_t k = threadIdx.x; k < K - 1; k += blockDim.x) {\n    class_values", 0, "prob_consensus"),
     ("prob_ticket_off_by_one", "cuda/prob_consensus.cuh",
      "== gridDim.x - 1;", "== gridDim.x - 2;", 0, "prob_consensus"),
+    ("prob_ticket_not_reset", "cuda/prob_consensus.cuh",
+     "  if (threadIdx.x == 0) *ticket = 0u;\n", "", 0, "prob_consensus"),
     ("prob_saved_backward_tail_off_by_one", "cuda/prob_consensus.cuh",
      "i < numel; i += stride)", "i < numel - 1; i += stride)", 0, "prob_consensus"),
     ("prob_saved_backward_stride_skips_a_grid", "cuda/prob_consensus.cuh",
