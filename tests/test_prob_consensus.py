@@ -170,12 +170,12 @@ def _saved_args(device, dtype, B=3, N=4, K=7):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B", [2, 3, 5, 8])
-def test_backward_saved_is_the_scaled_direction(device, dtype, B):
+@pytest.mark.parametrize("B,N,K", [(2, 4, 7), (3, 4, 7), (5, 4, 7), (8, 4, 7), (3, 64, 751)])
+def test_backward_saved_is_the_scaled_direction(device, dtype, B, N, K):
     # grad_dir · ((B-1)·g_pp + g_pa): the factor summed in the opmath type and rounded to the dtype once,
     # then one opmath product per element. (torch.add(g_pa, g_pp, alpha=B-1) on a half / bfloat16 CPU
     # scalar rounds alpha·g_pp first, so it is not the reference here.)
-    grad_dir = _saved_args(device, dtype, B=B)
+    grad_dir = _saved_args(device, dtype, B=B, N=N, K=K)  # the last size takes the CPU's large-tensor path
     g_pp = torch.tensor(0.37, dtype=dtype, device=device)
     g_pa = torch.tensor(-1.9, dtype=dtype, device=device)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32

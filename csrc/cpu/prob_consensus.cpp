@@ -437,19 +437,25 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
 }
 
 // grad = grad_dir · factor, the factor from the shared rule (the upstream gradients are CPU scalars,
-// read here) and each product in the opmath type, rounded once: what the CUDA kernel computes. A
-// plain loop rather than at::mul, whose TensorIterator setup is most of the cost at Re-ID sizes.
+// read here) and each product in the opmath type, rounded once: what the CUDA kernel computes. Small
+// tensors take a plain loop (at::mul's TensorIterator setup is most of the cost there), large ones
+// at::mul (its AVX2 / AVX-512 loop; the same products, so the same bits).
 at::Tensor prob_consensus_backward_saved_cpu(const std::optional<at::Tensor>& grad_pp,
                                              const std::optional<at::Tensor>& grad_pa, const at::Tensor& grad_dir) {
   ksl::prob::check_saved_backward(grad_pp, grad_pa, grad_dir);
   const at::Tensor *gpp = ksl::prob::given(grad_pp), *gpa = ksl::prob::given(grad_pa);
   const at::Tensor gd = grad_dir.contiguous();
-  at::Tensor grad = at::empty_like(gd);
+  at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "prob_consensus_backward_saved_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t f = static_cast<acc_t>(ksl::prob::saved_grad_factor<scalar_t, acc_t>(
         gpp ? gpp->const_data_ptr<scalar_t>() : nullptr, gpa ? gpa->const_data_ptr<scalar_t>() : nullptr,
         int(gd.size(0))));
+    if (gd.numel() >= (int64_t{1} << 16)) {
+      grad = at::mul(gd, static_cast<double>(f));
+      return;
+    }
+    grad = at::empty_like(gd);
     const scalar_t* in = gd.const_data_ptr<scalar_t>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, gd.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
