@@ -29,6 +29,21 @@ def _losses(name, x, y, reduction="mean"):
     return ksl_ops.branch_triplet(x, y, reduction=reduction)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int32, torch.complex64])
+@pytest.mark.parametrize("name", FORWARD_OPS)
+def test_ops_refuse_dtypes_without_a_kernel(name, dtype):
+    # Reached through torch.ops (no Python wrapper), every op refuses what its kernels are not built
+    # for with the same message; ATen's isFloatingType admits float8, which once went through
+    # embedding_consensus's CPU kernel in float32 and came back as float8.
+    x = torch.randn(3, 6, 5).to(dtype)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    call = {"prob_consensus": lambda: OPS.prob_consensus(x, 1.0, True, 1, False),
+            "embedding_consensus": lambda: OPS.embedding_consensus(x, 1),
+            "branch_triplet": lambda: OPS.branch_triplet(x, y, 0.3, False, 1)}[name]
+    with pytest.raises(RuntimeError, match=r"must be float16, bfloat16, float32 or float64, got "):
+        call()
+
+
 @pytest.mark.parametrize("name", FORWARD_OPS)
 def test_grad_fn_is_the_cpp_function(name):
     x = torch.randn(3, 6, 5, requires_grad=True)
@@ -255,3 +270,40 @@ def test_cuda_valid_call_passes_device_checks():
     (s + c).backward()
     torch.cuda.synchronize()
     assert torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.cuda
+def test_cuda_ticket_counter_shared_by_the_ops(capture_cuda_graph):
+    # The mean/sum forwards of the three ops end in a last-block reduction that draws tickets from one
+    # counter per stream (csrc/cuda/ticket.h), which every kernel leaves at 0 for the next. Calls of
+    # all three interleaved on one stream, split over two streams at once, and replayed from a captured
+    # graph while eager calls run must each give their single-call result bit for bit.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 257, 751, generator=g).cuda()
+    e = torch.randn(3, 257, 129, generator=g).cuda()
+    y = torch.randint(0, 40, (257,), generator=g).cuda()
+    calls = [lambda: ksl_ops.prob_consensus(z), lambda: ksl_ops.embedding_consensus(e),
+             lambda: ksl_ops.branch_triplet(e, y), lambda: ksl_ops.embedding_consensus(e[:2], reduction="sum"),
+             lambda: ksl_ops.branch_triplet(e[:, :70], y[:70], reduction="sum")]
+    want = [torch.stack(c()) for c in calls]
+
+    def same(outs):
+        return all(torch.equal(torch.stack(o), w) for o, w in zip(outs, want))
+
+    for _ in range(3):
+        assert same([c() for c in calls])
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    for _ in range(5):
+        outs = []
+        for i, c in enumerate(calls):
+            with torch.cuda.stream(streams[i % 2]):
+                outs.append(c())
+        torch.cuda.synchronize()
+        assert same(outs)
+    graph, captured = capture_cuda_graph(lambda: [c() for c in calls])
+    with torch.cuda.stream(streams[0]):
+        graph.replay()
+    eager = [c() for c in calls]
+    torch.cuda.synchronize()
+    assert same(captured) and same(eager)

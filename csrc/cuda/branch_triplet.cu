@@ -9,7 +9,8 @@
 // sharing anchors combine their winners with warp shuffles under the same total order as the CPU
 // (common/branch_triplet.h: NaN first, then value, then lowest index), so the result does not depend on
 // which thread saw which candidate. Memory: O(B²·N) (int32 winners and
-// per-anchor terms); the only O(N·L) data is the input.
+// per-anchor terms); the only O(N·L) data is the input. For mean/sum the block that finishes last (by
+// an integer ticket, cuda/ticket.h) sums every anchor's terms in a fixed order: one launch in all.
 //
 // The forward also writes each winner's squared distance (hard_sq), so the backward needs no distance
 // again: one small kernel turns them into per (u, v, m) coefficients (elementwise, counting the valid
@@ -32,6 +33,7 @@
 
 #include "common/branch_triplet.h"
 #include "cuda/branch_triplet.cuh"
+#include "cuda/ticket.h"
 #include "host/branch_triplet.h"
 
 namespace {
@@ -91,6 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
     self_out = at::empty({}, emb.options());
     cross_out = at::empty({}, emb.options());
   }
+  const bool none = reduction == ksl::kNone;
+  at::Tensor ticket;
+  if (!none) ticket = ksl::cuda::ticket_counter(emb.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "branch_triplet_cuda", [&] {
@@ -104,18 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
     forward<<<grid, block, 0, stream>>>(
         emb.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), int(B), int(N), int(L),
         static_cast<acc_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(),
-        terms.data_ptr<acc_t>(), hard_sq.data_ptr<acc_t>());
+        terms.data_ptr<acc_t>(), hard_sq.data_ptr<acc_t>(), none ? nullptr : ksl::cuda::ticket_ptr(ticket),
+        reduction == ksl::kMean, none ? nullptr : self_out.data_ptr<scalar_t>(),
+        none ? nullptr : cross_out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (reduction == ksl::kNone) {
+    if (none) {
       triplet_split_kernel<scalar_t, acc_t><<<blocks_for(B * B * N, 256), 256, 0, stream>>>(
           terms.const_data_ptr<acc_t>(), int(B), int(N), self_out.data_ptr<scalar_t>(),
           cross_out.data_ptr<scalar_t>());
-    } else {
-      triplet_reduce_kernel<scalar_t, acc_t><<<1, kReduceThreads, 0, stream>>>(
-          terms.const_data_ptr<acc_t>(), pos_idx.const_data_ptr<int32_t>(), int(B), int(N),
-          reduction == ksl::kMean, self_out.data_ptr<scalar_t>(), cross_out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {self_out, cross_out, pos_idx, neg_idx, hard_sq};
 }

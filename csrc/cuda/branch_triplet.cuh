@@ -1,7 +1,7 @@
-// Device code of branch_triplet (eq. 2 and KSL-H, eq. 11): the forward, reduction and backward
-// kernels. The launch glue and the description of the work layout are in branch_triplet.cu; this
-// header includes only csrc/common and compat.cuh, so tests/cuda_emulation runs the same kernels on
-// a CPU.
+// Device code of branch_triplet (eq. 2 and KSL-H, eq. 11): the forward (with the mean/sum reduction
+// in its last block) and backward kernels. The launch glue and the description of the work layout
+// are in branch_triplet.cu; this header includes only csrc/common and compat.cuh, so
+// tests/cuda_emulation runs the same kernels on a CPU.
 #pragma once
 
 #include <cstdint>
@@ -31,12 +31,68 @@ inline int forward_anchor_micro(long long N) { return N <= kNarrowMaxN ? 1 : kMi
 
 constexpr int kRowThreads = 256;  // backward row kernels
 
+// Thread index within the block and thread count: the forward's blocks are 2-D, the others 1-D.
+__device__ __forceinline__ int block_thread() { return threadIdx.y * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y; }
+
+// Block-wide sum in a fixed tree (deterministic). The block's thread count must be a power of two
+// <= 1024; scratch has one slot per thread.
+template <typename T>
+__device__ T block_sum(T value, T* scratch) {
+  const int tid = block_thread();
+  scratch[tid] = value;
+  __syncthreads();
+  for (int s = block_threads() / 2; s > 0; s /= 2) {
+    if (tid < s) scratch[tid] += scratch[tid + s];
+    __syncthreads();
+  }
+  const T total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+constexpr int kReduceThreads = 512;
+
+// Number of valid anchors (validity depends on labels only, so row (0, 0) of pos_idx says it). The
+// entries may come from other blocks of the same launch: read through L2.
+__device__ int64_t count_valid_block(const int32_t* __restrict__ pos_idx, int N, int64_t* scratch) {
+  int64_t c = 0;
+  for (int m = block_thread(); m < N; m += block_threads()) c += __ldcg(pos_idx + m) >= 0;
+  return block_sum(c, scratch);
+}
+
+// reduction mean / sum: the per-anchor terms summed within branches (u == v) and across, in a fixed
+// order, by the forward's last block (by ticket). terms and pos_idx come from every block: read
+// through L2.
+template <typename scalar_t, typename acc_t>
+__device__ void reduce_terms(const acc_t* __restrict__ terms, const int32_t* __restrict__ pos_idx, int B, int N,
+                             bool mean, scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out,
+                             acc_t* scratch, int64_t* count_scratch) {
+  const int64_t E = static_cast<int64_t>(B) * B * N;
+  acc_t s = 0, c = 0;
+  for (int64_t i = block_thread(); i < E; i += block_threads()) {
+    const int64_t uv = i / N;
+    const acc_t t = __ldcg(terms + i);
+    if (uv / B == uv % B) s += t; else c += t;
+  }
+  const acc_t self_sum = block_sum(s, scratch);
+  const acc_t cross_sum = block_sum(c, scratch);
+  const int64_t n_valid = count_valid_block(pos_idx, N, count_scratch);
+  if (block_thread() == 0) {
+    const acc_t count = mean ? mean_count<acc_t>(n_valid) : acc_t(1);
+    *self_out = static_cast<scalar_t>(self_sum / count);
+    *cross_out = static_cast<scalar_t>(cross_sum / count);
+  }
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t, int kAnchorMicro>
 __global__ void __launch_bounds__(kThreads * kThreads)
 triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B,
                        int N, int L, acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx,
-                       int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq) {
+                       int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq,
+                       unsigned int* __restrict__ ticket, bool mean, scalar_t* __restrict__ self_out,
+                       scalar_t* __restrict__ cross_out) {
   // +1 column: the transposed stores (row-major global → [k][row]) do not hit one bank.
   constexpr int kAnchorTile = kThreads * kAnchorMicro;
   KSL_SHARED(acc_t, anchors_s, [kDepth][kAnchorTile + 1]);
@@ -157,6 +213,14 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
                    best_neg[i], pos_sq[i], neg_sq[i], margin, soft_margin, pos_idx, neg_idx, terms, hard_sq);
     }
   }
+  if (ticket != nullptr) {  // mean / sum: the block that finishes last reduces every block's terms
+    KSL_SHARED(acc_t, scratch, [kThreads * kThreads]);
+    KSL_SHARED(int64_t, count_scratch, [kThreads * kThreads]);
+    KSL_SHARED(bool, last_block, );
+    if (cuda::last_block_arrived(ticket, gridDim.x * gridDim.y, last_block)) {
+      reduce_terms(terms, pos_idx, B, N, mean, self_out, cross_out, scratch, count_scratch);
+    }
+  }
 }
 
 // reduction none: self[b, m] = terms[b, b, m]; cross = terms with a zero diagonal.
@@ -170,52 +234,6 @@ __global__ void triplet_split_kernel(const acc_t* __restrict__ terms, int B, int
     const int64_t u = uv / B, v = uv % B;
     cross_out[i] = static_cast<scalar_t>(u == v ? acc_t(0) : terms[i]);
     if (u == v) self_out[u * N + m] = static_cast<scalar_t>(terms[i]);
-  }
-}
-
-// Block-wide sum in a fixed tree (deterministic). blockDim.x must be a power of two ≤ 1024.
-template <typename T>
-__device__ T block_sum(T value, T* scratch) {
-  scratch[threadIdx.x] = value;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
-    __syncthreads();
-  }
-  const T total = scratch[0];
-  __syncthreads();
-  return total;
-}
-
-constexpr int kReduceThreads = 512;
-
-// Number of valid anchors (validity depends on labels only, so row (0, 0) of pos_idx says it).
-__device__ int64_t count_valid_block(const int32_t* __restrict__ pos_idx, int N, int64_t* scratch) {
-  int64_t c = 0;
-  for (int m = threadIdx.x; m < N; m += blockDim.x) c += pos_idx[m] >= 0;
-  return block_sum(c, scratch);
-}
-
-// reduction mean / sum: one block, fixed summation order.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kReduceThreads)
-triplet_reduce_kernel(const acc_t* __restrict__ terms, const int32_t* __restrict__ pos_idx, int B,
-                      int N, bool mean, scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out) {
-  KSL_SHARED(acc_t, scratch, [kReduceThreads]);
-  KSL_SHARED(int64_t, count_scratch, [kReduceThreads]);
-  const int64_t E = static_cast<int64_t>(B) * B * N;
-  acc_t s = 0, c = 0;
-  for (int64_t i = threadIdx.x; i < E; i += blockDim.x) {
-    const int64_t uv = i / N;
-    if (uv / B == uv % B) s += terms[i]; else c += terms[i];
-  }
-  const acc_t self_sum = block_sum(s, scratch);
-  const acc_t cross_sum = block_sum(c, scratch);
-  const int64_t n_valid = count_valid_block(pos_idx, N, count_scratch);
-  if (threadIdx.x == 0) {
-    const acc_t count = mean ? mean_count<acc_t>(n_valid) : acc_t(1);
-    *self_out = static_cast<scalar_t>(self_sum / count);
-    *cross_out = static_cast<scalar_t>(cross_sum / count);
   }
 }
 

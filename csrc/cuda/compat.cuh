@@ -63,5 +63,25 @@ __device__ __forceinline__ void store16(Pack* p, const Pack& v) {
   *p = v;
 }
 
+// The last-block reduction of a kernel whose blocks each write partial results and whose scalar
+// outputs need all of them (CUDA's threadFenceReduction pattern), in one launch instead of a second,
+// single-block kernel. Every thread of every block calls it after its block's writes: the fence makes
+// them visible device-wide before the block draws a ticket, and the block that draws the last one
+// (blocks − 1) gets true in all its threads and may then read every block's results (through L2:
+// __ldcg, never a stale L1 line). It puts the counter back to 0 for the next launch on the stream
+// (the host keeps one zeroed counter per stream: ticket.h). `flag` is a __shared__ bool of the caller.
+// A uniform branch: every thread of a block returns the same value.
+__device__ __forceinline__ bool last_block_arrived(unsigned int* ticket, unsigned int blocks, bool& flag) {
+  const bool first_thread = threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0;
+  __threadfence();
+  __syncthreads();
+  if (first_thread) flag = atomicAdd(ticket, 1u) == blocks - 1;
+  __syncthreads();
+  if (!flag) return false;
+  if (first_thread) *ticket = 0u;  // every other block has drawn its ticket
+  __threadfence();
+  return true;
+}
+
 }  // namespace cuda
 }  // namespace ksl

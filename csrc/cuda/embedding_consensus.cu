@@ -3,9 +3,10 @@
 // Forward: one block per sample n reads the B rows e^b_n once (16-byte loads where aligned), each
 // thread accumulates all P + B sums of squares for its coordinates (csrc/common/
 // embedding_consensus.h), a warp-shuffle + shared-memory reduction in a fixed order gives the
-// sample's norms. mean/sum then run one small single-block kernel over the saved norms [N, P + B]:
-// no atomics anywhere, so results are bitwise reproducible and the op is CUDA-graph capturable
-// (no host synchronisation, no data-dependent shapes).
+// sample's norms. For mean/sum the block that finishes last (by an integer ticket, cuda/ticket.h)
+// sums the saved norms [N, P + B] of every sample in a fixed order: one launch, no float atomics, so
+// results are bitwise reproducible, and the op is CUDA-graph capturable (no host synchronisation, no
+// data-dependent shapes).
 // Backward: one block per sample computes the P + B upstream coefficients once, then every thread
 // reads the B rows for its coordinates and writes all B gradient rows: one pass.
 // B > 8 (no compile-time specialisation) takes a generic path: one block per (sample, term) in the
@@ -23,6 +24,7 @@
 
 #include "common/embedding_consensus.h"
 #include "cuda/embedding_consensus.cuh"
+#include "cuda/ticket.h"
 #include "host/embedding_consensus.h"
 
 namespace ksl {
@@ -46,10 +48,23 @@ void check_inputs(const at::Tensor& emb, int64_t reduction) {
               "embedding_consensus: at most 361 branches are supported on CUDA, got B=", emb.size(0));
 }
 
+// What the forward kernels write besides the norms: the per-sample terms (reduction none) or, with a
+// ticket, the two scalars (mean/sum).
+template <typename scalar_t>
+struct ForwardTargets {
+  scalar_t* ep_terms;
+  scalar_t* ea_terms;
+  unsigned int* ticket;
+  bool mean;
+  scalar_t* ep_out;
+  scalar_t* ea_out;
+};
+
 template <typename scalar_t, int kB>
 void launch_forward_static(const scalar_t* e, int64_t N, int64_t L, bool vec, at::opmath_type<scalar_t>* nrm,
-                           scalar_t* ep_terms, scalar_t* ea_terms, cudaStream_t stream) {
-  forward_kernel<scalar_t, kB><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(e, N, L, vec, nrm, ep_terms, ea_terms);
+                           const ForwardTargets<scalar_t>& t, cudaStream_t stream) {
+  forward_kernel<scalar_t, kB><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      e, N, L, vec, nrm, t.ep_terms, t.ea_terms, t.ticket, t.mean, t.ep_out, t.ea_out);
 }
 
 template <typename scalar_t, int kB>
@@ -85,25 +100,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at
   emb::ForwardOutputs out = emb::allocate_forward(emb, reduction);
   // The generic path (B > 8) writes only the u < v entries of ep; the kernels for B <= 8 write all.
   if (none && B > emb::kMaxStaticBranches) out.ep.zero_();
+  at::Tensor ticket;
+  if (!none) ticket = cuda::ticket_counter(emb.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* e = emb.const_data_ptr<scalar_t>();
     acc_t* nrm = out.norms.mutable_data_ptr<acc_t>();
-    scalar_t* ep_terms = none ? out.ep.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ea_terms = none ? out.ea.mutable_data_ptr<scalar_t>() : nullptr;
+    const ForwardTargets<scalar_t> t =
+        none ? ForwardTargets<scalar_t>{out.ep.mutable_data_ptr<scalar_t>(), out.ea.mutable_data_ptr<scalar_t>(),
+                                        nullptr, false, nullptr, nullptr}
+             : ForwardTargets<scalar_t>{nullptr, nullptr, cuda::ticket_ptr(ticket), reduction == kMean,
+                                        out.ep.mutable_data_ptr<scalar_t>(), out.ea.mutable_data_ptr<scalar_t>()};
     const bool vec = can_vectorise(e, L, sizeof(scalar_t));
-    if (!KSL_EMB_CUDA_STATIC_B(B, launch_forward_static, e, N, L, vec, nrm, ep_terms, ea_terms, stream)) {
+    if (!KSL_EMB_CUDA_STATIC_B(B, launch_forward_static, e, N, L, vec, nrm, t, stream)) {
       const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(emb::term_count(B)));
-      forward_term_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, B, N, L, nrm, ep_terms, ea_terms);
+      forward_term_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, B, N, L, nrm, t.ep_terms, t.ea_terms, t.ticket,
+                                                                   t.mean, t.ep_out, t.ea_out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!none) {
-      reduce_kernel<scalar_t><<<1, kFinalThreads, 0, stream>>>(nrm, B, N, reduction == kMean,
-                                                               out.ep.mutable_data_ptr<scalar_t>(),
-                                                               out.ea.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   });
   return {out.ep, out.ea, out.norms};
 }

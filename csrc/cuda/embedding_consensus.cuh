@@ -1,6 +1,7 @@
-// Device code of embedding_consensus (KSL-E): the forward, reduction and backward kernels. The
-// launch glue and the description of the work layout are in embedding_consensus.cu; this header
-// includes only csrc/common and compat.cuh, so tests/cuda_emulation runs the same kernels on a CPU.
+// Device code of embedding_consensus (KSL-E): the forward kernels (with the mean/sum reduction in
+// their last block) and the backward kernels. The launch glue and the description of the work layout
+// are in embedding_consensus.cu; this header includes only csrc/common and compat.cuh, so
+// tests/cuda_emulation runs the same kernels on a CPU.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +15,6 @@ namespace emb_cuda {
 
 constexpr int kThreads = 128;  // one block per sample: 128 threads × 16 B covers L = 512 float32 in one step
 constexpr int kWarps = kThreads / 32;
-constexpr int kFinalThreads = 256;
 
 // The vectorised paths need every row start 16-byte aligned: the base pointer, and L elements a
 // multiple of 16 bytes. (Host code; the launch glue decides with it.)
@@ -62,6 +62,29 @@ __device__ __forceinline__ void write_terms(const acc_t* nrm, int B, int64_t N, 
   for (int b = threadIdx.x; b < B; b += blockDim.x) ea_terms[static_cast<int64_t>(b) * N + n] = static_cast<scalar_t>(nrm[P + b]);
 }
 
+// mean / sum over the saved norms [N, T] of every sample, in the forward's last block (by ticket):
+// each thread a fixed set of samples, then a fixed-order block sum, so the scalars are deterministic.
+// The norms come from other blocks: read through L2 (__ldcg).
+template <typename scalar_t>
+__device__ void reduce_norms(const opmath_t<scalar_t>* norms, int B, int64_t N, bool mean, scalar_t* ep,
+                             scalar_t* ea, opmath_t<scalar_t>* shared /* [kWarps] */) {
+  using acc_t = opmath_t<scalar_t>;
+  const int P = emb::pair_count(B), T = emb::term_count(B);
+  acc_t sp = acc_t(0), sa = acc_t(0);
+  for (int64_t n = threadIdx.x; n < N; n += kThreads) {
+    const acc_t* row = norms + n * T;
+    for (int q = 0; q < P; ++q) sp += __ldcg(row + q);
+    for (int q = P; q < T; ++q) sa += __ldcg(row + q);
+  }
+  sp = block_sum<acc_t, kThreads>(sp, shared);
+  sa = block_sum<acc_t, kThreads>(sa, shared);
+  if (threadIdx.x == 0) {
+    const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(N) : acc_t(1);
+    *ep = static_cast<scalar_t>(sp * scale);
+    *ea = static_cast<scalar_t>(sa * scale);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward, B known at compile time
 // ---------------------------------------------------------------------------------------------
@@ -70,7 +93,8 @@ template <typename scalar_t, int kB>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vectorised,
                opmath_t<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
-               scalar_t* __restrict__ ea_terms) {
+               scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
+               scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int T = emb::term_count(kB);
   const int64_t n = blockIdx.x;
@@ -129,6 +153,11 @@ forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vect
     __syncthreads();
     write_terms(nrm, kB, N, n, ep_terms, ea_terms);
   }
+  if (ticket != nullptr) {
+    KSL_SHARED(acc_t, shared, [kWarps]);
+    KSL_SHARED(bool, last_block, );
+    if (cuda::last_block_arrived(ticket, gridDim.x, last_block)) reduce_norms(norms, kB, N, mean, ep_out, ea_out, shared);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,7 +168,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 forward_term_kernel(const scalar_t* __restrict__ emb, int B, int64_t N, int64_t L,
                     opmath_t<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
-                    scalar_t* __restrict__ ea_terms) {
+                    scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
+                    scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = blockIdx.x;
   const int q = blockIdx.y, P = emb::pair_count(B), T = emb::term_count(B);
@@ -174,28 +204,11 @@ forward_term_kernel(const scalar_t* __restrict__ emb, int B, int64_t N, int64_t 
       }
     }
   }
-}
-
-// mean / sum over the saved norms [N, T]: one block, fixed order.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kFinalThreads)
-reduce_kernel(const opmath_t<scalar_t>* __restrict__ norms, int B, int64_t N, bool mean,
-              scalar_t* __restrict__ ep, scalar_t* __restrict__ ea) {
-  using acc_t = opmath_t<scalar_t>;
-  const int P = emb::pair_count(B), T = emb::term_count(B);
-  acc_t sp = acc_t(0), sa = acc_t(0);
-  for (int64_t n = threadIdx.x; n < N; n += kFinalThreads) {
-    const acc_t* row = norms + n * T;
-    for (int q = 0; q < P; ++q) sp += row[q];
-    for (int q = P; q < T; ++q) sa += row[q];
-  }
-  KSL_SHARED(acc_t, shared, [kFinalThreads / 32]);
-  sp = block_sum<acc_t, kFinalThreads>(sp, shared);
-  sa = block_sum<acc_t, kFinalThreads>(sa, shared);
-  if (threadIdx.x == 0) {
-    const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(N) : acc_t(1);
-    *ep = static_cast<scalar_t>(sp * scale);
-    *ea = static_cast<scalar_t>(sa * scale);
+  if (ticket != nullptr) {
+    KSL_SHARED(bool, last_block, );
+    if (cuda::last_block_arrived(ticket, gridDim.x * gridDim.y, last_block)) {
+      reduce_norms(norms, B, N, mean, ep_out, ea_out, shared);
+    }
   }
 }
 

@@ -11,7 +11,7 @@
 // The final sum over samples (reduction mean/sum) is done without float atomics: every block writes
 // its per-sample terms to a buffer, takes a ticket from an integer counter, and the block that
 // finishes last sums all samples in a fixed order and resets the counter (deterministic, one kernel
-// for the forward, and no fill of the counter per call: see ticket_counter).
+// for the forward, and no fill of the counter per call: see cuda/ticket.h).
 //
 // Loss and gradient together. With detach_target and reduction mean/sum (the training default) the
 // gradients of both scalar losses are multiples of one tensor:
@@ -33,7 +33,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -42,14 +41,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <utility>
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
 #include "cuda/prob_consensus.cuh"
+#include "cuda/ticket.h"
 #include "host/prob_consensus.h"
 
 namespace {
@@ -69,26 +67,6 @@ void check_inputs(const at::Tensor& logits, double temperature, int64_t reductio
   TORCH_CHECK(logits.size(2) >= 1, "prob_consensus: logits must have at least one class (K), got ", logits.size(2));
 }
 
-// The last-block ticket of the scalar reductions. The kernel's last block sets the counter back to 0,
-// and launches on one stream run one after another, so one counter per stream, zeroed once when it is
-// first needed, serves every later call without a fill launch; concurrent streams each get their own.
-// While the stream is being captured into a CUDA graph the counter is a fresh zeroed tensor instead
-// (a memset node of the graph), so a graph replayed on any stream never shares a counter with eager
-// calls. The map is never destroyed: its tensors must not be freed after the CUDA context at exit.
-at::Tensor ticket_counter(const c10::Device& device) {
-  const auto options = at::TensorOptions().device(device).dtype(at::kInt);
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    return at::zeros({1}, options);
-  }
-  static std::mutex mutex;
-  static auto* counters = new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& counter = (*counters)[{stream.device_index(), stream.id()}];
-  if (!counter.defined()) counter = at::zeros({1}, options);  // on this stream: ordered before the kernel
-  return counter;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(const at::Tensor& logits,
                                                                                double temperature,
                                                                                bool detach_target,
@@ -106,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(c
     pp = at::empty({}, z.options());
     pa = at::empty({}, z.options());
     row_terms = at::empty({N, B * B + B}, z.options().dtype(saved.row_lse.scalar_type()));
-    ticket = ticket_counter(z.device());
+    ticket = ksl::cuda::ticket_counter(z.device());
   }
   const double t2 = temperature * temperature;
   const double out_scale = t2 * ksl::prob::reduction_scale(reduction, N);
@@ -121,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(c
           static_cast<acc_t>(out_scale), static_cast<acc_t>(saved.grad_scale), saved.row_lse.mutable_data_ptr<acc_t>(),
           none ? pp.mutable_data_ptr<scalar_t>() : nullptr, none ? pa.mutable_data_ptr<scalar_t>() : nullptr,
           none ? nullptr : row_terms.mutable_data_ptr<acc_t>(),
-          none ? nullptr : reinterpret_cast<unsigned int*>(ticket.mutable_data_ptr<int>()),
+          none ? nullptr : ksl::cuda::ticket_ptr(ticket),
           none ? nullptr : pp.mutable_data_ptr<scalar_t>(), none ? nullptr : pa.mutable_data_ptr<scalar_t>(),
           saved.write_grad ? saved.grad_dir.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

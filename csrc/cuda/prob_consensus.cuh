@@ -179,18 +179,8 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_forward_kernel(
     return;
   }
   for (int i = threadIdx.x; i < kTerms; i += blockDim.x) row_terms[n * kTerms + i] = totals[i];
-  // Last-block reduction (CUDA's threadFenceReduction pattern): the fence makes this block's
-  // row_terms visible device-wide before its ticket is taken; the block that draws the last ticket
-  // then reads every sample's terms (through L2: __ldcg) and sums them in sample order.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last_block) return;
-  // Every other block has drawn its ticket: put the counter back to 0 for the next launch on this
-  // stream (the host keeps one zeroed counter per stream instead of a fill per call).
-  if (threadIdx.x == 0) *ticket = 0u;
-  __threadfence();
+  // The block that finishes last sums every sample's terms, in sample order.
+  if (!cuda::last_block_arrived(ticket, gridDim.x, last_block)) return;
   acc_t sums[2] = {0, 0};  // pp, pa
   for (int64_t m = threadIdx.x; m < N; m += blockDim.x) {
     const acc_t* r = row_terms + m * kTerms;

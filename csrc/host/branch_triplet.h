@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "host/dtypes.h"
 
 namespace ksl {
 namespace triplet {
@@ -24,8 +25,7 @@ namespace triplet {
 inline void check_args(const at::Tensor& emb, double margin, bool soft_margin, int64_t reduction, const char* op) {
   TORCH_CHECK(emb.dim() == 3, op, ": emb must be a [B, N, L] tensor, got shape ", emb.sizes());
   const auto st = emb.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": emb must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(is_kernel_dtype(st), op, ": emb must be ", kKernelDtypes, ", got ", st);
   TORCH_CHECK(emb.size(0) >= 2, op, ": emb needs at least 2 branches (B >= 2), got shape ", emb.sizes());
   TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
   TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());

@@ -12,6 +12,7 @@
 
 #include "common/embedding_consensus.h"
 #include "common/macros.h"
+#include "host/dtypes.h"
 
 namespace ksl {
 namespace emb {
@@ -20,8 +21,8 @@ namespace emb {
 // wrapper's validation). Each device adds its own limits after these.
 inline void check_inputs(const at::Tensor& emb, int64_t reduction) {
   TORCH_CHECK(emb.dim() == 3, "embedding_consensus: emb must be [B, N, L], got shape ", emb.sizes());
-  TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
-              "embedding_consensus: emb must be float16, bfloat16, float32 or float64, got ", emb.scalar_type());
+  TORCH_CHECK(is_kernel_dtype(emb.scalar_type()), "embedding_consensus: emb must be ", kKernelDtypes, ", got ",
+              emb.scalar_type());
   TORCH_CHECK(emb.size(0) >= 2, "embedding_consensus: emb needs at least 2 branches (B >= 2), got B=", emb.size(0));
   TORCH_CHECK(emb.size(1) >= 1, "embedding_consensus: emb has no samples (N = 0)");
   TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");

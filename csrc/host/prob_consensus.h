@@ -16,6 +16,7 @@
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
+#include "host/dtypes.h"
 
 namespace ksl {
 namespace prob {
@@ -25,8 +26,7 @@ namespace prob {
 inline void check_inputs(const at::Tensor& logits, double temperature, int64_t reduction) {
   TORCH_CHECK(logits.dim() == 3, "prob_consensus: logits must be [B, N, K], got shape ", logits.sizes());
   const auto st = logits.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "prob_consensus: logits must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(is_kernel_dtype(st), "prob_consensus: logits must be ", kKernelDtypes, ", got ", st);
   TORCH_CHECK(logits.size(0) >= 2 && logits.size(0) <= kMaxBranches, "prob_consensus: logits must have 2 to ",
               kMaxBranches, " branches, got B = ", logits.size(0));
   // N = 0 would make `mean` divide by zero (a NaN loss); every device refuses it alike.
@@ -138,8 +138,7 @@ inline void check_saved_backward(const std::optional<at::Tensor>& grad_pp, const
               "prob_consensus_backward_saved: grad_dir must be [B, N, K] with 2 to ", kMaxBranches,
               " branches, got shape ", grad_dir.sizes());
   const auto st = grad_dir.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "prob_consensus_backward_saved: grad_dir must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(is_kernel_dtype(st), "prob_consensus_backward_saved: grad_dir must be ", kKernelDtypes, ", got ", st);
   const std::pair<const char*, const at::Tensor*> upstream[] = {{"grad_pp", given(grad_pp)}, {"grad_pa", given(grad_pa)}};
   for (const auto& [name, g] : upstream) {
     if (g == nullptr) continue;

@@ -9,7 +9,7 @@ script fail, so the list follows the kernels.
 
 Run by ctest as emulated_mutations; by hand:
     python tests/cuda_emulation/mutations.py --torch-include "$(python -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')"
-    python tests/cuda_emulation/mutations.py ... --only prob_    # a subset, by name prefix
+    python tests/cuda_emulation/mutations.py ... --only prob_ emb_    # a subset, by name prefixes
 """
 import argparse
 import concurrent.futures
@@ -26,6 +26,12 @@ ROOT = HERE.parent.parent
 
 # (name, file under csrc/, old text, new text, occurrence of old (0-based), test)
 MUTATIONS = [
+    # the last-block ticket (cuda/compat.cuh), shared by the three forwards' mean/sum: each test must
+    # catch it
+    *[(f"{op}_ticket_off_by_one", "cuda/compat.cuh", "== blocks - 1;", "== blocks - 2;", 0, test)
+      for op, test in (("prob", "prob_consensus"), ("emb", "embedding_consensus"), ("triplet", "branch_triplet"))],
+    *[(f"{op}_ticket_not_reset", "cuda/compat.cuh", "  if (first_thread) *ticket = 0u;", "", 0, test)
+      for op, test in (("prob", "prob_consensus"), ("emb", "embedding_consensus"), ("triplet", "branch_triplet"))],
     # prob_consensus
     ("prob_block_sum_no_barrier", "cuda/prob_consensus.cuh",
      "    for (int i = 0; i < kCount; ++i) scratch[warp * kCount + i] = v[i];\n  }\n  __syncthreads();",
@@ -36,10 +42,6 @@ MUTATIONS = [
     ("prob_forward_tail_off_by_one", "cuda/prob_consensus.cuh",
      "for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {\n    class_values",
      "for (int64_t k = threadIdx.x; k < K - 1; k += blockDim.x) {\n    class_values", 0, "prob_consensus"),
-    ("prob_ticket_off_by_one", "cuda/prob_consensus.cuh",
-     "== gridDim.x - 1;", "== gridDim.x - 2;", 0, "prob_consensus"),
-    ("prob_ticket_not_reset", "cuda/prob_consensus.cuh",
-     "  if (threadIdx.x == 0) *ticket = 0u;\n", "", 0, "prob_consensus"),
     ("prob_saved_backward_tail_off_by_one", "cuda/prob_consensus.cuh",
      "i < numel; i += stride)", "i < numel - 1; i += stride)", 0, "prob_consensus"),
     ("prob_saved_backward_stride_skips_a_grid", "cuda/prob_consensus.cuh",
@@ -62,6 +64,10 @@ MUTATIONS = [
     ("emb_vector_loads_on_misaligned_rows", "cuda/embedding_consensus.cuh",
      "return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (L * elem_size) % 16 == 0;",
      "return (L * elem_size) % 16 == 0;", 0, "embedding_consensus"),
+    ("emb_reduce_tail_off_by_one", "cuda/embedding_consensus.cuh",
+     "for (int64_t n = threadIdx.x; n < N; n += kThreads) {\n    const acc_t* row = norms + n * T;",
+     "for (int64_t n = threadIdx.x; n < N - 1; n += kThreads) {\n    const acc_t* row = norms + n * T;", 0,
+     "embedding_consensus"),
     ("emb_backward_coefficients_no_barrier", "cuda/embedding_consensus.cuh",
      "mix_s, self_s);\n  __syncthreads();", "mix_s, self_s);", 0, "embedding_consensus"),
     # branch_triplet
@@ -81,8 +87,10 @@ MUTATIONS = [
      "if (is_neg) list_entry[at + int(is_pos)] = k * 2 + 1;\n    __syncthreads();",
      "if (is_neg) list_entry[at + int(is_pos)] = k * 2 + 1;", 0, "branch_triplet"),
     ("triplet_block_sum_tree_no_barrier", "cuda/branch_triplet.cuh",
-     "scratch[threadIdx.x] += scratch[threadIdx.x + s];\n    __syncthreads();",
-     "scratch[threadIdx.x] += scratch[threadIdx.x + s];", 0, "branch_triplet"),
+     "if (tid < s) scratch[tid] += scratch[tid + s];\n    __syncthreads();",
+     "if (tid < s) scratch[tid] += scratch[tid + s];", 0, "branch_triplet"),
+    ("triplet_reduce_ignores_thread_y", "cuda/branch_triplet.cuh",
+     "return threadIdx.y * blockDim.x + threadIdx.x;", "return threadIdx.x;", 0, "branch_triplet"),
     ("triplet_coef_tail_off_by_one", "cuda/branch_triplet.cuh",
      "i = threadIdx.x; i < E; i += blockDim.x) {\n    if (pos_idx[i] < 0)",
      "i = threadIdx.x; i < E - 1; i += blockDim.x) {\n    if (pos_idx[i] < 0)", 0, "branch_triplet"),
@@ -138,7 +146,7 @@ def main():
     p.add_argument("--work-dir", default=None)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=int, default=300)
-    p.add_argument("--only", default="", help="run the mutations whose name starts with this")
+    p.add_argument("--only", nargs="*", default=[""], help="run the mutations whose name starts with one of these")
     args = p.parse_args()
     tmp = None
     if args.work_dir is None:
@@ -149,7 +157,10 @@ def main():
     emu_object = Path(args.work_dir) / "cuda_emulation.o"
     subprocess.run([args.cxx, "-std=c++20", "-O2", "-c", f"-I{HERE}", str(HERE / "cuda_emulation.cpp"), "-o",
                     str(emu_object)], check=True)
-    selected = [m for m in MUTATIONS if m[0].startswith(args.only)]
+    selected = [m for m in MUTATIONS if m[0].startswith(tuple(args.only) or ("",))]
+    if not selected:
+        print(f"no mutation's name starts with {args.only}")
+        return 2
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda m: run_one(m, args, emu_object), selected))
     bad = 0

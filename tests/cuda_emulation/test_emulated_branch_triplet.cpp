@@ -1,6 +1,7 @@
 // The CUDA kernels of branch_triplet (csrc/cuda/branch_triplet.cuh) executed by the emulation: the
 // tiled forward (hardest positive / negative per anchor and branch pair), the none split and the
-// mean/sum reduction, the winners' saved squared distances, and the backward (coefficients with the
+// mean/sum reduction in the forward's last block (ticket reset for the next launch), the winners'
+// saved squared distances, and the backward (coefficients with the
 // valid-anchor count, per-row kernel with the deterministic gather, atomic scatter);
 // float64/float32/float16/bfloat16; odd N and L.
 // Expected values: csrc/common/branch_triplet.h. The winners are picked from squared distances
@@ -97,7 +98,8 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
     const int tile = kThreads * kAM;
     if (!harness::launch(w, dim3((N + tile - 1) / tile, B * B), dim3(kThreads, kThreads), [&] {
           triplet_forward_kernel<scalar_t, acc_t, kAM>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin),
-                                                       soft_margin, pos.data(), neg.data(), terms.data(), hard_sq.data());
+                                                       soft_margin, pos.data(), neg.data(), terms.data(), hard_sq.data(),
+                                                       nullptr, false, nullptr, nullptr);
         }))
       return false;
     long long wrong_idx = 0, wrong_sq = 0;
@@ -131,12 +133,31 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
   }
   long long n_valid_want = 0;
   for (int m = 0; m < N; ++m) n_valid_want += rpos[m] >= 0;
+  // mean / sum: the forward's last block (by ticket) reduces, in both layouts (different block counts).
+  unsigned int ticket = 0;  // one counter for every launch, as the host keeps one per stream
+  auto reduced = [&](auto anchor_micro, bool mean, scalar_t* out) {
+    constexpr int kAM = decltype(anchor_micro)::value;
+    const int tile = kThreads * kAM;
+    std::vector<int32_t> p2(E, -7), n2(E, -7);
+    std::vector<acc_t> t2(E, acc_t(NAN)), h2(2 * E, acc_t(NAN));
+    const bool ok = harness::launch(
+        where + (mean ? " forward mean (" : " forward sum (") + std::to_string(tile) + " anchors per block)",
+        dim3((N + tile - 1) / tile, B * B), dim3(kThreads, kThreads), [&] {
+          triplet_forward_kernel<scalar_t, acc_t, kAM>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin),
+                                                       soft_margin, p2.data(), n2.data(), t2.data(), h2.data(), &ticket,
+                                                       mean, &out[0], &out[1]);
+        });
+    CHECK_EQ(ticket, 0u);  // the last block put the counter back for the next launch
+    return ok;
+  };
   for (int mean = 0; mean < 2; ++mean) {
     scalar_t out[2] = {harness::nan_value<scalar_t>(), harness::nan_value<scalar_t>()};
-    if (!harness::launch(where + " reduce", dim3(1), dim3(kReduceThreads), [&] {
-          triplet_reduce_kernel<scalar_t, acc_t>(terms.data(), pos.data(), B, N, mean != 0, &out[0], &out[1]);
-        }))
+    scalar_t narrow[2] = {harness::nan_value<scalar_t>(), harness::nan_value<scalar_t>()};
+    if (!reduced(std::integral_constant<int, 1>{}, mean != 0, narrow) ||
+        !reduced(std::integral_constant<int, kMicro>{}, mean != 0, out))
       return;
+    // Same terms, same fixed summation order in the last block: same bits in both layouts.
+    CHECK_MSG(std::memcmp(out, narrow, sizeof(out)) == 0, where, "mean/sum differ between the two layouts");
     double s = 0, c = 0, tol = 0;
     for (int u = 0; u < B; ++u)
       for (int v = 0; v < B; ++v)

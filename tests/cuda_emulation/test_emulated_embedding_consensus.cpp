@@ -1,6 +1,7 @@
 // The CUDA kernels of embedding_consensus (csrc/cuda/embedding_consensus.cuh) executed by the
 // emulation: the per-sample forward (16-byte vector loads where rows are aligned, scalar loads where
-// they are not), the generic B > 8 forward, the mean/sum reduction, the backward for B <= 8 (vector
+// they are not), the generic B > 8 forward, the mean/sum reduction in the forward's last block (the
+// ticket reset for the next launch), the backward for B <= 8 (vector
 // loads and stores) and the generic backward; float64/float32/float16/bfloat16; odd N and L;
 // misaligned rows. Expected values: double, csrc/common/embedding_consensus.h.
 #include <cmath>
@@ -31,17 +32,37 @@ struct Buffer {
   T* data() { return ptr; }
 };
 
+// ticket == nullptr: reduction none, the per-sample terms go to ep / ea. Else mean/sum: the scalars
+// go to ep[0] / ea[0].
 template <int kB>
 bool launch_forward_static(const std::string& w, int B, const auto* e, int64_t N, int64_t L, bool vec, auto* nrm,
-                           auto* ep, auto* ea) {
+                           auto* ep, auto* ea, unsigned int* ticket, bool mean) {
   if constexpr (kB > emb::kMaxStaticBranches) {
     return false;
   } else {
-    if (B != kB) return launch_forward_static<kB + 1>(w, B, e, N, L, vec, nrm, ep, ea);
+    if (B != kB) return launch_forward_static<kB + 1>(w, B, e, N, L, vec, nrm, ep, ea, ticket, mean);
     using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(e)>>;
-    return harness::launch(w, dim3(N), dim3(kThreads),
-                           [&] { forward_kernel<scalar_t, kB>(e, N, L, vec, nrm, ep, ea); });
+    return harness::launch(w, dim3(N), dim3(kThreads), [&] {
+      if (ticket == nullptr) {
+        forward_kernel<scalar_t, kB>(e, N, L, vec, nrm, ep, ea, nullptr, false, nullptr, nullptr);
+      } else {
+        forward_kernel<scalar_t, kB>(e, N, L, vec, nrm, nullptr, nullptr, ticket, mean, ep, ea);
+      }
+    });
   }
+}
+
+template <typename scalar_t>
+bool launch_forward(const std::string& w, int B, const scalar_t* e, int64_t N, int64_t L, bool vec,
+                    ksl::opmath_t<scalar_t>* nrm, scalar_t* ep, scalar_t* ea, unsigned int* ticket, bool mean) {
+  if (B <= emb::kMaxStaticBranches) return launch_forward_static<2>(w, B, e, N, L, vec, nrm, ep, ea, ticket, mean);
+  return harness::launch(w + " (generic B)", dim3(N, emb::term_count(B)), dim3(kThreads), [&] {
+    if (ticket == nullptr) {
+      forward_term_kernel<scalar_t>(e, B, N, L, nrm, ep, ea, nullptr, false, nullptr, nullptr);
+    } else {
+      forward_term_kernel<scalar_t>(e, B, N, L, nrm, nullptr, nullptr, ticket, mean, ep, ea);
+    }
+  });
 }
 
 template <int kB>
@@ -94,13 +115,8 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
   std::vector<scalar_t> ep(B * B * N, harness::nan_value<scalar_t>()), ea(B * N, harness::nan_value<scalar_t>());
   if (B > emb::kMaxStaticBranches) std::fill(ep.begin(), ep.end(), scalar_t(0));  // as the launch glue does
   const bool vec = can_vectorise(e.data(), L, sizeof(scalar_t));
-  bool ok = launch_forward_static<2>(where + " forward", B, e.data(), N, L, vec, norms.data(), ep.data(), ea.data());
-  if (B > emb::kMaxStaticBranches) {
-    ok = harness::launch(where + " forward (generic B)", dim3(N, T), dim3(kThreads), [&] {
-      forward_term_kernel<scalar_t>(e.data(), B, N, L, norms.data(), ep.data(), ea.data());
-    });
-  }
-  if (!ok) return;
+  if (!launch_forward(where + " forward", B, e.data(), N, L, vec, norms.data(), ep.data(), ea.data(), nullptr, false))
+    return;
   // (after the launch: vector loads on misaligned rows are the emulation's to catch)
   CHECK_EQ(vec, !misaligned && (L * sizeof(scalar_t)) % 16 == 0);
   Compare cn{where + " norms"}, cep{where + " ep (none)"}, cea{where + " ea (none)"};
@@ -118,11 +134,17 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
       cea(b * N + n, harness::to_double(ea[b * N + n]), w, (norm_tol + eps_out) * w);
     }
 
+  // mean / sum: the forward's last block (by ticket) sums every sample's norms.
+  unsigned int ticket = 0;  // one counter for every launch, as the host keeps one per stream
   for (int mean = 0; mean < 2; ++mean) {
     scalar_t out[2] = {harness::nan_value<scalar_t>(), harness::nan_value<scalar_t>()};
-    if (!harness::launch(where + " reduce", dim3(1), dim3(kFinalThreads),
-                         [&] { reduce_kernel<scalar_t>(norms.data(), B, N, mean != 0, &out[0], &out[1]); }))
+    std::vector<acc_t> norms2(N * T, acc_t(NAN));
+    if (!launch_forward(where + (mean ? " forward mean" : " forward sum"), B, e.data(), N, L, vec, norms2.data(),
+                        &out[0], &out[1], &ticket, mean != 0))
       return;
+    CHECK_EQ(ticket, 0u);  // the last block put the counter back for the next launch
+    CHECK_MSG(std::memcmp(norms.data(), norms2.data(), norms.size() * sizeof(acc_t)) == 0, where,
+              "the norms saved with mean/sum differ from those of reduction none");
     double sp = 0, sa = 0;
     for (int n = 0; n < N; ++n) {
       for (int q = 0; q < P; ++q) sp += norms[n * T + q];
