@@ -154,17 +154,18 @@ def _cmd_analyze(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "train": "train a network with KSL and evaluate it (default: synthetic set, CMSNet, CPU schedule)",
+        "train": "train a network with KSL and evaluate it (default: synthetic set, ShuffleNetV2, CPU schedule)",
         "eval": "evaluate a training checkpoint",
         "synth": "render the synthetic Re-ID set and its preview",
         "analyze": "weight distributions (Fig. 5) or t-SNE under augmentation (Fig. 7) of checkpoints",
+        "env": "versions and build settings, for a bug report",
     }
     p = argparse.ArgumentParser(
         prog="ksl", description="Knowledge-Supervised Learning for person re-identification (ksl-ops).",
         epilog="commands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in commands.items())
                + "\n\n`ksl <command> --help` for the options of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=list(commands), metavar="command", help="train, eval, synth or analyze")
+    p.add_argument("command", choices=list(commands), metavar="command", help="train, eval, synth, analyze or env")
     p.add_argument("--version", action="version", version=_version())
     if not argv or argv[0] in ("-h", "--help", "--version"):
         p.parse_args(argv or ["--help"])
@@ -177,6 +178,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_eval(rest)
     if args.command == "analyze":
         return _cmd_analyze(rest)
+    if args.command == "env":
+        from .env import main as env_main
+
+        return env_main(rest)
     return _cmd_synth(rest)
 
 

@@ -32,6 +32,13 @@ NO_CUDA_REASON = "needs a GPU and the CUDA kernels"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CAN_RUN_CUDA, reason=NO_CUDA_REASON))]
 
 
+def pytest_configure(config):
+    # Registered here as well as in pyproject.toml, so the suite also runs from a copy of tests/
+    # against an installed wheel (CI does), where pyproject.toml is not read.
+    config.addinivalue_line("markers", "slow: long-running tests (still run in CI)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
 def pytest_collection_modifyitems(config, items):
     if CAN_RUN_CUDA:
         return

@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 import ksl_ops
-import reference as R
+from ksl_ops.functional import _reference
+
+R = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 
 BACKENDS = ["fused", "reference"]
 
