@@ -330,8 +330,8 @@ def test_on_cmsnet_the_paper_recipe_spikes_where_the_defaults_do_not(one_thread)
     # CMSNet (the paper's backbone; the tiny net above does not reproduce the paper recipe's failure
     # with the fc neck). One AUX phase, then the same network and optimizer state switched to
     # KSLLoss(K) and to KSLLoss(K, recipe="paper"): the defaults keep cross-entropy down, the literal
-    # reading sends it most of the way back to uniform within three steps.
-    K, H, W, steps_aux, steps_all = 16, 32, 16, 20, 3
+    # reading sends it a large part of the way back to uniform within four steps.
+    K, H, W, steps_aux, steps_all = 16, 32, 16, 24, 4
     g = torch.Generator().manual_seed(1234)
     protos = torch.randn(K, 3, H, W, generator=g)
     y = torch.arange(K).repeat_interleave(2)
