@@ -4,12 +4,17 @@
     pp, pa = ksl_ops.prob_consensus(logits)               # KSL-P, eq. 3-6
     ep, ea = ksl_ops.embedding_consensus(embeddings)      # KSL-E, eq. 7-10
     aux_t, ksl_h = ksl_ops.branch_triplet(embeddings, labels)  # eq. 2 triplets and KSL-H, eq. 11
-    crit = ksl_ops.KSLLoss(num_classes)                   # eq. 1
+    crit = ksl_ops.KSLLoss(num_classes)                   # eq. 1, recipe "ksl-ops" (the one `ksl train` uses)
+    crit = ksl_ops.KSLLoss(num_classes, recipe="paper")   # eq. 1 fed as the paper's text reads
+    tri = ksl_ops.BatchHardTripletLoss(margin=0.3)        # torchreid's TripletLoss call: tri(features, pids)
+    # module forms of the ops: ProbConsensusLoss, EmbeddingConsensusLoss, BranchTripletLoss
 """
 from . import _ext
 from ._version import __version__
 from .functional import branch_triplet, embedding_consensus, prob_consensus
-from .losses import KSLLoss, KSLOutput
+from .losses import (BatchHardTripletLoss, BranchTripletLoss, EmbeddingConsensusLoss, KSLLoss, KSLOutput,
+                     ProbConsensusLoss)
+from .recipes import RECIPES
 
 __all__ = [
     "__version__",
@@ -19,6 +24,11 @@ __all__ = [
     "branch_triplet",
     "KSLLoss",
     "KSLOutput",
+    "RECIPES",
+    "BatchHardTripletLoss",
+    "ProbConsensusLoss",
+    "EmbeddingConsensusLoss",
+    "BranchTripletLoss",
     "models",
     "data",
     "engine",

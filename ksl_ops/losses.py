@@ -1,15 +1,18 @@
-"""KSLLoss: the whole objective of eq. 1 for a multi-branch network."""
+"""KSLLoss: the whole objective of eq. 1 for a multi-branch network; module forms of the ops
+(ProbConsensusLoss, EmbeddingConsensusLoss, BranchTripletLoss) and BatchHardTripletLoss, a fused
+drop-in for torchreid's TripletLoss."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import (TensorOrBranches, _check_backend, _check_positive_number, _stack_branches,
-                         branch_triplet, embedding_consensus, prob_consensus)
+from .functional import (TensorOrBranches, _check_backend, _check_positive_number, _reduction_code,
+                         _stack_branches, branch_triplet, embedding_consensus, prob_consensus)
+from .recipes import DEFAULT_RECIPE, check_recipe, recipe_value
 
 
 @dataclass
@@ -38,7 +41,15 @@ class KSLLoss(nn.Module):
     - KSL-H (eq. 11): "ksl_h" when `use_h`; it is a triplet loss too, so it starts with the per-branch
       triplet at `triplet_start_epoch` (the paper: triplets from the start diverge from scratch).
 
-    Recipe options (the ops compute the equations exactly; these change what they are fed and when):
+    Recipe (the ops compute the equations exactly; a recipe changes what they are fed and when; the
+    table is ksl_ops.recipes.RECIPES, shared with `ksl train`):
+
+    - `recipe="ksl-ops"` (default, the recipe of `ksl train`): KSL-E and the triplets on L2-normalised
+      embeddings, KSL-P/KSL-E from `triplet_start_epoch` on (with the triplets).
+    - `recipe="paper"`: the paper's text taken literally: raw embeddings, every consensus term from
+      the first epoch. From scratch this collapses training (README, "The KSL recipe").
+
+    Each option below overrides the recipe when given (None: the recipe's value):
 
     - `normalize_e`: feed KSL-E unit-length (L2-normalised) embeddings. On raw embeddings eq. 8-10 can
       be lowered by shrinking every embedding towards 0, and with weight 1 on six distance terms that
@@ -46,8 +57,9 @@ class KSLLoss(nn.Module):
       section for the measurements). Retrieval compares embeddings by cosine distance, so the
       normalised distance is the one that matters at test time.
     - `normalize_triplet`: feed the triplets (per-branch and KSL-H) unit-length embeddings.
-    - `consensus_start_epoch`: KSL-P and KSL-E are added from this epoch on (None: from the start,
-      as the paper).
+    - `consensus_start_epoch`: KSL-P and KSL-E are added from this 0-based epoch on; "triplet" means
+      `triplet_start_epoch`; 0 means from the start (as the paper; the "paper" recipe's value None
+      means the same). The resolved epoch (or None) is the attribute `consensus_start_epoch`.
 
     Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
     int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
@@ -66,9 +78,14 @@ class KSLLoss(nn.Module):
                  triplet_start_epoch: int = 150, backend: str = "fused", process_group=None, *,
                  use_pp: Optional[bool] = None, use_pa: Optional[bool] = None,
                  use_ep: Optional[bool] = None, use_ea: Optional[bool] = None,
-                 normalize_e: bool = False, normalize_triplet: bool = False,
-                 consensus_start_epoch: Optional[int] = None):
+                 recipe: str = DEFAULT_RECIPE, normalize_e: Optional[bool] = None,
+                 normalize_triplet: Optional[bool] = None,
+                 consensus_start_epoch: Optional[Union[int, str]] = None):
         super().__init__()
+        self.recipe = check_recipe(recipe)
+        normalize_e = recipe_value(recipe, "normalize_e", normalize_e)
+        normalize_triplet = recipe_value(recipe, "normalize_triplet", normalize_triplet)
+        consensus_start_epoch = recipe_value(recipe, "consensus_start_epoch", consensus_start_epoch)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not 0.0 <= float(label_smoothing) < 1.0:
@@ -76,10 +93,13 @@ class KSLLoss(nn.Module):
         if margin is not None:
             _check_positive_number(margin, "margin", allow_zero=True)
         _check_positive_number(temperature, "temperature")
+        if isinstance(consensus_start_epoch, str) and consensus_start_epoch == "triplet":
+            consensus_start_epoch = int(triplet_start_epoch)
         if consensus_start_epoch is not None and (isinstance(consensus_start_epoch, bool)
                                                   or not isinstance(consensus_start_epoch, int)
                                                   or consensus_start_epoch < 0):
-            raise ValueError(f"consensus_start_epoch must be None or an int >= 0, got {consensus_start_epoch!r}")
+            raise ValueError(f"consensus_start_epoch must be None, 'triplet' or an int >= 0, "
+                             f"got {consensus_start_epoch!r}")
         self.num_classes = num_classes
         self.label_smoothing = float(label_smoothing)
         self.margin = margin
@@ -104,7 +124,7 @@ class KSLLoss(nn.Module):
         return self.use_ep or self.use_ea
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, margin={self.margin}, "
+        return (f"num_classes={self.num_classes}, recipe={self.recipe!r}, label_smoothing={self.label_smoothing}, margin={self.margin}, "
                 f"temperature={self.temperature}, use_pp={self.use_pp}, use_pa={self.use_pa}, "
                 f"use_ep={self.use_ep}, use_ea={self.use_ea}, use_h={self.use_h}, "
                 f"normalize_e={self.normalize_e}, normalize_triplet={self.normalize_triplet}, "
@@ -175,3 +195,166 @@ def _as_branches(x: TensorOrBranches, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
         return x
     return _stack_branches(x, name, "[B, N, D]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Module forms of the ops, with the call conventions of Re-ID code
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchHardTripletLoss(nn.Module):
+    """Batch-hard triplet loss (Hermans et al. 2017) on one branch: `loss = crit(inputs, targets)`.
+
+    A drop-in for torchreid's `TripletLoss(margin)`: same call (`inputs` [N, L] features, `targets`
+    int64 [N] identities), same value and gradient. For every anchor m, d⁺ is the largest Euclidean
+    distance to a sample of the same identity *including m itself* and d⁻ the smallest to another
+    identity; distances are sqrt(max(‖a − b‖², 1e-12)); the loss is mean over all N anchors of
+    max(0, d⁺ − d⁻ + margin). So an anchor whose identity has no other sample in the batch still
+    counts: its d⁺ is its distance to itself, 1e-6 (the clamp), and it pushes its nearest negative
+    beyond the margin, exactly as torchreid's loss does.
+
+    It runs the fused `branch_triplet` op, which mines d⁺ only over samples n ≠ m and leaves anchors
+    without such a positive out of the mean. To get torchreid's semantics from it, the batch is fed
+    twice ([x; x], labels [y; y]): each anchor's copy is a positive at distance 1e-6, every other
+    candidate appears twice at the same distance (same hardest positive and negative), and each
+    original and its copy have the same term, so the op's mean over the 2N anchors is torchreid's mean
+    over N and the gradient through both copies sums onto x. No host synchronisation.
+
+    Differences from torchreid's `TripletLoss`:
+
+    - A batch with a single identity (no anchor has a negative) gives 0 with zero gradient, where
+      torchreid raises a RuntimeError (a reduction over an empty tensor).
+    - Distances are computed as ‖a − b‖² from the differences, torchreid's as ‖a‖² + ‖b‖² − 2a·b.
+      They agree to rounding (relative 1e-12 in float64), except where torchreid's cancellation error
+      exceeds its own 1e-12 clamp: in float32 its distance of an anchor to itself can be up to
+      ~sqrt(1e-7)·‖x‖ instead of 1e-6, which changes the term of an anchor without another positive.
+
+    Options beyond torchreid's: `margin=None` is the soft margin log(1 + exp(d⁺ − d⁻));
+    `normalize=True` mines on L2-normalised features (the "ksl-ops" recipe's `normalize_triplet`);
+    `process_group` (e.g. dist.group.WORLD) mines each rank's anchors against the samples of every
+    rank, with KSLLoss's convention (each rank returns W times its share of the loss of the
+    concatenated batch, so DDP's gradient average is the single-process gradient; the mean is over
+    all anchors of all ranks); `reduction` "mean" (torchreid's), "sum" or "none" ([N] per-anchor
+    terms); `backend="reference"` runs the pure-PyTorch reference instead of the fused op.
+    """
+
+    def __init__(self, margin: Optional[float] = 0.3, *, normalize: bool = False, reduction: str = "mean",
+                 process_group=None, backend: str = "fused"):
+        super().__init__()
+        if margin is not None:
+            margin = _check_positive_number(margin, "margin", allow_zero=True)
+        _reduction_code(reduction)
+        self.margin = margin
+        self.normalize = bool(normalize)
+        self.reduction = reduction
+        self.process_group = process_group
+        self.backend = _check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + (", process_group=set" if self.process_group is not None else ""))
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+            raise ValueError(f"inputs must be a [N, L] feature tensor (one row per sample), got "
+                             + (f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor)
+                                else type(inputs).__name__))
+        if not inputs.is_floating_point():
+            raise TypeError(f"inputs must be a floating tensor, got {inputs.dtype}")
+        n = inputs.size(0)
+        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.shape != (n,):
+            raise ValueError(f"targets must be an int64 tensor of shape [N] = [{n}], got "
+                             f"{getattr(targets, 'dtype', type(targets).__name__)} "
+                             f"{tuple(getattr(targets, 'shape', ()))}")
+        x = F.normalize(inputs, dim=1) if self.normalize else inputs
+        x2 = torch.cat([x, x])
+        y2 = torch.cat([targets, targets])
+        # branch_triplet needs B >= 2: two views of the one branch; the self term then counts twice.
+        e = x2.unsqueeze(0).expand(2, 2 * n, x2.size(1))
+        if self.reduction == "none":
+            self_t, _ = branch_triplet(e, y2, self.margin, "none", self.backend, self.process_group)
+            return self_t[0, :n]
+        aux_t, _ = branch_triplet(e, y2, self.margin, self.reduction, self.backend, self.process_group)
+        # mean: Σ over 2 views of the mean over 2N anchors; sum: 2 views × 2 copies of every term.
+        return aux_t / (2 if self.reduction == "mean" else 4)
+
+
+class ProbConsensusLoss(nn.Module):
+    """KSL-P (eq. 3-6) as a module: `pp, pa = ProbConsensusLoss(temperature)(logits)`.
+
+    The options are `ksl_ops.prob_consensus`'s; `forward(logits)` takes logits [B, N, K] (or a list of
+    B tensors [N, K]) and returns what the function returns, (pp, pa).
+    """
+
+    def __init__(self, temperature: float = 1.0, detach_target: bool = True, reduction: str = "mean",
+                 backend: str = "fused"):
+        super().__init__()
+        self.temperature = _check_positive_number(temperature, "temperature")
+        self.detach_target = bool(detach_target)
+        _reduction_code(reduction)
+        self.reduction = reduction
+        self.backend = _check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, detach_target={self.detach_target}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+    def forward(self, logits: TensorOrBranches):
+        return prob_consensus(logits, self.temperature, self.detach_target, self.reduction, self.backend)
+
+
+class EmbeddingConsensusLoss(nn.Module):
+    """KSL-E (eq. 7-10) as a module: `ep, ea = EmbeddingConsensusLoss()(embeddings)`.
+
+    The options are `ksl_ops.embedding_consensus`'s, plus `normalize` (feed L2-normalised embeddings,
+    the "ksl-ops" recipe's `normalize_e`; default False, the equations as written). `forward(embeddings)`
+    takes [B, N, L] (or a list of B tensors [N, L]) and returns (ep, ea).
+    """
+
+    def __init__(self, reduction: str = "mean", backend: str = "fused", *, normalize: bool = False):
+        super().__init__()
+        _reduction_code(reduction)
+        self.reduction = reduction
+        self.backend = _check_backend(backend)
+        self.normalize = bool(normalize)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}, normalize={self.normalize}"
+
+    def forward(self, embeddings: TensorOrBranches):
+        if self.normalize:
+            embeddings = F.normalize(_stack_branches(embeddings, "embeddings", "[B, N, L]"), dim=-1)
+        return embedding_consensus(embeddings, self.reduction, self.backend)
+
+
+class BranchTripletLoss(nn.Module):
+    """Batch-hard triplets within (eq. 2) and across branches (KSL-H, eq. 11) as a module:
+    `aux_t, ksl_h = BranchTripletLoss(margin)(embeddings, labels)`.
+
+    The options are `ksl_ops.branch_triplet`'s (margin None: soft margin; "mean" over valid anchors),
+    plus `normalize` (mine on L2-normalised embeddings, the "ksl-ops" recipe's `normalize_triplet`;
+    default False). `forward(embeddings, labels)` takes [B, N, L] (or a list of B tensors [N, L]) and
+    int64 labels [N] and returns (aux_t, ksl_h). For one branch in torchreid's convention, see
+    `BatchHardTripletLoss`.
+    """
+
+    def __init__(self, margin: Optional[float] = 0.3, reduction: str = "mean", backend: str = "fused",
+                 process_group=None, *, normalize: bool = False):
+        super().__init__()
+        if margin is not None:
+            margin = _check_positive_number(margin, "margin", allow_zero=True)
+        _reduction_code(reduction)
+        self.margin = margin
+        self.reduction = reduction
+        self.backend = _check_backend(backend)
+        self.process_group = process_group
+        self.normalize = bool(normalize)
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"normalize={self.normalize}" + (", process_group=set" if self.process_group is not None else ""))
+
+    def forward(self, embeddings: TensorOrBranches, labels: torch.Tensor):
+        if self.normalize:
+            embeddings = F.normalize(_stack_branches(embeddings, "embeddings", "[B, N, L]"), dim=-1)
+        return branch_triplet(embeddings, labels, self.margin, self.reduction, self.backend, self.process_group)

@@ -26,7 +26,8 @@ __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ksl_ops.engine.config import LOSS_PRESETS, PRESETS, RECIPES
+    from ksl_ops.engine.config import LOSS_PRESETS, PRESETS
+    from ksl_ops.recipes import DEFAULT_RECIPE, RECIPES
     from ksl_ops.models import NECKS
 
     p = argparse.ArgumentParser(
@@ -59,7 +60,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="baseline: one branch, CE + triplet; aux: isomorphic branches, CE + triplet per branch; "
                         "ksl-p / ksl-e / ksl-h: aux + that constraint (ksl-pp, ksl-pa, ksl-ep, ksl-ea: one "
                         "sub-term); ksl-pe: aux + KSL-P + KSL-E; ksl: aux + all three")
-    g.add_argument("--recipe", default="ksl-ops", choices=list(RECIPES),
+    g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
                    help="ksl-ops: the recipe chosen by measurement (README, 'KSL recipe'); paper: the paper's "
                         "text taken literally (KSL-E and triplets on raw FC embeddings, consensus from the start)")
     g.add_argument("--neck", default=None, choices=list(NECKS),

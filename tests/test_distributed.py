@@ -177,6 +177,26 @@ def test_ksl_loss_ddp_step_equals_single_process(ddp_results, backend, branches)
     _expect(ddp_results, f"ksl-{backend}-B{branches}")
 
 
+def _batch_hard_step(rank, backend):
+    # BatchHardTripletLoss (torchreid's convention: every anchor counts, including 9, 7 and 8, whose
+    # identity has no other sample) per branch, cross-rank vs one process on the concatenated batch.
+    # A triplet loss does not change when every embedding moves by the same vector, so its gradient
+    # on the embedding layers' biases is 0 up to rounding; the cross-entropy term (a local mean, the
+    # same on both sides) gives those biases a gradient to compare.
+    def run(model, x, y, pg):
+        crit = ksl_ops.BatchHardTripletLoss(0.3, backend=backend, process_group=pg)
+        z, e = model(x)
+        return sum(crit(e[b], y) for b in range(B)) + torch.nn.functional.cross_entropy(z.sum(0), y)
+
+    _check_ddp_step(rank, lambda m, x, y: run(m, x, y, dist.group.WORLD), lambda m, x, y: run(m, x, y, None),
+                    f"BatchHardTripletLoss {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_hard_triplet_ddp_step_equals_single_process(ddp_results, backend):
+    _expect(ddp_results, f"batch-hard-{backend}")
+
+
 def _unequal_shapes(rank):
     # Ranks disagree on the batch size: a clear error on every rank, not an aborted all-gather.
     e = torch.randn(B, 4 + rank, L, dtype=torch.float64)
@@ -190,6 +210,7 @@ def test_unequal_batches_across_ranks_raise(ddp_results):
 
 CASES = ([(f"triplet-{b}-{m}", _triplet_cross_rank, (b, m)) for b in BACKENDS for m in (0.3, None)]
          + [(f"ksl-{b}-B{n}", _ksl_step, (b, n)) for b in BACKENDS for n in (B, 1)]
+         + [(f"batch-hard-{b}", _batch_hard_step, (b,)) for b in BACKENDS]
          + [("unequal-shapes", _unequal_shapes, ())])
 
 

@@ -31,7 +31,7 @@ def _expected_parts(logits, emb, labels, smoothing=0.1, margin=0.3, T=1.0):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_total_is_sum_of_reference_parts(backend):
     logits, emb, labels = _batch()
-    crit = ksl_ops.KSLLoss(num_classes=7, temperature=2.0, backend=backend)
+    crit = ksl_ops.KSLLoss(num_classes=7, temperature=2.0, backend=backend, recipe="paper")
     out = crit(logits, emb, labels, epoch=200)
     want = _expected_parts(logits, emb, labels, T=2.0)
     assert set(out.parts) == set(want)
@@ -48,7 +48,7 @@ def test_total_is_sum_of_reference_parts(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_triplets_start_at_triplet_start_epoch(backend):
     logits, emb, labels = _batch()
-    crit = ksl_ops.KSLLoss(7, triplet_start_epoch=150, backend=backend)
+    crit = ksl_ops.KSLLoss(7, triplet_start_epoch=150, backend=backend, recipe="paper")
     before = crit(logits, emb, labels, epoch=149).parts
     after = crit(logits, emb, labels, epoch=150).parts
     assert "triplet" not in before and "ksl_h" not in before
@@ -75,7 +75,7 @@ def test_switches(backend, flags, absent):
 def test_single_branch_baseline(backend):
     """B = 1 (no auxiliary branches): plain CE + batch-hard triplet, no consensus terms."""
     logits, emb, labels = _batch(B=1)
-    out = ksl_ops.KSLLoss(7, backend=backend)(logits[0], emb[0], labels)
+    out = ksl_ops.KSLLoss(7, backend=backend, recipe="paper")(logits[0], emb[0], labels)
     assert set(out.parts) == {"ce", "triplet"}
     ce = F.cross_entropy(logits[0], labels, label_smoothing=0.1)
     trip = R.batch_hard_triplet(emb[0], emb[0], labels, 0.3).sum() / R.triplet.valid_anchors(labels).sum()

@@ -18,7 +18,7 @@ collapses to input-independent embeddings (every consensus term ~0, cross-entrop
 the unnormalised embedding-distance terms (eq. 8-10) dominate the early gradients. The "paper"
 preset trains CMSNet, the paper's own backbone.
 
-What the KSL losses are fed, and when, is the *recipe* (RECIPES below, `--recipe`): "ksl-ops", the
+What the KSL losses are fed, and when, is the *recipe* (ksl_ops.recipes, `--recipe`): "ksl-ops", the
 default, L2-normalises the embeddings of KSL-E and of the triplets and starts KSL-P/KSL-E with the
 triplets; "paper" is the paper's text taken literally (README, "The KSL recipe", has the measurements).
 
@@ -33,6 +33,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional
+
+from ..recipes import DEFAULT_RECIPE, RECIPES, check_recipe, recipe_value
 
 __all__ = ["TrainConfig", "LOSS_PRESETS", "LossSet", "RECIPES", "PAPER_EPOCHS", "PAPER_TRIPLET_START", "PRESETS", "default_data_root"]
 
@@ -66,16 +68,9 @@ LOSS_PRESETS: Dict[str, LossSet] = {
     "ksl": LossSet(True, True, True, True, True, True),             # Table 4 "+KSL-H" (everything)
 }
 
-# Training recipes: what the KSL losses are fed, and when. The ops always compute the paper's equations;
-# a recipe only chooses the embedding (the head's neck), whether embeddings are L2-normalised before
-# KSL-E / the triplets, and when KSL-P / KSL-E start (None: from the first epoch). "paper" is the
-# paper's text taken literally; "ksl-ops" is the recipe chosen by measurement on a validation split
-# (README, "KSL recipe"), the default. Explicit --neck/--normalize-*/--consensus-start override it.
-RECIPES: Dict[str, Dict[str, Any]] = {
-    "paper": dict(neck="fc", normalize_e=False, normalize_triplet=False, consensus_start_epoch=None),
-    # consensus_start_epoch "triplet": with the triplets and the P×K sampler (150/350 of the schedule).
-    "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=True, consensus_start_epoch="triplet"),
-}
+# Training recipes (what the KSL losses are fed, and when) live in ksl_ops.recipes, the one table that
+# KSLLoss, this config and the CLI read; re-exported here. Explicit --neck/--normalize-*/--consensus-start
+# override the recipe.
 
 # Hyper-parameters that differ between the two presets; everything else is shared.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -117,7 +112,7 @@ class TrainConfig:
     label_noise: float = 0.0                  # share of training labels made wrong, redrawn every epoch (Fig. 6)
     temperature: float = 1.0
     backend: str = "auto"                     # "fused", "reference", or "auto" (fused if compiled)
-    recipe: str = "ksl-ops"                   # a RECIPES key; the four fields below override it
+    recipe: str = DEFAULT_RECIPE              # a RECIPES key (ksl_ops.recipes); the four fields below override it
     neck: Optional[str] = None                # "fc", "bnneck", "osnet" (ksl_ops.models.NECKS)
     normalize_e: Optional[bool] = None        # KSL-E on L2-normalised embeddings
     normalize_triplet: Optional[bool] = None  # triplets and KSL-H on L2-normalised embeddings
@@ -181,8 +176,7 @@ class TrainConfig:
             raise ValueError(f"label_noise must be a fraction in [0, 1), got {self.label_noise!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
+        check_recipe(self.recipe)
         from ..models.head import check_neck
 
         check_neck(self.resolved("neck"))
@@ -211,8 +205,7 @@ class TrainConfig:
     def resolved(self, name: str) -> Any:
         """A recipe field (neck, normalize_e, normalize_triplet, consensus_start_epoch): the explicit
         value if one was given, else the recipe's."""
-        value = getattr(self, name)
-        return RECIPES[self.recipe][name] if value is None else value
+        return recipe_value(self.recipe, name, getattr(self, name))
 
     @property
     def consensus_start(self) -> Optional[int]:
@@ -221,11 +214,12 @@ class TrainConfig:
         return self.triplet_start if cs == "triplet" else cs
 
     def loss_kwargs(self) -> Dict[str, Any]:
-        """The KSLLoss switches and recipe options of this config."""
+        """The KSLLoss switches and recipe options of this config (the recipe's options resolved here,
+        so that KSLLoss gets explicit values and the same recipe name)."""
         ls = LOSS_PRESETS[self.losses]
         return dict(label_smoothing=self.label_smoothing, margin=self.margin, temperature=self.temperature,
                     use_p=ls.pp or ls.pa, use_e=ls.ep or ls.ea, use_h=ls.h, use_pp=ls.pp, use_pa=ls.pa,
-                    use_ep=ls.ep, use_ea=ls.ea, triplet_start_epoch=self.triplet_start,
+                    use_ep=ls.ep, use_ea=ls.ea, triplet_start_epoch=self.triplet_start, recipe=self.recipe,
                     normalize_e=self.resolved("normalize_e"), normalize_triplet=self.resolved("normalize_triplet"),
                     consensus_start_epoch=self.consensus_start)
 
