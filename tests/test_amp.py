@@ -242,7 +242,7 @@ def _record_losses(trainer):
     def hook(module, args, out):
         dtype = lambda x: x.dtype if isinstance(x, torch.Tensor) else x[0].dtype  # noqa: E731 (list of branches)
         seen.append({"inputs": (dtype(args[0]), dtype(args[1])), "dtypes": {t.dtype for t in out.terms.values()},
-                     "total": float(out.total), "total_dtype": out.total.dtype})
+                     "total": float(out.total.detach()), "total_dtype": out.total.dtype})
 
     trainer.criterion.register_forward_hook(hook)
     return seen
