@@ -133,6 +133,35 @@ def test_ksl_loss_autocast_single_branch_and_lists():
     torch.testing.assert_close(listed.total, stacked.total, rtol=0, atol=0)
 
 
+def test_ksl_loss_under_autocast_compiles_fullgraph():
+    """The contract's autocast check and switch trace into one graph (torch.compile, fullgraph), and
+    the compiled step gives what eager gives."""
+    torch.manual_seed(0)
+    B, N, K, L = 3, 8, 5, 16
+    heads = torch.nn.ModuleList(torch.nn.Linear(12, L + K) for _ in range(B))
+    crit = ksl_ops.KSLLoss(K, triplet_start_epoch=0)
+    x = torch.randn(N, 12)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+
+    def loss(x, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [h(x) for h in heads]
+            return crit([o[:, L:] for o in outs], [o[:, :L] for o in outs], labels, epoch=1).total
+
+    def run(fn):
+        heads.zero_grad()
+        total = fn(x, labels)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in heads.parameters()]
+
+    want_total, want_grads = run(loss)
+    got_total, got_grads = run(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    assert want_total.dtype == got_total.dtype == torch.float32
+    torch.testing.assert_close(got_total, want_total)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 # ------------------------------------------------------------------------------------------------
 # 50 training steps of a tiny network: fused vs reference, bf16 autocast vs float32
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +399,20 @@ def test_trainer_fp16_grad_scaler_is_checkpointed_and_resumed(synth_root, tmp_pa
     assert resumed.scaler.state_dict() == full.scaler.state_dict()
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, full.model.state_dict()[k], rtol=0, atol=0, msg=f"resume differs at {k}")
+
+
+def test_trainer_fp16_without_loss_timing(synth_root, tmp_path, tiny_model):
+    """The one-pass backward (time_losses=False) scales, unscales and skips as the two-phase one."""
+    params = {}
+    for timed in (True, False):
+        tr = Trainer(_tiny_config(synth_root, tmp_path / str(timed), amp="fp16", time_losses=timed),
+                     log=lambda s: None)
+        _overflow_at(tr, {1})
+        rec = tr.train_epoch(0)
+        assert rec["grad_scale"] == 32768.0 and tr.scaler.state_dict()["_growth_tracker"] == 1
+        params[timed] = dict(tr.model.named_parameters())
+    for k, v in params[True].items():
+        torch.testing.assert_close(params[False][k], v, msg=k)
 
 
 DROP = "<drop>"
