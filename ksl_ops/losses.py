@@ -66,8 +66,8 @@ class KSLLoss(nn.Module):
     come back in their own dtype), autocast is switched off for the body of the loss, and every
     entry of ``terms`` and ``total`` is float32. float32 and float64 inputs are used as they are.
     The reasons: the consensus terms are small differences of nearly equal quantities (KL between
-    close distributions, distances between close embeddings), which a 8-bit bfloat16 mantissa
-    rounds away; the two backends then compute the same float32 maths (autocast would otherwise
+    close distributions, distances between close embeddings), which the 8 significant bits of
+    bfloat16 round off; the two backends then compute the same float32 maths (autocast would otherwise
     recast the reference's operators, not the fused ones'), so they agree as in float32; and a
     float32 total is what a gradient scaler multiplies. The cost is small: the loss inputs are
     [B, N, K] and [B, N, L]. Outside autocast the inputs' dtype is kept: float16 / bfloat16 inputs
