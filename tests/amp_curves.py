@@ -96,7 +96,9 @@ def lockstep(amp: Optional[str], recipe: str = "ksl-ops", seed: int = 0, steps: 
 
     Returns one record per step: the terms of each backend (``"fused"``, ``"reference"``: name -> 0-d
     tensor, total included) and ``"grad"``, the normwise relative difference of their gradients w.r.t.
-    the logits and embeddings, max|g_fused - g_ref| / max|g_ref|. This is the backends' agreement
+    the logits and embeddings, max|g_fused - g_ref| / max|g_ref|, as the network receives them (in
+    the outputs' dtype, bfloat16 under autocast); ``"grad32"`` the same for the loss's float32
+    gradients, before that rounding (w.r.t. float32 copies of the outputs). This is the backends' agreement
     along a real trajectory, without the amplification of rounding differences by training that a
     comparison of two free-running curves also contains.
     """
@@ -114,15 +116,19 @@ def lockstep(amp: Optional[str], recipe: str = "ksl-ops", seed: int = 0, steps: 
             outs = model(x[idx])
         z = torch.stack([o[0] for o in outs])
         e = torch.stack([o[1] for o in outs])
-        rec, grads = {"inputs": (z.dtype, e.dtype)}, {}
+        rec, grads, grads32 = {"inputs": (z.dtype, e.dtype)}, {}, {}
         for name, crit in crits.items():
             zl, el = z.detach().requires_grad_(), e.detach().requires_grad_()
             with autocast():
                 out = crit(zl, el, y[idx], epoch=0)
             rec[name] = {**{k: v.detach() for k, v in out.terms.items()}, "total": out.total.detach()}
             grads[name] = torch.autograd.grad(out.total, (zl, el))
-        rec["grad"] = max(float((f.float() - r.float()).abs().max() / r.float().abs().max())
-                          for f, r in zip(grads["fused"], grads["reference"]))
+            z32, e32 = z.detach().float().requires_grad_(), e.detach().float().requires_grad_()
+            with autocast():
+                grads32[name] = torch.autograd.grad(crit(z32, e32, y[idx], epoch=0).total, (z32, e32))
+        for key, g in (("grad", grads), ("grad32", grads32)):
+            rec[key] = max(float((f.float() - r.float()).abs().max() / r.float().abs().max())
+                           for f, r in zip(g["fused"], g["reference"]))
         records.append(rec)
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward([z, e], list(grads["fused"]))
@@ -172,6 +178,7 @@ if __name__ == "__main__":  # the measurement behind the tolerances of tests/tes
                 recs = lockstep(amp, recipe, seed)
                 rows[f"lockstep {amp or 'f32'} terms/(1e-5|t|+1e-6)"] = term_excess(recs, 1e-5, 1e-6)
                 rows[f"lockstep {amp or 'f32'} grads"] = max(r["grad"] for r in recs)
+                rows[f"lockstep {amp or 'f32'} grads32"] = max(r["grad32"] for r in recs)
             ce0, ce_end = f32[0]["ce"], sum(s["ce"] for s in f32[-10:]) / 10
             print(seed, recipe, " ".join(f"{k}={float(v):.2e}" for k, v in rows.items()),
                   f"ce {ce0:.2f}->{ce_end:.2f}", flush=True)
