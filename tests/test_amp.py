@@ -490,10 +490,12 @@ def test_cli_train_amp(synth_root, tmp_path, capsys):
     assert ksl_main(["train", "--resume", str(tmp_path / "fp16" / "last.ckpt"), "--workers", "0",
                      "--progress", "off"]) == 0
     assert "amp fp16" in capsys.readouterr().out
-    # Default: float32, no scaler.
-    assert ksl_main(common + ["--output-dir", str(tmp_path / "off")]) == 0
-    assert torch.load(tmp_path / "off" / "last.ckpt", weights_only=True)["config"]["amp"] == "off"
-    capsys.readouterr()
+    # The parser: default off, `--amp` alone auto, a bad mode refused.
+    from ksl_ops.cli import _reference_train
+
+    train = _reference_train()
+    amp = lambda *flags: train.config_from_args(train.build_parser().parse_args(common[1:] + list(flags))).amp  # noqa: E731
+    assert (amp(), amp("--amp"), amp("--amp", "fp16"), amp("--amp", "off")) == ("off", "auto", "fp16", "off")
     with pytest.raises(SystemExit) as e:
         ksl_main(common + ["--amp", "fp8"])
     assert e.value.code == 2
