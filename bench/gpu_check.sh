@@ -29,7 +29,7 @@ done
 PY=${PYTHON:-python3}
 # The CUDA tests: every test parametrised over the device (its id says cuda) and every CUDA-only one.
 TEST_FILES=(tests/test_prob_consensus.py tests/test_embedding_consensus.py tests/test_branch_triplet.py
-            tests/test_host_path.py tests/test_ksl_loss.py)
+            tests/test_host_path.py tests/test_ksl_loss.py tests/test_amp.py)
 TEST_SELECT="cuda"
 SANITIZER_TOOLS=(memcheck racecheck)
 

@@ -71,6 +71,19 @@ class KSLLoss(nn.Module):
     gradient average is the single-process gradient and the mean over ranks of `total` is the
     single-process loss. For the per-sample terms (CE, KSL-P, KSL-E) that share is the local mean,
     given the same N on every rank; only the triplets need the gather.
+
+    Mixed precision (docs/mixed-precision.md). Under ``torch.autocast`` for the inputs' device (the
+    way a training step runs with ``ksl train --amp``) every term is computed in float32: float16 /
+    bfloat16 logits and embeddings are cast to float32 (a differentiable cast, so their gradients
+    come back in their own dtype), autocast is switched off for the body of the loss, and every
+    entry of ``terms`` and ``total`` is float32. float32 and float64 inputs are used as they are.
+    The reasons: the consensus terms are small differences of nearly equal quantities (KL between
+    close distributions, distances between close embeddings), which the 8 significant bits of
+    bfloat16 round off; the two backends then compute the same float32 maths (autocast would otherwise
+    recast the reference's operators, not the fused ones'), so they agree as in float32; and a
+    float32 total is what a gradient scaler multiplies. The cost is small: the loss inputs are
+    [B, N, K] and [B, N, L]. Outside autocast the inputs' dtype is kept: float16 / bfloat16 inputs
+    run the fused kernels in that dtype (accumulating in float32) and ``total`` has the logits' dtype.
     """
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.1, margin: Optional[float] = 0.3,
@@ -150,6 +163,15 @@ class KSLLoss(nn.Module):
             raise ValueError(f"labels must be an int64 tensor of shape [N] = [{N}], got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
 
+        device_type = z.device.type
+        if _autocast_enabled(device_type):
+            # The autocast contract (class docstring): float32 terms, whatever autocast would choose.
+            with torch.autocast(device_type, enabled=False):
+                return self._terms(_upcast(z), _upcast(e), labels, epoch)
+        return self._terms(z, e, labels, epoch)
+
+    def _terms(self, z: torch.Tensor, e: torch.Tensor, labels: torch.Tensor, epoch: Optional[int]) -> KSLOutput:
+        B, N, K = z.shape
         terms: Dict[str, torch.Tensor] = {}
         # Σ_b mean_n CE(z^b_n, y_n) as one call over the B·N rows.
         terms["ce"] = B * F.cross_entropy(z.reshape(B * N, K), labels.repeat(B),
@@ -182,6 +204,22 @@ class KSLLoss(nn.Module):
                     terms["ksl_ea"] = ea
         total = torch.stack([t.to(z.dtype) for t in terms.values()]).sum()
         return KSLOutput(total, terms)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know, e.g. meta)."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4.1
+    if not (available(device_type) if available is not None else device_type in ("cpu", "cuda")):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32 (differentiable); other dtypes unchanged."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
 
 
 def _as_branches(x: TensorOrBranches, name: str) -> torch.Tensor:

@@ -3,6 +3,7 @@
     python reference/train.py                      # = `ksl train`: synthetic set, ShuffleNetV2 + full KSL, CPU
     python reference/train.py --preset paper --dataset market1501 --data-root /data --device cuda
     python reference/train.py --resume runs/shufflenetv2_ksl/last.ckpt
+    python reference/train.py --amp --device cuda  # mixed precision (docs/mixed-precision.md)
     torchrun --standalone --nproc_per_node=2 -m ksl_ops.cli train ...   # DDP, one process per GPU/CPU share
 
 With no argument it renders the synthetic Re-ID set (into ./data/synthetic, or $KSL_DATA), trains
@@ -86,6 +87,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="epoch (0-based) at which triplets and the P×K sampler start (default 150/350 of --epochs)")
     g.add_argument("--lr", type=float, default=None, help="initial learning rate (cpu preset 0.01, paper 0.0015)")
     g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs (cpu preset 1, paper 0)")
+    g.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "bf16", "fp16", "auto"],
+                   help="mixed precision: forward and loss under autocast, the KSL terms in float32 "
+                        "(docs/mixed-precision.md). bf16: bfloat16 (CPU, or a GPU that supports it); "
+                        "fp16: float16 with a gradient scaler (GPU); --amp alone: auto (bf16 on a CPU or a "
+                        "GPU with native bfloat16, else fp16)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "amsgrad"],
                    help="SGD with Nesterov momentum 0.9 (the paper), or Adam/AMSGrad")
     g.add_argument("--max-iters", type=int, default=None, help="cap on iterations per epoch (smoke runs)")
@@ -137,7 +143,7 @@ def config_from_args(args: argparse.Namespace):
         triplet_start_epoch=args.triplet_start, lr=args.lr, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
         max_iters_per_epoch=args.max_iters, rerank=args.rerank, eval_every=args.eval_every,
         output_dir=args.output_dir or os.path.join("runs", f"{backbone}_{args.losses}"),
-        seed=args.seed, device=str(device), progress=args.progress, sync_bn=args.sync_bn)
+        seed=args.seed, device=str(device), progress=args.progress, sync_bn=args.sync_bn, amp=args.amp)
 
 
 def _config_for_resume(args: argparse.Namespace, path: str):

@@ -36,10 +36,16 @@ from typing import Any, Dict, NamedTuple, Optional
 
 from ..recipes import DEFAULT_RECIPE, RECIPES, check_recipe, recipe_value
 
-__all__ = ["TrainConfig", "LOSS_PRESETS", "LossSet", "RECIPES", "PAPER_EPOCHS", "PAPER_TRIPLET_START", "PRESETS", "default_data_root"]
+__all__ = ["TrainConfig", "AMP_MODES", "LOSS_PRESETS", "LossSet", "RECIPES", "PAPER_EPOCHS", "PAPER_TRIPLET_START", "PRESETS", "default_data_root"]
 
 PAPER_EPOCHS = 350
 PAPER_TRIPLET_START = 150
+
+# --amp: the autocast dtype of a training step (docs/mixed-precision.md). "bf16": bfloat16 autocast
+# (CPU, and GPUs with bfloat16 support); "fp16": float16 autocast with a gradient scaler (for GPUs;
+# CPU autocast supports it too); "auto": bf16 on a CPU or on a GPU that supports it, else fp16.
+AMP_MODES = ("off", "bf16", "fp16", "auto")
+
 
 class LossSet(NamedTuple):
     """Which losses a --losses preset switches on (every preset has CE and the per-branch triplet)."""
@@ -143,6 +149,9 @@ class TrainConfig:
     progress: str = "auto"                    # "auto" (bars on a TTY outside CI), "on", "off"
     time_losses: bool = True                  # time the loss forward+backward inside each step
     diagnostics: bool = True                  # per-branch CE, embedding norms, active triplets (diagnostics.py)
+    amp: str = "off"                          # mixed precision (AMP_MODES): "off", "bf16", "fp16" (with a
+                                              # gradient scaler) or "auto" (resolved by the Trainer for its
+                                              # device); docs/mixed-precision.md
 
     @classmethod
     def from_preset(cls, preset: str = "cpu", **overrides) -> "TrainConfig":
@@ -159,6 +168,8 @@ class TrainConfig:
             raise ValueError(f"backend must be 'auto', 'fused' or 'reference', got {self.backend!r}")
         if self.optimizer not in ("sgd", "adam", "amsgrad"):
             raise ValueError(f"optimizer must be 'sgd', 'adam' or 'amsgrad', got {self.optimizer!r}")
+        if not isinstance(self.amp, str) or self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(repr(m) for m in AMP_MODES)}, got {self.amp!r}")
         if self.progress not in ("auto", "on", "off"):
             raise ValueError(f"progress must be 'auto', 'on' or 'off', got {self.progress!r}")
         for name in ("epochs", "batch_size", "num_instances", "height", "width", "eval_batch_size",
@@ -248,4 +259,5 @@ class TrainConfig:
                 f"{self.epochs} epochs, triplet + PxK sampler from epoch {self.triplet_start + 1} | "
                 f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) wd={self.weight_decay:g} "
                 f"batch={self.batch_size}{short}"
+                + (f" | amp {self.amp}" if self.amp != "off" else "")
                 + (f" | label noise {self.label_noise:g} (redrawn every epoch)" if self.label_noise else ""))

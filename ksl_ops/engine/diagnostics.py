@@ -37,6 +37,8 @@ def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor],
         from ..functional import branch_triplet
 
         e = torch.stack([t.detach() for t in embeddings])
+        if e.dtype in (torch.float16, torch.bfloat16):
+            e = e.float()  # as KSLLoss sees them under autocast (--amp)
         if criterion.normalize_triplet:
             e = F.normalize(e, dim=-1)
         if e.size(0) == 1:

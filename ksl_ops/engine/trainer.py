@@ -12,9 +12,17 @@ the step time spent in the losses (forward + backward) be measured on its own.
 Randomness is re-seeded at the start of every epoch from (seed, epoch), so an epoch draws the same
 shuffles, augmentations and dropout whether the run was interrupted before it or not: `--resume`
 continues exactly (the RNG states are also saved in the checkpoint).
+
+Mixed precision (`cfg.amp`, `ksl train --amp`; docs/mixed-precision.md): the network's forward and
+the loss run under torch.autocast in bfloat16 or float16; KSLLoss computes every term in float32
+under autocast (its docstring has the contract); the backward runs outside autocast. With float16
+a torch.amp.GradScaler scales the loss, skips the steps whose gradients overflow and adapts the
+scale; its state is saved in the checkpoint and restored by `--resume`. Evaluation runs in float32.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,8 +43,8 @@ from .distributed import DistEnv, main_only
 from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .rerank import re_ranking
 
-__all__ = ["Trainer", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device", "load_dataset",
-           "build_model", "load_trained_model"]
+__all__ = ["Trainer", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device", "resolve_amp",
+           "AMP_DTYPES", "load_dataset", "build_model", "load_trained_model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +105,65 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build")
     return dev
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cuda_bf16(native_only: bool) -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=not native_only))
+    except TypeError:  # a torch without the including_emulation argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The mixed-precision mode a run on ``device`` uses for ``cfg.amp``: "off", "bf16" or "fp16".
+
+    "auto" is bf16 on a CPU and on a GPU with native bfloat16 (compute capability 8.0 and later),
+    fp16 (with a gradient scaler) on older GPUs. A mode the device cannot run is a ValueError.
+    """
+    if amp == "off":
+        return amp
+    if amp not in ("bf16", "fp16", "auto"):
+        raise ValueError(f"amp must be 'off', 'bf16', 'fp16' or 'auto', got {amp!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--amp {amp}: mixed precision runs on cpu and cuda devices, not {device.type!r}; "
+                         f"use --amp off")
+    if device.type == "cuda":
+        if amp == "auto":
+            return "bf16" if _cuda_bf16(native_only=True) else "fp16"
+        if amp == "bf16" and not _cuda_bf16(native_only=False):
+            raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                             f"use --amp fp16 (float16 with a gradient scaler)")
+        return amp
+    return "bf16" if amp == "auto" else amp
+
+
+# The entries of torch.amp.GradScaler.state_dict(), each with what a usable value is.
+_SCALER_FIELDS = {
+    "scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "growth_factor": (lambda v: math.isfinite(v) and v > 1, "a finite number > 1"),
+    "backoff_factor": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "growth_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "_growth_tracker": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+}
+
+
+def _check_scaler_state(state: Any, path) -> Dict[str, Any]:
+    """The gradient-scaler entry of a checkpoint, checked to be what GradScaler.state_dict() writes;
+    CheckpointError naming the file and the entry otherwise (a NaN or zero scale would silently skip
+    every later step)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its gradient-scaler state ('grad_scaler') is a "
+                              f"{type(state).__name__}, not a dict")
+    for key, (ok, what) in _SCALER_FIELDS.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: its gradient-scaler state has no {key!r} entry")
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise CheckpointError(f"{path}: its gradient-scaler state has {key}={v!r}; it must be {what}")
+    return {k: state[k] for k in _SCALER_FIELDS}
 
 
 def _seed_everything(seed: int) -> None:
@@ -217,6 +284,13 @@ class Trainer:
         self.model, self.train_model = self.dist.wrap(build_model(cfg, self.num_classes).to(self.device),
                                                       self.device, cfg.sync_bn)
         self.backend = _resolve_backend(cfg.backend)
+        # Mixed precision: "auto" becomes the mode this device runs, so the checkpoint and metrics.json
+        # record what ran. The scaler is a pass-through unless fp16.
+        amp = resolve_amp(cfg.amp, self.device)
+        if amp != cfg.amp:
+            self.cfg = cfg = dataclasses.replace(cfg, amp=amp)
+        self.amp_dtype: Optional[torch.dtype] = AMP_DTYPES.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.criterion = KSLLoss(self.num_classes, backend=self.backend, process_group=self.dist.group,
                                  **cfg.loss_kwargs())
         self.optimizer = build_optimizer(cfg, self.model.parameters())
@@ -284,12 +358,24 @@ class Trainer:
         """Load model, optimizer, schedule, history and RNG from a checkpoint; returns the next epoch."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, map_location=self.device,
                                 restore_rng=True, backbone=self.cfg.backbone, num_classes=self.num_classes)
+        if self.scaler.is_enabled():
+            if state.get("grad_scaler") is None:
+                self.log(f"note: {path} has no gradient-scaler state (it was not trained with --amp fp16); "
+                         f"the loss scale starts at {self.scaler.get_scale():g}")
+            else:
+                self.scaler.load_state_dict(_check_scaler_state(state["grad_scaler"], path))
         self.start_epoch = int(state["epoch"])
         self.history = list((state.get("metrics") or {}).get("history", []))
         self.log(f"resumed from {path} after epoch {self.start_epoch}/{self.cfg.epochs}")
         return self.start_epoch
 
     # -- one epoch -----------------------------------------------------------------------------
+    def autocast(self):
+        """The autocast context of a training step's forward (a no-op without --amp)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -362,6 +448,8 @@ class Trainer:
             "sampler": self.sampler_for(epoch),
             "iters": iters,
             **({"label_noise": noise} if noise is not None else {}),
+            # fp16: the loss scale at the end of the epoch (it halves at every skipped step)
+            **({"grad_scale": float(self.scaler.get_scale())} if self.scaler.is_enabled() else {}),
             "time_s": elapsed,
             "images_per_s": n_images / max(elapsed, 1e-9),
             "loss": loss,
@@ -371,7 +459,9 @@ class Trainer:
         }
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
-        outs = self.train_model(images)
+        # Forward and loss under autocast (--amp); the backward outside it, as torch.amp prescribes.
+        with self.autocast():
+            outs = self.train_model(images)
         if isinstance(outs, tuple) and len(outs) == 2 and isinstance(outs[0], torch.Tensor):
             outs = [outs]  # a plain backbone: one branch
         logits = [o[0] for o in outs]
@@ -382,18 +472,23 @@ class Trainer:
             leaves = [t.detach().requires_grad_() for t in logits + embs]
             self._sync()
             t0 = time.perf_counter()
-            out = self.criterion(leaves[: len(logits)], leaves[len(logits):], labels, epoch=epoch)
-            grads = torch.autograd.grad(out.total, leaves, allow_unused=True)
+            with self.autocast():
+                out = self.criterion(leaves[: len(logits)], leaves[len(logits):], labels, epoch=epoch)
+            grads = torch.autograd.grad(self.scaler.scale(out.total), leaves, allow_unused=True)
             self._sync()
             dt = time.perf_counter() - t0
             # Phase 2: the network, fed the loss's gradients (outputs the loss did not use get none).
             pairs = [(t, g) for t, g in zip(logits + embs, grads) if g is not None]
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         else:
-            out = self.criterion(logits, embs, labels, epoch=epoch)
-            out.total.backward()
+            with self.autocast():
+                out = self.criterion(logits, embs, labels, epoch=epoch)
+            self.scaler.scale(out.total).backward()
             dt = 0.0
-        self.optimizer.step()
+        # optimizer.step() (fp16: on the unscaled gradients, skipped if any is inf/NaN; then the scale
+        # adapts). Without a scaler these two lines are optimizer.step().
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         diag = step_diagnostics(logits, embs, labels, self.criterion, epoch) if self.cfg.diagnostics else {}
         return out, dt, diag
 
@@ -462,7 +557,8 @@ class Trainer:
         return save_checkpoint(self.output_dir / self.CHECKPOINT, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, epoch=epoch, config=self.cfg.to_dict(),
                                metrics={"history": self.history},
-                               extra={"num_classes": self.num_classes, "backend": self.backend})
+                               extra={"num_classes": self.num_classes, "backend": self.backend,
+                                      **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})})
 
     def _write_metrics(self, final: Optional[Dict[str, Any]] = None) -> None:
         obj = {"config": self.cfg.to_dict(), "history": self.history}
