@@ -26,8 +26,9 @@ import contextlib
 import os
 import pickle
 import random
+import math
 import re
-import tempfile
+import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -35,7 +36,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "atomic_save", "save_checkpoint",
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "atomic_save", "remove_stale_temp_files",
+           "save_checkpoint",
            "read_checkpoint", "load_checkpoint", "load_model_state", "check_compatible", "checkpoint_num_classes",
            "describe_checkpoint", "rng_state", "set_rng_state"]
 
@@ -59,11 +61,31 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 # writing
 # ---------------------------------------------------------------------------------------------
 
+def _temp_name(target: Path) -> str:
+    return f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _is_our_temp(name: str, target_name: str) -> bool:
+    prefix = f".{target_name}."
+    return name.startswith(prefix) and name.endswith(".tmp") and len(name) > len(prefix) + len(".tmp")
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
-    """torch.save `obj` to `path` atomically (temp file in the same folder + os.replace)."""
+    """torch.save `obj` to `path` atomically (temp file in the same folder + os.replace).
+
+    The file gets the mode of any new file (0666 less the umask), not the 0600 of a private temp file.
+    A process killed mid-write leaves its temp file (".<name>.<random>.tmp") behind;
+    remove_stale_temp_files clears them when the next run starts.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.parent / _temp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -78,6 +100,29 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             pass
         raise
     return path
+
+
+def remove_stale_temp_files(path: PathLike) -> List[Path]:
+    """Delete the temp files that atomic_save(..., path) leaves when its process is killed mid-write
+    (".<name>.<random>.tmp" next to `path`, and only those); returns what was removed. Call it when a
+    run starts, before anything writes `path`: a temp file is then never a write in progress of this run.
+    """
+    path = Path(path)
+    removed: List[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if _is_our_temp(name, path.name):
+            p = path.parent / name
+            try:
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 _LEAVES = (torch.Tensor, bool, int, float, str, type(None))
@@ -217,7 +262,7 @@ def _allow_format1():
     return scoped(_V1_GLOBALS) if scoped is not None else contextlib.nullcontext()
 
 
-def _upgrade_from_v1(state: Dict[str, Any]) -> Dict[str, Any]:
+def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
     """Format 1 -> 2: the RNG states become lists (the only difference)."""
     rng = state.get("rng")
     if isinstance(rng, dict):
@@ -227,6 +272,10 @@ def _upgrade_from_v1(state: Dict[str, Any]) -> Dict[str, Any]:
             rng["python"] = [py[0], list(py[1]), py[2]]
         if isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[1], (_V1UInt32Array, np.ndarray)):
             # (an ndarray if the caller had allow-listed numpy's own globals before us)
+            if isinstance(npy[1], _V1UInt32Array) and not hasattr(npy[1], "values"):
+                # _reconstruct without the BUILD that fills it: an array with no data
+                raise CheckpointError(f"{path}: its RNG state cannot be restored: the format-1 NumPy key array "
+                                      f"has no data")
             key = npy[1].values if isinstance(npy[1], _V1UInt32Array) else npy[1].tolist()
             rng["numpy"] = {"bit_generator": npy[0], "key": key, "pos": npy[2], "has_gauss": npy[3],
                             "cached_gaussian": npy[4]}
@@ -285,19 +334,115 @@ def _load_error(path: Path, size: int, exc: Exception) -> CheckpointError:
                            f"{_torch_reason(exc)})")
 
 
+#: How deep lists and dicts may nest in a checkpoint. What save_checkpoint writes nests about 6 deep
+#: (state -> metrics -> history -> record -> eval -> value); a hand-made file nested thousands deep
+#: would otherwise exhaust Python's recursion limit wherever it is walked.
+MAX_DEPTH = 64
+
+
+def _where(parent: str, key: Any) -> str:
+    return f"{parent}[{key!r}]" if len(parent) < 200 else parent
+
+
 def _check_plain(obj: Any, path: Path, where: str = "checkpoint") -> None:
-    if isinstance(obj, _LEAVES):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(v, path, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_plain(v, path, f"{where}[{i}]")
-    else:
+    """CheckpointError unless `obj` is plain data: tensors (whole, on a real device), numbers, strings,
+    lists, tuples and dicts, nested at most MAX_DEPTH deep. Walked with a stack, not recursion."""
+    stack = [(obj, where, 0)]
+    while stack:
+        item, at, depth = stack.pop()
+        if isinstance(item, torch.Tensor):
+            _check_tensor(item, path, at)
+            continue
+        if isinstance(item, _LEAVES):
+            continue
+        if isinstance(item, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {at} nests lists or dicts more "
+                                      f"than {MAX_DEPTH} deep, which a ksl_ops checkpoint never does")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((v, _where(at, k), depth + 1) for k, v in pairs)
+            continue
         # Only the format-1 stand-ins get here: a NumPy array outside the one place format 1 had one.
-        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {where} holds a NumPy object, "
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {at} holds a NumPy object, "
                               f"which a ksl_ops checkpoint never has there")
+
+
+def _check_tensor(t: torch.Tensor, path: Path, where: str) -> None:
+    if t.device.type == "meta":
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {where} is a tensor without data "
+                              f"(device 'meta')")
+    # torch.save writes a tensor as a storage plus sizes and strides; strides that revisit elements
+    # (an expanded tensor) let a few bytes declare a huge tensor. A saved state never has them.
+    room = t.untyped_storage().nbytes() // max(t.element_size(), 1) - t.storage_offset()
+    if t.numel() > room:
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {where} is an overlapping view of "
+                              f"{list(t.shape)} over {room} stored elements (an expanded tensor), which saving "
+                              f"a model never writes")
+
+
+def _check_rng(rng: Any, path: Path) -> None:
+    """CheckpointError unless `rng` is an RNG state that set_rng_state can restore, tried on scratch
+    generators, so that a bad one is found when the file is read, not when a run resumes."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its RNG state cannot be restored: {what}")
+
+    if not isinstance(rng, dict):
+        raise bad(f"'rng' is a {type(rng).__name__}, not a dict")
+    for key in ("python", "numpy", "torch"):
+        if key not in rng:
+            raise bad(repr(KeyError(key)))
+    try:
+        version, internal, gauss_next = rng["python"]
+        if not (isinstance(internal, (list, tuple)) and len(internal) == 625
+                and all(type(v) is int and 0 <= v < 2 ** 32 for v in internal)):
+            raise ValueError("the Python state must hold 625 integers in [0, 2**32)")
+        if not (gauss_next is None or isinstance(gauss_next, float)):
+            raise TypeError(f"the Python gauss_next must be None or a float, not {type(gauss_next).__name__}")
+        random.Random().setstate((int(version), tuple(internal), gauss_next))
+        n = rng["numpy"]
+        if not isinstance(n, dict):
+            raise TypeError(f"the NumPy state must be a dict, not {type(n).__name__}")
+        key = n["key"]
+        if not (isinstance(key, (list, tuple)) and len(key) == 624
+                and all(type(v) is int and 0 <= v < 2 ** 32 for v in key)):
+            raise ValueError("the NumPy key must hold 624 integers in [0, 2**32)")
+        for name, kind in (("bit_generator", str), ("pos", int), ("has_gauss", int), ("cached_gaussian", float)):
+            if not isinstance(n[name], kind) or isinstance(n[name], bool):
+                raise TypeError(f"the NumPy {name} must be a {kind.__name__}, not {type(n[name]).__name__}")
+        np.random.RandomState().set_state((n["bit_generator"], np.asarray(key, dtype=np.uint32), n["pos"],
+                                           n["has_gauss"], n["cached_gaussian"]))
+        states = [rng["torch"]] + list(rng.get("cuda") or [])
+        for t in states:
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+                raise TypeError("a torch RNG state must be a 1-D uint8 tensor")
+        torch.Generator().set_state(rng["torch"].cpu())
+    except Exception as exc:  # whatever a malformed state makes these raise, one message
+        raise bad(repr(exc)[:300]) from None
+
+
+def _classifier_keys(model_state: Dict[str, Any]) -> List[str]:
+    return [k for k in model_state if isinstance(k, str) and k.endswith("classifier.weight")]
+
+
+def _check_classifier(state: Dict[str, Any], path: Path) -> None:
+    """Every classifier weight is a [classes, features] matrix with classes >= 1, and a num_classes
+    entry, if any, is a positive integer that agrees with it."""
+    rows = None
+    for k in _classifier_keys(state["model"]):
+        w = state["model"][k]
+        if w.dim() != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {k!r} has shape "
+                                  f"{list(w.shape)}, not [classes, features]")
+        if rows is None or len(k) < len(rows[0]):
+            rows = (k, int(w.shape[0]))
+    if "num_classes" in state:
+        n = state["num_classes"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n!r}, not a positive "
+                                  f"integer")
+        if rows is not None and rows[1] != n:
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but {rows[0]!r} "
+                                  f"has {rows[1]} rows")
 
 
 def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
@@ -333,7 +478,7 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     if version < 1:
         raise CheckpointError(f"{path} claims ksl_ops checkpoint format version {version}, which never existed")
     if version == 1:
-        state = _upgrade_from_v1(state)
+        state = _upgrade_from_v1(state, path)
     for key, kind, name in (("epoch", int, "an integer"), ("model", dict, "a dict"), ("config", dict, "a dict")):
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{path} is an incomplete ksl_ops checkpoint: '{key}' is missing or not {name}")
@@ -341,14 +486,18 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     if bad:
         raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {bad[0]!r} is not a tensor")
     _check_plain(state, path)
+    if state["epoch"] < 0:
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: epoch is {state['epoch']}, below 0")
+    _check_classifier(state, path)
     return state
 
 
 def checkpoint_num_classes(state: Dict[str, Any]) -> Optional[int]:
-    """The number of training identities of a checkpoint (its classifier size), None if unknown."""
+    """The number of training identities of a checkpoint (its classifier size), None if unknown.
+    (read_checkpoint has checked that a num_classes entry and the classifier agree.)"""
     if isinstance(state.get("num_classes"), int):
         return state["num_classes"]
-    keys = [k for k in state["model"] if k.endswith("classifier.weight")]
+    keys = _classifier_keys(state["model"])
     return int(state["model"][min(keys, key=len)].shape[0]) if keys else None
 
 
@@ -384,6 +533,38 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: PathLi
         raise CheckpointError(f"{path} does not fit this {type(model).__name__}: {exc}") from exc
 
 
+def _check_optimizer_state(optimizer, path: PathLike) -> None:
+    """CheckpointError unless every per-parameter buffer of the loaded optimizer state has its
+    parameter's shape and a floating dtype (a step count may be a scalar), and every numeric
+    hyper-parameter of its groups is finite."""
+    for gi, group in enumerate(optimizer.param_groups):
+        for name, v in group.items():
+            if name == "params" or isinstance(v, bool) or v is None:
+                continue
+            values = v if isinstance(v, (tuple, list)) else [v]
+            for x in values:
+                if isinstance(x, torch.Tensor):
+                    x = float(x) if x.numel() == 1 else float("nan")
+                if not isinstance(x, (int, float)) or not math.isfinite(x):
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: group {gi} "
+                                          f"{name} is {v!r}, not a finite number")
+        for pi, p in enumerate(group["params"]):
+            for name, buf in optimizer.state.get(p, {}).items():
+                if not isinstance(buf, torch.Tensor):
+                    if name == "step" and isinstance(buf, (int, float)) and not isinstance(buf, bool):
+                        continue
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {name!r} of "
+                                          f"parameter {pi} (group {gi}) is a {type(buf).__name__}, not a tensor")
+                if name == "step":
+                    ok = buf.numel() == 1
+                else:
+                    ok = buf.shape == p.shape and buf.is_floating_point()
+                if not ok:
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {name!r} of "
+                                          f"parameter {pi} (group {gi}) is {buf.dtype} {list(buf.shape)}, the "
+                                          f"parameter {p.dtype} {list(p.shape)}")
+
+
 def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, optimizer=None, scheduler=None,
                     map_location="cpu", restore_rng: bool = False, backbone: Optional[str] = None,
                     num_classes: Optional[int] = None) -> Dict[str, Any]:
@@ -399,21 +580,25 @@ def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, opt
         raise CheckpointError(f"{path} has no optimizer state to resume from")
     if model is not None:
         load_model_state(model, state, path)
+    # A hand-edited file can be plain data and still not be a state these accept: whatever loading it
+    # raises becomes one CheckpointError, and what torch does not check (the shapes of the optimizer's
+    # buffers, finite hyper-parameters) is checked here, so that it fails now and not at the first step.
     if optimizer is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:
             raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {exc}") from exc
-    # A hand-edited file can be plain data and still not be a state these accept.
+        _check_optimizer_state(optimizer, path)
     if scheduler is not None and state.get("scheduler") is not None:
         try:
             scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:
             raise CheckpointError(f"{path}: its scheduler state cannot be restored: {exc!r}") from exc
     if restore_rng and state.get("rng") is not None:
+        _check_rng(state["rng"], path)  # on scratch generators first: a bad state changes nothing
         try:
             set_rng_state(state["rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # pragma: no cover - _check_rng tried the same calls
             raise CheckpointError(f"{path}: its RNG state cannot be restored: {exc!r}") from exc
     return state
 
