@@ -187,7 +187,8 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             trainer.resume(args.resume)
         trainer.stop_after = args.stop_after
         result = trainer.fit()
-    except (ValueError, OSError) as exc:  # bad options, files, data or folders: one line, exit 2
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad options, files, data, folders; a
+        # diverged loss (the checkpoints of the epochs before it stay): one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -618,3 +618,26 @@ def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask == stat.S_IMODE(plain.stat().st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_model_weights_of_another_dtype_or_not_finite(run, tmp_path, capsys):
+    base = _state(run)
+    name = next(k for k, v in base["model"].items() if v.is_floating_point() and v.dim() == 4)
+    for value, msg in [(torch.complex(base["model"][name], base["model"][name]), "1 dtype mismatches"),
+                       (torch.full_like(base["model"][name], float("nan")), "1 entries hold NaN or infinite"),
+                       (torch.full_like(base["model"][name], float("inf")), "1 entries hold NaN or infinite")]:
+        state = _state(run)
+        state["model"][name] = value
+        path = _resave(state, tmp_path / "w.ckpt")
+        for argv in (["eval", "--checkpoint", path, "--workers", "0"],
+                     ["train", "--resume", path, "--workers", "0", "--progress", "off"]):
+            cap = _cli_error(capsys, argv, f"{path} does not fit this ", msg, name)
+            assert "R1" not in cap.out  # refused at load, not after an evaluation
+
+
+def test_diverging_loss_ends_in_one_line_and_keeps_the_last_checkpoint(synth_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    # One step per epoch: epoch 1's loss is computed before its (huge) update, epoch 2's after it.
+    _cli_error(capsys, _train_argv(synth_root, out, "--lr", "1e30", "--epochs", "2", "--triplet-start", "2"),
+               "the loss became", "at epoch 2", "lower --lr (now 1e+30)")
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 1  # epoch 1's work is kept

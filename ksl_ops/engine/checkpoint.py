@@ -519,12 +519,24 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: PathLi
     unexpected = [k for k in have if k not in want]
     shapes = [f"{k} {list(have[k].shape)} vs {list(v.shape)}" for k, v in want.items()
               if k in have and have[k].shape != v.shape]
+    # load_state_dict would cast silently: complex to real drops a part, a float into an integer buffer
+    # truncates. And a NaN or infinite weight only shows later, as a NaN loss or distance matrix.
+    kinds = [f"{k} {have[k].dtype} vs {v.dtype}" for k, v in want.items() if k in have and (
+             (have[k].is_complex() and not v.is_complex())
+             or (have[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())))]
     problems: List[str] = []
     for what, items in (("missing", missing), ("unexpected", unexpected)):
         if items:
             problems.append(f"{len(items)} {what} entries (e.g. {', '.join(items[:2])})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, checkpoint vs model (e.g. {'; '.join(shapes[:2])})")
+    if kinds:
+        problems.append(f"{len(kinds)} dtype mismatches, checkpoint vs model (e.g. {'; '.join(kinds[:2])})")
+    if not problems:
+        bad = [k for k in want if (have[k].is_floating_point() or have[k].is_complex())
+               and not bool(torch.isfinite(have[k]).all())]
+        if bad:
+            problems.append(f"{len(bad)} entries hold NaN or infinite values (e.g. {', '.join(bad[:2])})")
     if problems:
         raise CheckpointError(f"{path} does not fit this {type(model).__name__}: {'; '.join(problems)}")
     try:
@@ -550,6 +562,8 @@ def _check_optimizer_state(optimizer, path: PathLike) -> None:
                                           f"{name} is {v!r}, not a finite number")
         for pi, p in enumerate(group["params"]):
             for name, buf in optimizer.state.get(p, {}).items():
+                if buf is None:  # a buffer not made yet
+                    continue
                 if not isinstance(buf, torch.Tensor):
                     if name == "step" and isinstance(buf, (int, float)) and not isinstance(buf, bool):
                         continue
