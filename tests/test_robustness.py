@@ -641,3 +641,21 @@ def test_diverging_loss_ends_in_one_line_and_keeps_the_last_checkpoint(synth_roo
     _cli_error(capsys, _train_argv(synth_root, out, "--lr", "1e30", "--epochs", "2", "--triplet-start", "2"),
                "the loss became", "at epoch 2", "lower --lr (now 1e+30)")
     assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 1  # epoch 1's work is kept
+
+
+def test_format_of_5000_digits_and_huge_strings_give_short_messages(run, tmp_path, capsys):
+    state = _state(run)
+    state["format"] = "ksl_ops.checkpoint/" + "9" * 5000
+    path = _resave(state, tmp_path / "f.ckpt")
+    with pytest.raises(CheckpointError, match=r"f.ckpt claims a ksl_ops checkpoint format version of 5000 digits"):
+        ckpt.read_checkpoint(path)
+    for field, where, value in [("format", None, "x" * 10 ** 6), ("config", "recipe", "y" * 10 ** 6),
+                                ("model", "z" * 10 ** 6, "not a tensor")]:
+        state = _state(run)
+        if where is None:
+            state[field] = value
+        else:
+            state[field][where] = value
+        path = _resave(state, tmp_path / "f.ckpt")
+        cap = _cli_error(capsys, ["eval", "--checkpoint", path, "--workers", "0"], str(path), "characters)")
+        assert len(cap.err) < 600, cap.err[:600]

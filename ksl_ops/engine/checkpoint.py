@@ -340,8 +340,14 @@ def _load_error(path: Path, size: int, exc: Exception) -> CheckpointError:
 MAX_DEPTH = 64
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a message stays one readable line whatever a file holds."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 20]}... ({len(r)} characters)"
+
+
 def _where(parent: str, key: Any) -> str:
-    return f"{parent}[{key!r}]" if len(parent) < 200 else parent
+    return f"{parent}[{_short(key, 60)}]" if len(parent) < 200 else parent
 
 
 def _check_plain(obj: Any, path: Path, where: str = "checkpoint") -> None:
@@ -431,17 +437,17 @@ def _check_classifier(state: Dict[str, Any], path: Path) -> None:
     for k in _classifier_keys(state["model"]):
         w = state["model"][k]
         if w.dim() != 2 or w.shape[0] < 1 or w.shape[1] < 1:
-            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {k!r} has shape "
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {_short(k)} has shape "
                                   f"{list(w.shape)}, not [classes, features]")
         if rows is None or len(k) < len(rows[0]):
             rows = (k, int(w.shape[0]))
     if "num_classes" in state:
         n = state["num_classes"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n!r}, not a positive "
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {_short(n)}, not a positive "
                                   f"integer")
         if rows is not None and rows[1] != n:
-            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but {rows[0]!r} "
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but {_short(rows[0])} "
                                   f"has {rows[1]} rows")
 
 
@@ -464,12 +470,17 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     fmt = state.get("format")
     found = _FORMAT_RE.match(fmt) if isinstance(fmt, str) else None
     if found is None:
-        keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
+        keys = ", ".join(_short(k, 40) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
         bare = state and all(isinstance(v, torch.Tensor) for v in state.values())
-        what = "a bare state_dict" if bare else (f"format {fmt!r}" if fmt is not None else f"keys {keys}")
+        shown = _short(fmt)
+        what = "a bare state_dict" if bare else (f"format {shown}" if fmt is not None else f"keys {keys}")
         raise CheckpointError(f"{path} is a torch file but not a ksl_ops checkpoint ({what}); `ksl eval` and "
                               f"`--resume` take the last.ckpt that `ksl train` writes")
-    version = int(found.group(1))
+    digits = found.group(1)
+    if len(digits) > 9:  # (int() of thousands of digits raises an error that names no file)
+        raise CheckpointError(f"{path} claims a ksl_ops checkpoint format version of {len(digits)} digits, "
+                              f"which never existed")
+    version = int(digits)
     if version > FORMAT_VERSION:
         from .._version import __version__
 
@@ -484,7 +495,7 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
             raise CheckpointError(f"{path} is an incomplete ksl_ops checkpoint: '{key}' is missing or not {name}")
     bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {bad[0]!r} is not a tensor")
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {_short(bad[0])} is not a tensor")
     _check_plain(state, path)
     if state["epoch"] < 0:
         raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: epoch is {state['epoch']}, below 0")
@@ -527,7 +538,7 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: PathLi
     problems: List[str] = []
     for what, items in (("missing", missing), ("unexpected", unexpected)):
         if items:
-            problems.append(f"{len(items)} {what} entries (e.g. {', '.join(items[:2])})")
+            problems.append(f"{len(items)} {what} entries (e.g. {', '.join(_short(k) for k in items[:2])})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, checkpoint vs model (e.g. {'; '.join(shapes[:2])})")
     if kinds:
@@ -559,7 +570,7 @@ def _check_optimizer_state(optimizer, path: PathLike) -> None:
                     x = float(x) if x.numel() == 1 else float("nan")
                 if not isinstance(x, (int, float)) or not math.isfinite(x):
                     raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: group {gi} "
-                                          f"{name} is {v!r}, not a finite number")
+                                          f"{name} is {_short(v)}, not a finite number")
         for pi, p in enumerate(group["params"]):
             for name, buf in optimizer.state.get(p, {}).items():
                 if buf is None:  # a buffer not made yet
@@ -567,14 +578,14 @@ def _check_optimizer_state(optimizer, path: PathLike) -> None:
                 if not isinstance(buf, torch.Tensor):
                     if name == "step" and isinstance(buf, (int, float)) and not isinstance(buf, bool):
                         continue
-                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {name!r} of "
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} of "
                                           f"parameter {pi} (group {gi}) is a {type(buf).__name__}, not a tensor")
                 if name == "step":
                     ok = buf.numel() == 1
                 else:
                     ok = buf.shape == p.shape and buf.is_floating_point()
                 if not ok:
-                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {name!r} of "
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} of "
                                           f"parameter {pi} (group {gi}) is {buf.dtype} {list(buf.shape)}, the "
                                           f"parameter {p.dtype} {list(p.shape)}")
 

@@ -100,6 +100,11 @@ SYNTHETIC_KEYS = frozenset({"num_train_ids", "num_test_ids", "num_cams", "images
                             "seed"})
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 20]}... ({len(r)} characters)"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -120,7 +125,7 @@ def check_device_name(device: str) -> str:
     if device == "auto" or device == "cpu" or re.fullmatch(r"cuda(:\d{1,4})?", str(device)):
         return device
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (the ksl_ops kernels run on CPUs and "
-                     f"CUDA GPUs), got {device!r}")
+                     f"CUDA GPUs), got {_short(device)}")
 
 
 def default_data_root() -> Path:
@@ -209,7 +214,7 @@ class TrainConfig:
             if optional and v is None:
                 return
             if not isinstance(v, str) or v not in options:
-                raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
+                raise ValueError(f"{name} must be one of {list(options)}, got {_short(v)}")
 
         def integer(name, lo, hi=None, optional=False):
             v = getattr(self, name)
@@ -217,7 +222,7 @@ class TrainConfig:
                 return
             if not _is_int(v) or v < lo or (hi is not None and v > hi):
                 rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ValueError(f"{name} must be an integer {rng}, got {v!r}")
+                raise ValueError(f"{name} must be an integer {rng}, got {_short(v)}")
 
         def real(name, lo, hi, lo_open=False, hi_open=False, what="a finite number"):
             v = getattr(self, name)
@@ -225,21 +230,21 @@ class TrainConfig:
             if not ok:
                 left, right = ("(" if lo_open else "["), (")" if hi_open or hi is None else "]")
                 raise ValueError(f"{name} must be {what} in {left}{lo:g}, "
-                                 f"{'inf' if hi is None else format(hi, 'g')}{right}, got {v!r}")
+                                 f"{'inf' if hi is None else format(hi, 'g')}{right}, got {_short(v)}")
 
         def flag(name, optional=False):
             v = getattr(self, name)
             if not (isinstance(v, bool) or (optional and v is None)):
-                raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {v!r}")
+                raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {_short(v)}")
 
         choice("preset", PRESETS)
         if not isinstance(self.dataset, str) or _dataset_key(self.dataset) is None:
             from ..data import DATASETS
 
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {_short(self.dataset)}")
         if self.data_root is not None and (not isinstance(self.data_root, (str, os.PathLike))
                                            or not os.fspath(self.data_root)):
-            raise ValueError(f"data_root must be None or a non-empty path, got {self.data_root!r}")
+            raise ValueError(f"data_root must be None or a non-empty path, got {_short(self.data_root)}")
         choice("losses", LOSS_PRESETS)
         choice("backbone", BACKBONES)
         choice("backend", ("auto", "fused", "reference"))
@@ -275,11 +280,11 @@ class TrainConfig:
             flag(name, optional=True)
         cs = self.consensus_start_epoch
         if cs is not None and cs != "triplet" and not (_is_int(cs) and cs >= 0):
-            raise ValueError(f"consensus_start_epoch must be None, 'triplet' or an integer >= 0, got {cs!r}")
+            raise ValueError(f"consensus_start_epoch must be None, 'triplet' or an integer >= 0, got {_short(cs)}")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
-            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+            raise ValueError(f"output_dir must be a non-empty path, got {_short(self.output_dir)}")
         if not isinstance(self.device, str):
-            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {self.device!r}")
+            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {_short(self.device)}")
         check_device_name(self.device)
         return self
 
@@ -288,10 +293,10 @@ class TrainConfig:
 
         syn = self.synthetic
         if not isinstance(syn, dict) or not all(isinstance(k, str) for k in syn):
-            raise ValueError(f"synthetic must be a dict of render_synthetic settings, got {syn!r}")
+            raise ValueError(f"synthetic must be a dict of render_synthetic settings, got {_short(syn)}")
         unknown = sorted(set(syn) - SYNTHETIC_KEYS)
         if unknown:
-            raise ValueError(f"synthetic: unknown setting {unknown[0]!r}; known: {sorted(SYNTHETIC_KEYS)}")
+            raise ValueError(f"synthetic: unknown setting {_short(unknown[0])}; known: {sorted(SYNTHETIC_KEYS)}")
         # Rendered at the input size unless the dict says otherwise (trainer.load_dataset); a config of
         # another dataset keeps the dict only for the record, so render_synthetic's own defaults stand in.
         synthetic = _dataset_key(self.dataset) == "synthetic"
