@@ -92,7 +92,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, help="epochs (cpu preset 16, paper 350)")
     g.add_argument("--triplet-start", type=int, default=None,
                    help="epoch (0-based) at which triplets and the P×K sampler start (default 150/350 of --epochs)")
-    g.add_argument("--lr", type=finite_float, default=None, help="initial learning rate (cpu preset 0.01, paper 0.0015)")
+    g.add_argument("--lr", type=finite_float, default=None,
+                   help="initial learning rate (cpu preset 0.01, paper 0.0015)")
     g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs (cpu preset 1, paper 0)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "amsgrad"],
                    help="SGD with Nesterov momentum 0.9 (the paper), or Adam/AMSGrad")

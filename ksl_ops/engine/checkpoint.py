@@ -444,8 +444,8 @@ def _check_classifier(state: Dict[str, Any], path: Path) -> None:
     if "num_classes" in state:
         n = state["num_classes"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {_short(n)}, not a positive "
-                                  f"integer")
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {_short(n)}, not a "
+                                  f"positive integer")
         if rows is not None and rows[1] != n:
             raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but {_short(rows[0])} "
                                   f"has {rows[1]} rows")
