@@ -52,7 +52,7 @@ def _cmd_eval(argv: List[str]) -> int:
 
     try:
         if args.json:
-            check_output_file(args.json, "--json")
+            check_output_file(args.json, "--json", [args.checkpoint])
         res = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, dataset=args.dataset,
                                   rerank=args.rerank, device=args.device, workers=args.workers)
     except (ValueError, OSError) as exc:
@@ -145,8 +145,8 @@ def _cmd_analyze(argv: List[str]) -> int:
 
     out_json = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
     try:
-        check_output_file(args.out, "--out")
-        check_output_file(out_json, "--json")
+        check_output_file(args.out, "--out", args.checkpoint)
+        check_output_file(out_json, "--json", [*args.checkpoint, args.out])
         if args.what == "weights":
             thr = analysis.DEAD_THRESHOLD if args.threshold is None else args.threshold
             res = analysis.analyze_weights(args.checkpoint, args.out, args.labels, thr, args.with_init)

@@ -425,6 +425,16 @@ def test_result_files_are_checked_before_the_work(run, tmp_path, capsys):
     _cli_error(capsys, ["analyze", "tsne", "--checkpoint", run / "last.ckpt", "--out", tmp_path / "t.png",
                         "--json", tmp_path],
                f"--json {str(tmp_path)!r} is a folder, not a file path")
+    # A result written over the checkpoint it came from would destroy it.
+    copy = tmp_path / "copy.ckpt"
+    shutil.copy(run / "last.ckpt", copy)
+    before = copy.read_bytes()
+    _cli_error(capsys, ["eval", "--checkpoint", copy, "--workers", "0", "--json", tmp_path / "." / "copy.ckpt"],
+               "is the input file", "writing there would destroy it")
+    _cli_error(capsys, ["analyze", "weights", "--checkpoint", copy, "--out", tmp_path / "w.png", "--json", copy],
+               "--json", "is the input file")
+    _cli_error(capsys, ["analyze", "weights", "--checkpoint", copy, "--out", copy], "--out", "is the input file")
+    assert copy.read_bytes() == before
 
 
 def test_synth_options_are_bounded_and_paths_checked_first(tmp_path, capsys):

@@ -538,7 +538,8 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: PathLi
     problems: List[str] = []
     for what, items in (("missing", missing), ("unexpected", unexpected)):
         if items:
-            problems.append(f"{len(items)} {what} entries (e.g. {', '.join(_short(k) for k in items[:2])})")
+            names = [k if len(str(k)) <= 80 else _short(k) for k in items[:2]]
+            problems.append(f"{len(items)} {what} entries (e.g. {', '.join(map(str, names))})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, checkpoint vs model (e.g. {'; '.join(shapes[:2])})")
     if kinds:

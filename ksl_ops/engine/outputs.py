@@ -74,12 +74,18 @@ def prepare_output_dir(path: PathLike, names: Iterable[str] = ()) -> List[Path]:
     return removed
 
 
-def check_output_file(path: PathLike, option: str) -> Path:
+def check_output_file(path: PathLike, option: str, inputs: Iterable[PathLike] = ()) -> Path:
     """Check, before the work that produces it, that the file `path` (given as `option`) can be written:
-    its folder exists (or can be created) and accepts new files, and `path` is not a folder."""
+    its folder exists (or can be created) and accepts new files, `path` is not a folder, and it is none
+    of `inputs` (the files the command reads, e.g. the checkpoint, which writing would destroy)."""
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.is_dir():
         raise OutputPathError(f"{option} {str(path)!r} is a folder, not a file path")
+    for src in inputs:
+        src = Path(os.path.expanduser(os.fspath(src)))
+        if path.resolve() == src.resolve():
+            raise OutputPathError(f"{option} {str(path)!r} is the input file {str(src)!r}; writing there would "
+                                  f"destroy it")
     folder = path.parent
     _file_in_the_way(folder, f"{option}: the folder")
     try:
