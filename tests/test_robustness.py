@@ -345,10 +345,14 @@ def _unwritable_folder(tmp_path):
     chattr = shutil.which("chattr")
     if chattr and subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode == 0:
         try:
-            yield folder
+            try:
+                (folder / "probe").write_text("x")  # a file system that keeps the flag but ignores it
+            except OSError:
+                yield folder
+                return
         finally:
             subprocess.run([chattr, "-i", str(folder)], capture_output=True)
-        return
+        (folder / "probe").unlink()
     for candidate in (Path("/sys/kernel"), Path("/sys")):
         try:
             (candidate / ".ksl-probe").touch()

@@ -23,10 +23,10 @@ would let a file build arbitrary arrays. Resuming a format-1 run writes format 2
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import random
-import math
 import re
 import secrets
 from collections import OrderedDict
@@ -37,9 +37,8 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "atomic_save", "remove_stale_temp_files",
-           "save_checkpoint",
-           "read_checkpoint", "load_checkpoint", "load_model_state", "check_compatible", "checkpoint_num_classes",
-           "describe_checkpoint", "rng_state", "set_rng_state"]
+           "save_checkpoint", "read_checkpoint", "load_checkpoint", "load_model_state", "check_compatible",
+           "checkpoint_num_classes", "describe_checkpoint", "rng_state", "set_rng_state"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -268,8 +267,8 @@ def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
     if isinstance(rng, dict):
         rng = dict(rng)
         py, npy = rng.get("python"), rng.get("numpy")
-        if isinstance(py, tuple) and len(py) == 3:
-            rng["python"] = [py[0], list(py[1]), py[2]]
+        if isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], (list, tuple)):
+            rng["python"] = [py[0], list(py[1]), py[2]]  # (anything else is refused by _check_rng on resume)
         if isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[1], (_V1UInt32Array, np.ndarray)):
             # (an ndarray if the caller had allow-listed numpy's own globals before us)
             if isinstance(npy[1], _V1UInt32Array) and not hasattr(npy[1], "values"):
@@ -388,7 +387,7 @@ def _check_tensor(t: torch.Tensor, path: Path, where: str) -> None:
 
 def _check_rng(rng: Any, path: Path) -> None:
     """CheckpointError unless `rng` is an RNG state that set_rng_state can restore, tried on scratch
-    generators, so that a bad one is found when the file is read, not when a run resumes."""
+    generators first, so that a bad state is refused whole and no generator is left half-restored."""
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: its RNG state cannot be restored: {what}")
 
@@ -447,8 +446,8 @@ def _check_classifier(state: Dict[str, Any], path: Path) -> None:
             raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {_short(n)}, not a "
                                   f"positive integer")
         if rows is not None and rows[1] != n:
-            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but {_short(rows[0])} "
-                                  f"has {rows[1]} rows")
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but "
+                                  f"{_short(rows[0])} has {rows[1]} rows")
 
 
 def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
@@ -495,7 +494,8 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
             raise CheckpointError(f"{path} is an incomplete ksl_ops checkpoint: '{key}' is missing or not {name}")
     bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {_short(bad[0])} is not a tensor")
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {_short(bad[0])} is not a "
+                              f"tensor")
     _check_plain(state, path)
     if state["epoch"] < 0:
         raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: epoch is {state['epoch']}, below 0")
@@ -579,15 +579,15 @@ def _check_optimizer_state(optimizer, path: PathLike) -> None:
                 if not isinstance(buf, torch.Tensor):
                     if name == "step" and isinstance(buf, (int, float)) and not isinstance(buf, bool):
                         continue
-                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} of "
-                                          f"parameter {pi} (group {gi}) is a {type(buf).__name__}, not a tensor")
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} "
+                                          f"of parameter {pi} (group {gi}) is a {type(buf).__name__}, not a tensor")
                 if name == "step":
                     ok = buf.numel() == 1
                 else:
                     ok = buf.shape == p.shape and buf.is_floating_point()
                 if not ok:
-                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} of "
-                                          f"parameter {pi} (group {gi}) is {buf.dtype} {list(buf.shape)}, the "
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} "
+                                          f"of parameter {pi} (group {gi}) is {buf.dtype} {list(buf.shape)}, the "
                                           f"parameter {p.dtype} {list(p.shape)}")
 
 
