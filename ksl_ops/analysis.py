@@ -304,16 +304,15 @@ def analyze_tsne(checkpoints: Sequence, out, labels: Optional[Sequence[str]] = N
                  draws: int = 2, seed: int = 0, data_root: Optional[str] = None, log=print) -> Dict[str, Dict]:
     """Figure 7 for ``ksl train`` checkpoints: the same augmented test images (same identities, same
     draws) through each model, t-SNE of each, side by side in ``out``; returns the separation stats."""
-    from .engine.trainer import load_dataset, load_trained_model
+    from .engine.trainer import load_dataset, load_trained_model, use_data_root
 
     labels = _labels_for(checkpoints, labels)
     panels, stats = [], {}
     for lab, ckpt in zip(labels, checkpoints):
         model, cfg, _ = load_trained_model(ckpt, "cpu", log=log)
-        if data_root is not None:
-            cfg.data_root = data_root
+        use_data_root(cfg, data_root, log)  # the checkpoint's root only where nothing is written into it
         cfg.val_ids = 0  # the test identities, whatever split the run was evaluated on
-        ds = load_dataset(cfg, log=log)
+        ds = load_dataset(cfg, log=log, check=("query", "gallery"), when="the analysis")
         images, pids = augmented_test_images(ds, cfg.height, cfg.width, identities, draws, seed)
         feats = embed(model, images)
         st = separation(feats, pids)

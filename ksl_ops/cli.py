@@ -27,25 +27,35 @@ def _reference_train():
     return train
 
 
+def _finite_float(text: str) -> float:
+    return _reference_train().finite_float(text)
+
+
 def _cmd_eval(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="ksl eval", description="Evaluate the main branch of a training checkpoint "
                                 "(single-query CMC/mAP, cosine distance).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a last.ckpt written by `ksl train`")
     p.add_argument("--dataset", default=None, help="evaluate on this dataset instead of the training one")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: the one in the checkpoint)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: the checkpoint's, where it is only read: a real dataset, or a "
+                        "synthetic set already rendered there with the checkpoint's settings; else the synthetic "
+                        "set is rendered into $KSL_DATA or ./data/synthetic)")
     p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, 4 on GPU)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
 
+    from .engine.outputs import check_output_file
     from .engine.trainer import evaluate_checkpoint
 
     try:
+        if args.json:
+            check_output_file(args.json, "--json", [args.checkpoint])
         res = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, dataset=args.dataset,
                                   rerank=args.rerank, device=args.device, workers=args.workers)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = res["config"]
@@ -83,14 +93,19 @@ def _cmd_synth(argv: List[str]) -> int:
 
     from .data import build_dataset, render_synthetic, synthetic_preview
 
+    from .engine.outputs import check_output_file
+
     try:
+        preview = Path(args.preview) if args.preview else Path(args.root) / "preview.png"
+        if args.preview:  # (the default lies in --root, which render_synthetic checks)
+            check_output_file(preview, "--preview")
         root = render_synthetic(args.root, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
                                 num_cams=args.num_cams, images_per_cam=args.images_per_cam,
                                 height=args.height, width=args.width, seed=args.seed)
-    except (ValueError, FileExistsError) as exc:
+        preview = synthetic_preview(root, preview)
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    preview = synthetic_preview(root, Path(args.preview) if args.preview else Path(root) / "preview.png")
     ds = build_dataset("synthetic", root)
     print(ds.summary())
     print(f"rendered into {root}; preview {preview}")
@@ -110,7 +125,7 @@ def _cmd_analyze(argv: List[str]) -> int:
     w = sub.add_parser("weights", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="histograms of each block's convolution weights, overlaid; share of near-zero weights")
     w.add_argument("--out", default="weights.png", help="PNG to write")
-    w.add_argument("--threshold", type=float, default=None, help="|w| below this counts as dead (default 1e-3)")
+    w.add_argument("--threshold", type=_finite_float, default=None, help="|w| below this counts as dead (default 1e-3)")
     w.add_argument("--with-init", action="store_true",
                    help="add the untrained network (first checkpoint's config and seed) as a reference")
     t = sub.add_parser("tsne", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -126,8 +141,12 @@ def _cmd_analyze(argv: List[str]) -> int:
     from pathlib import Path
 
     from . import analysis
+    from .engine.outputs import check_output_file
 
+    out_json = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
     try:
+        check_output_file(args.out, "--out", args.checkpoint)
+        check_output_file(out_json, "--json", [*args.checkpoint, args.out])
         if args.what == "weights":
             thr = analysis.DEAD_THRESHOLD if args.threshold is None else args.threshold
             res = analysis.analyze_weights(args.checkpoint, args.out, args.labels, thr, args.with_init)
@@ -142,10 +161,9 @@ def _cmd_analyze(argv: List[str]) -> int:
         else:
             res = analysis.analyze_tsne(args.checkpoint, args.out, args.labels, args.identities, args.draws,
                                         args.seed, args.data_root)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out_json = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
     out_json.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out} and {out_json}")
     return 0

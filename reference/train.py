@@ -18,12 +18,21 @@ Outputs (in --output-dir): last.ckpt (atomic, resumable), metrics.json, curves.p
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from typing import List, Optional
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "finite_float", "main"]
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (argparse reports the option's name)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -73,7 +82,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="triplets and KSL-H on L2-normalised embeddings (default: the recipe's)")
     g.add_argument("--consensus-start", type=int, default=None,
                    help="epoch (0-based) from which KSL-P and KSL-E are added (default: the recipe's)")
-    g.add_argument("--label-noise", type=float, default=None, metavar="FRACTION",
+    g.add_argument("--label-noise", type=finite_float, default=None, metavar="FRACTION",
                    help="give this share of the training images a wrong identity, redrawn every epoch "
                         "(the paper's Figure 6 robustness study; default 0)")
     g.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
@@ -85,7 +94,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, help="epochs (cpu preset 16, paper 350)")
     g.add_argument("--triplet-start", type=int, default=None,
                    help="epoch (0-based) at which triplets and the P×K sampler start (default 150/350 of --epochs)")
-    g.add_argument("--lr", type=float, default=None, help="initial learning rate (cpu preset 0.01, paper 0.0015)")
+    g.add_argument("--lr", type=finite_float, default=None,
+                   help="initial learning rate (cpu preset 0.01, paper 0.0015)")
     g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs (cpu preset 1, paper 0)")
     g.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "bf16", "fp16", "auto"],
                    help="mixed precision: forward and loss under autocast, the KSL terms in float32 "
@@ -147,22 +157,25 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _config_for_resume(args: argparse.Namespace, path: str):
-    """The checkpoint's config, with only the options that do not change the maths taken from argv."""
+    """The checkpoint's config (validated like the command line's), with only the options that do not
+    change the maths taken from argv. Where the run writes is the user's choice, not the file's: the
+    run folder is --output-dir, else the folder holding the checkpoint; the data root is --data-root,
+    else the checkpoint's only where nothing is written into it (trainer.use_data_root)."""
+    from pathlib import Path
+
     from ksl_ops.engine.checkpoint import read_checkpoint
-    from ksl_ops.engine.config import TrainConfig
+    from ksl_ops.engine.trainer import config_from_checkpoint, use_data_root
 
     state = read_checkpoint(path)  # runs no code from the file; CheckpointError (a ValueError) on a bad one
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = config_from_checkpoint(state, path)
     cfg.device = args.device if args.device != "auto" else cfg.device
     if args.workers is not None:
         cfg.workers = args.workers
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
-    if args.data_root:
-        cfg.data_root = args.data_root
+    cfg.output_dir = args.output_dir or str(Path(path).parent)
+    use_data_root(cfg, args.data_root)
     cfg.progress = args.progress
     cfg.rerank = cfg.rerank or args.rerank
-    return cfg
+    return cfg.validated()
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -173,6 +186,8 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     from ksl_ops.engine.trainer import Trainer
 
     trainer = None
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"argument --stop-after: must be >= 1, got {args.stop_after}")
     try:
         cfg = _config_for_resume(args, args.resume) if args.resume else config_from_args(args)
         trainer = Trainer(cfg)
@@ -180,7 +195,8 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             trainer.resume(args.resume)
         trainer.stop_after = args.stop_after
         result = trainer.fit()
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad options, files, data, folders; a
+        # diverged loss (the checkpoints of the epochs before it stay): one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

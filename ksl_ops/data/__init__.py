@@ -11,6 +11,7 @@ case-insensitively). What each parser accepts is described in its module's docst
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from .base import ReIDDataset, relabel_train, split_validation
 from .cuhk03 import load_cuhk03
@@ -60,13 +61,24 @@ DATASETS = {
 }
 
 
+_ALIASES = {"market": "market1501", "duke": "dukemtmc", "dukemtmcreid": "dukemtmc", "cuhk03np": "cuhk03",
+            "msmt": "msmt17"}
+
+
+def dataset_key(name) -> Optional[str]:
+    """The :data:`DATASETS` key a dataset name means (case, '-' and '_' do not matter; short aliases
+    such as "market" or "duke" are accepted), None if it means none."""
+    if not isinstance(name, str):
+        return None
+    key = name.lower().replace("-", "").replace("_", "")
+    key = _ALIASES.get(key, key)
+    return key if key in DATASETS else None
+
+
 def build_dataset(name: str, root) -> ReIDDataset:
     """Parse dataset ``name`` (one of :data:`DATASETS`) found at ``root``."""
-    key = str(name).lower().replace("-", "").replace("_", "")
-    aliases = {"market": "market1501", "duke": "dukemtmc", "dukemtmcreid": "dukemtmc",
-               "cuhk03np": "cuhk03", "msmt": "msmt17"}
-    key = aliases.get(key, key)
-    if key not in DATASETS:
+    key = dataset_key(name)
+    if key is None:
         raise ValueError(f"build_dataset: unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[key](root)
 
@@ -75,6 +87,7 @@ __all__ = [
     "ReIDDataset",
     "DATASETS",
     "build_dataset",
+    "dataset_key",
     "load_market1501",
     "load_dukemtmc",
     "load_cuhk03",

@@ -19,6 +19,21 @@ Item = Tuple[str, int, int]  # (image path, pid, camid)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
+#: Identities and cameras are kept as int64 tensors (the loaders' batches, evaluation), so a number
+#: read from a file name or list has at most this many digits (10**18 - 1 < 2**63).
+MAX_DIGITS = 18
+
+
+def parse_int(text: str, what: str, where: str, dataset: str) -> int:
+    """``int(text)`` for a field read from a file name or list, or ValueError naming ``where`` (the
+    file) if it has more than MAX_DIGITS digits: an int64 cannot hold it, and Python refuses to
+    convert strings of thousands of digits with a message that names no file."""
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        shown = text if len(text) <= 24 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
+        raise ValueError(f"{dataset}: {what} {shown} in {where} has more than {MAX_DIGITS} digits "
+                         f"(identities and cameras are stored as 64-bit integers)")
+    return int(text)
+
 
 class ReIDDataset:
     """A parsed Re-ID dataset: ``train``, ``query`` and ``gallery`` lists of ``(path, pid, camid)``.
@@ -171,7 +186,8 @@ def parse_named_folder(folder: Path, dataset: str, pattern: re.Pattern, example:
             raise ValueError(
                 f"{dataset}: malformed image name {str(path)!r}; expected names like {example!r}"
             )
-        pid, cam = int(m.group("pid")), int(m.group("cam"))
+        pid = parse_int(m.group("pid"), "identity", repr(str(path)), dataset)
+        cam = parse_int(m.group("cam"), "camera", repr(str(path)), dataset)
         if pid == -1 and not keep_junk:
             continue
         if pid == 0 and not keep_distractors:

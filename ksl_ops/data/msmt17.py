@@ -12,8 +12,9 @@ Layout (V1; ``root`` may be this folder or its parent)::
 
 The V2 release (``mask_train_v2`` / ``mask_test_v2`` with the same lists) is accepted as well.
 The identity is the label column of the list; the camera is the third field of the file name.
-Only the first image of each list is checked for existence (stat-ing 126k files on a network file
-system takes minutes); a missing image fails later, at loading, with its path.
+Parsing checks only the first image of each list for existence (stat-ing 126k files on a network
+file system takes minutes); `ksl train` and `ksl eval` then check every image before they start
+(ksl_ops.data.check), so a missing or damaged one is reported with its path before any training.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import List
 
-from .base import Item, ReIDDataset, locate_dataset_dir, relabel_train
+from .base import Item, ReIDDataset, locate_dataset_dir, parse_int, relabel_train
 
 MSMT17_NAMES = ("MSMT17_V1", "MSMT17_V2", "MSMT17", "msmt17", "msmt17_v1", "msmt17_v2")
 MSMT17_PATTERN = re.compile(r"(?P<prefix>\d+)_(?P<n>\d+)_(?P<cam>\d+)_[^/]*\.[A-Za-z]+")
@@ -33,31 +34,46 @@ def _read_list(list_file: Path, image_dir: Path) -> List[Item]:
     if not list_file.is_file():
         raise FileNotFoundError(f"msmt17: expected list file {str(list_file)!r} (not found)")
     items: List[Item] = []
-    with open(list_file, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-                raise ValueError(
-                    f"msmt17: malformed line {lineno} of {str(list_file)!r}: {line!r}; expected "
-                    f"'<relative image path> <integer label>'"
-                )
-            rel, pid = parts[0], int(parts[1])
-            m = MSMT17_PATTERN.fullmatch(Path(rel).name)
-            if m is None:
-                raise ValueError(
-                    f"msmt17: malformed image name {str(image_dir / rel)!r} (line {lineno} of "
-                    f"{str(list_file)!r}); expected names like '0000_000_01_0303morning_0015_0.jpg'"
-                )
-            cam = int(m.group("cam"))
-            if cam < 1 or pid < 0:
-                raise ValueError(
-                    f"msmt17: bad camera c{cam} or label {pid} for {str(image_dir / rel)!r} "
-                    f"(line {lineno} of {str(list_file)!r})"
-                )
-            items.append((str(image_dir / rel), pid, cam - 1))
+    try:
+        with open(list_file, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise FileNotFoundError(f"msmt17: cannot read list file {str(list_file)!r}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"msmt17: list file {str(list_file)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02X} at "
+                         f"offset {exc.start}, line {lineno}); expected lines '<relative image path> <integer label>'"
+                         ) from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+            raise ValueError(
+                f"msmt17: malformed line {lineno} of {str(list_file)!r}: {line[:120]!r}; expected "
+                f"'<relative image path> <integer label>'"
+            )
+        where = f"line {lineno} of {str(list_file)!r}"
+        rel, pid = parts[0], parse_int(parts[1], "label", where, "msmt17")
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"msmt17: image path {rel[:120]!r} on {where} must be relative to "
+                             f"{str(image_dir)!r} and stay inside it")
+        m = MSMT17_PATTERN.fullmatch(Path(rel).name)
+        if m is None:
+            raise ValueError(
+                f"msmt17: malformed image name {str(image_dir / rel)!r} (line {lineno} of "
+                f"{str(list_file)!r}); expected names like '0000_000_01_0303morning_0015_0.jpg'"
+            )
+        cam = parse_int(m.group("cam"), "camera", where, "msmt17")
+        if cam < 1 or pid < 0:
+            raise ValueError(
+                f"msmt17: bad camera c{cam} or label {pid} for {str(image_dir / rel)!r} "
+                f"(line {lineno} of {str(list_file)!r})"
+            )
+        items.append((str(image_dir / rel), pid, cam - 1))
     if items and not Path(items[0][0]).is_file():
         raise FileNotFoundError(
             f"msmt17: image {items[0][0]!r} listed in {str(list_file)!r} does not exist"

@@ -407,19 +407,43 @@ def _file_name(pid: int, cam: int, index: int) -> str:
     return f"{pid:04d}_c{cam}s1_{index:06d}_00.jpg"
 
 
-def _check_config(cfg: Dict) -> None:
-    for key, lo in (("num_train_ids", 1), ("num_test_ids", 1), ("num_cams", 2), ("images_per_cam", 1),
-                    ("height", 32), ("width", 16)):
+#: Upper limits of a rendering: an image side (supersampled 2x while drawing) and the number of images.
+#: They keep a mistyped option, or a hand-made config, from filling memory or the disk.
+MAX_SIDE = 2048
+MAX_IMAGES = 1_000_000
+
+
+def check_synthetic_config(cfg: Dict) -> None:
+    """ValueError naming the setting if ``cfg`` (render_synthetic's keyword arguments) is not a set
+    that can be rendered: integers of the right range, at most MAX_IMAGES images of at most MAX_SIDE
+    pixels a side."""
+    for key, lo, hi in (("num_train_ids", 1, None), ("num_test_ids", 1, None), ("num_cams", 2, None),
+                        ("images_per_cam", 1, None), ("height", 32, MAX_SIDE), ("width", 16, MAX_SIDE),
+                        ("seed", 0, 2 ** 63 - 1)):
         v = cfg[key]
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"render_synthetic: {key} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"render_synthetic: {key} must be an integer {rng}, got {v!r}")
     if cfg["num_cams"] > 9:
         raise ValueError(f"render_synthetic: num_cams must be <= 9 (Market-1501 names hold one digit), "
                          f"got {cfg['num_cams']}")
     if cfg["num_train_ids"] + cfg["num_test_ids"] > 9999:
         raise ValueError("render_synthetic: num_train_ids + num_test_ids must be <= 9999 (4-digit pids)")
-    if cfg["images_per_cam"] > 999999:
-        raise ValueError("render_synthetic: images_per_cam too large for the 6-digit frame field")
+    total = (int(cfg["num_train_ids"]) + int(cfg["num_test_ids"])) * int(cfg["num_cams"]) * int(cfg["images_per_cam"])
+    if total > MAX_IMAGES:
+        raise ValueError(f"render_synthetic: (num_train_ids + num_test_ids) x num_cams x images_per_cam = {total} "
+                         f"images, more than the {MAX_IMAGES} a synthetic set may have")
+
+
+def _check_writable_root(root: Path) -> None:
+    """ValueError if ``root`` cannot be a folder to render into: it is a file, or a file stands where
+    one of its parent folders would be (checked before anything is written)."""
+    for p in [root, *root.parents]:
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file, not a folder" if p == root else f"is under {str(p)!r}, which is a file"
+                raise ValueError(f"render_synthetic: cannot render into {str(root)!r}: it {what}")
+            break
 
 
 def _read_manifest(root: Path) -> Dict | None:
@@ -454,11 +478,10 @@ def render_synthetic(root, num_train_ids: int = 48, num_test_ids: int = 48, num_
     """
     cfg = {"num_train_ids": num_train_ids, "num_test_ids": num_test_ids, "num_cams": num_cams,
            "images_per_cam": images_per_cam, "height": height, "width": width, "seed": seed}
-    _check_config(cfg)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"render_synthetic: seed must be a non-negative integer, got {seed!r}")
+    check_synthetic_config(cfg)
     cfg = {k: int(v) for k, v in cfg.items()}
     root = Path(os.path.expanduser(str(root)))
+    _check_writable_root(root)
     manifest = _read_manifest(root)
     if manifest is not None and manifest.get("version") == RENDER_VERSION and manifest.get("config") == cfg \
             and _complete(root, manifest):
@@ -498,6 +521,25 @@ def render_synthetic(root, num_train_ids: int = 48, num_test_ids: int = 48, num_
         json.dump(manifest, fh, indent=2)
     os.replace(tmp, root / MANIFEST)
     return root
+
+
+def is_rendered(root, num_train_ids: int = 48, num_test_ids: int = 48, num_cams: int = 4, images_per_cam: int = 4,
+                height: int = 128, width: int = 64, seed: int = 0) -> bool:
+    """Whether ``root`` holds a complete set rendered with exactly these settings (the arguments of
+    render_synthetic), so that render_synthetic would write nothing there. Only reads."""
+    cfg = {"num_train_ids": num_train_ids, "num_test_ids": num_test_ids, "num_cams": num_cams,
+           "images_per_cam": images_per_cam, "height": height, "width": width, "seed": seed}
+    try:
+        check_synthetic_config(cfg)
+    except ValueError:
+        return False
+    root = Path(os.path.expanduser(str(root)))
+    if not (root / MANIFEST).is_file():
+        return False
+    manifest = _read_manifest(root)
+    return (isinstance(manifest, dict) and manifest.get("version") == RENDER_VERSION
+            and manifest.get("config") == {k: int(v) for k, v in cfg.items()}
+            and isinstance(manifest.get("counts"), dict) and _complete(root, manifest))
 
 
 def synthetic_preview(root, out_png, num_ids: int = 8, split: str = "bounding_box_train",

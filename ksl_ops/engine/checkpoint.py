@@ -23,11 +23,12 @@ would let a file build arbitrary arrays. Resuming a format-1 run writes format 2
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import random
 import re
-import tempfile
+import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -35,9 +36,9 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "atomic_save", "save_checkpoint",
-           "read_checkpoint", "load_checkpoint", "load_model_state", "check_compatible", "checkpoint_num_classes",
-           "describe_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "atomic_save", "remove_stale_temp_files",
+           "save_checkpoint", "read_checkpoint", "load_checkpoint", "load_model_state", "check_compatible",
+           "checkpoint_num_classes", "describe_checkpoint", "rng_state", "set_rng_state"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,11 +60,31 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 # writing
 # ---------------------------------------------------------------------------------------------
 
+def _temp_name(target: Path) -> str:
+    return f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _is_our_temp(name: str, target_name: str) -> bool:
+    prefix = f".{target_name}."
+    return name.startswith(prefix) and name.endswith(".tmp") and len(name) > len(prefix) + len(".tmp")
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
-    """torch.save `obj` to `path` atomically (temp file in the same folder + os.replace)."""
+    """torch.save `obj` to `path` atomically (temp file in the same folder + os.replace).
+
+    The file gets the mode of any new file (0666 less the umask), not the 0600 of a private temp file.
+    A process killed mid-write leaves its temp file (".<name>.<random>.tmp") behind;
+    remove_stale_temp_files clears them when the next run starts.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.parent / _temp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -78,6 +99,29 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             pass
         raise
     return path
+
+
+def remove_stale_temp_files(path: PathLike) -> List[Path]:
+    """Delete the temp files that atomic_save(..., path) leaves when its process is killed mid-write
+    (".<name>.<random>.tmp" next to `path`, and only those); returns what was removed. Call it when a
+    run starts, before anything writes `path`: a temp file is then never a write in progress of this run.
+    """
+    path = Path(path)
+    removed: List[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if _is_our_temp(name, path.name):
+            p = path.parent / name
+            try:
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 _LEAVES = (torch.Tensor, bool, int, float, str, type(None))
@@ -217,16 +261,20 @@ def _allow_format1():
     return scoped(_V1_GLOBALS) if scoped is not None else contextlib.nullcontext()
 
 
-def _upgrade_from_v1(state: Dict[str, Any]) -> Dict[str, Any]:
+def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
     """Format 1 -> 2: the RNG states become lists (the only difference)."""
     rng = state.get("rng")
     if isinstance(rng, dict):
         rng = dict(rng)
         py, npy = rng.get("python"), rng.get("numpy")
-        if isinstance(py, tuple) and len(py) == 3:
-            rng["python"] = [py[0], list(py[1]), py[2]]
+        if isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], (list, tuple)):
+            rng["python"] = [py[0], list(py[1]), py[2]]  # (anything else is refused by _check_rng on resume)
         if isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[1], (_V1UInt32Array, np.ndarray)):
             # (an ndarray if the caller had allow-listed numpy's own globals before us)
+            if isinstance(npy[1], _V1UInt32Array) and not hasattr(npy[1], "values"):
+                # _reconstruct without the BUILD that fills it: an array with no data
+                raise CheckpointError(f"{path}: its RNG state cannot be restored: the format-1 NumPy key array "
+                                      f"has no data")
             key = npy[1].values if isinstance(npy[1], _V1UInt32Array) else npy[1].tolist()
             rng["numpy"] = {"bit_generator": npy[0], "key": key, "pos": npy[2], "has_gauss": npy[3],
                             "cached_gaussian": npy[4]}
@@ -285,19 +333,121 @@ def _load_error(path: Path, size: int, exc: Exception) -> CheckpointError:
                            f"{_torch_reason(exc)})")
 
 
+#: How deep lists and dicts may nest in a checkpoint. What save_checkpoint writes nests about 6 deep
+#: (state -> metrics -> history -> record -> eval -> value); a hand-made file nested thousands deep
+#: would otherwise exhaust Python's recursion limit wherever it is walked.
+MAX_DEPTH = 64
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a message stays one readable line whatever a file holds."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 20]}... ({len(r)} characters)"
+
+
+def _where(parent: str, key: Any) -> str:
+    return f"{parent}[{_short(key, 60)}]" if len(parent) < 200 else parent
+
+
 def _check_plain(obj: Any, path: Path, where: str = "checkpoint") -> None:
-    if isinstance(obj, _LEAVES):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(v, path, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_plain(v, path, f"{where}[{i}]")
-    else:
+    """CheckpointError unless `obj` is plain data: tensors (whole, on a real device), numbers, strings,
+    lists, tuples and dicts, nested at most MAX_DEPTH deep. Walked with a stack, not recursion."""
+    stack = [(obj, where, 0)]
+    while stack:
+        item, at, depth = stack.pop()
+        if isinstance(item, torch.Tensor):
+            _check_tensor(item, path, at)
+            continue
+        if isinstance(item, _LEAVES):
+            continue
+        if isinstance(item, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {at} nests lists or dicts more "
+                                      f"than {MAX_DEPTH} deep, which a ksl_ops checkpoint never does")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((v, _where(at, k), depth + 1) for k, v in pairs)
+            continue
         # Only the format-1 stand-ins get here: a NumPy array outside the one place format 1 had one.
-        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {where} holds a NumPy object, "
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {at} holds a NumPy object, "
                               f"which a ksl_ops checkpoint never has there")
+
+
+def _check_tensor(t: torch.Tensor, path: Path, where: str) -> None:
+    if t.device.type == "meta":
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {where} is a tensor without data "
+                              f"(device 'meta')")
+    # torch.save writes a tensor as a storage plus sizes and strides; strides that revisit elements
+    # (an expanded tensor) let a few bytes declare a huge tensor. A saved state never has them.
+    room = t.untyped_storage().nbytes() // max(t.element_size(), 1) - t.storage_offset()
+    if t.numel() > room:
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: {where} is an overlapping view of "
+                              f"{list(t.shape)} over {room} stored elements (an expanded tensor), which saving "
+                              f"a model never writes")
+
+
+def _check_rng(rng: Any, path: Path) -> None:
+    """CheckpointError unless `rng` is an RNG state that set_rng_state can restore, tried on scratch
+    generators first, so that a bad state is refused whole and no generator is left half-restored."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its RNG state cannot be restored: {what}")
+
+    if not isinstance(rng, dict):
+        raise bad(f"'rng' is a {type(rng).__name__}, not a dict")
+    for key in ("python", "numpy", "torch"):
+        if key not in rng:
+            raise bad(repr(KeyError(key)))
+    try:
+        version, internal, gauss_next = rng["python"]
+        if not (isinstance(internal, (list, tuple)) and len(internal) == 625
+                and all(type(v) is int and 0 <= v < 2 ** 32 for v in internal)):
+            raise ValueError("the Python state must hold 625 integers in [0, 2**32)")
+        if not (gauss_next is None or isinstance(gauss_next, float)):
+            raise TypeError(f"the Python gauss_next must be None or a float, not {type(gauss_next).__name__}")
+        random.Random().setstate((int(version), tuple(internal), gauss_next))
+        n = rng["numpy"]
+        if not isinstance(n, dict):
+            raise TypeError(f"the NumPy state must be a dict, not {type(n).__name__}")
+        key = n["key"]
+        if not (isinstance(key, (list, tuple)) and len(key) == 624
+                and all(type(v) is int and 0 <= v < 2 ** 32 for v in key)):
+            raise ValueError("the NumPy key must hold 624 integers in [0, 2**32)")
+        for name, kind in (("bit_generator", str), ("pos", int), ("has_gauss", int), ("cached_gaussian", float)):
+            if not isinstance(n[name], kind) or isinstance(n[name], bool):
+                raise TypeError(f"the NumPy {name} must be a {kind.__name__}, not {type(n[name]).__name__}")
+        np.random.RandomState().set_state((n["bit_generator"], np.asarray(key, dtype=np.uint32), n["pos"],
+                                           n["has_gauss"], n["cached_gaussian"]))
+        states = [rng["torch"]] + list(rng.get("cuda") or [])
+        for t in states:
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+                raise TypeError("a torch RNG state must be a 1-D uint8 tensor")
+        torch.Generator().set_state(rng["torch"].cpu())
+    except Exception as exc:  # whatever a malformed state makes these raise, one message
+        raise bad(repr(exc)[:300]) from None
+
+
+def _classifier_keys(model_state: Dict[str, Any]) -> List[str]:
+    return [k for k in model_state if isinstance(k, str) and k.endswith("classifier.weight")]
+
+
+def _check_classifier(state: Dict[str, Any], path: Path) -> None:
+    """Every classifier weight is a [classes, features] matrix with classes >= 1, and a num_classes
+    entry, if any, is a positive integer that agrees with it."""
+    rows = None
+    for k in _classifier_keys(state["model"]):
+        w = state["model"][k]
+        if w.dim() != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {_short(k)} has shape "
+                                  f"{list(w.shape)}, not [classes, features]")
+        if rows is None or len(k) < len(rows[0]):
+            rows = (k, int(w.shape[0]))
+    if "num_classes" in state:
+        n = state["num_classes"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {_short(n)}, not a "
+                                  f"positive integer")
+        if rows is not None and rows[1] != n:
+            raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: num_classes is {n} but "
+                                  f"{_short(rows[0])} has {rows[1]} rows")
 
 
 def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
@@ -319,12 +469,17 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     fmt = state.get("format")
     found = _FORMAT_RE.match(fmt) if isinstance(fmt, str) else None
     if found is None:
-        keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
+        keys = ", ".join(_short(k, 40) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
         bare = state and all(isinstance(v, torch.Tensor) for v in state.values())
-        what = "a bare state_dict" if bare else (f"format {fmt!r}" if fmt is not None else f"keys {keys}")
+        shown = _short(fmt)
+        what = "a bare state_dict" if bare else (f"format {shown}" if fmt is not None else f"keys {keys}")
         raise CheckpointError(f"{path} is a torch file but not a ksl_ops checkpoint ({what}); `ksl eval` and "
                               f"`--resume` take the last.ckpt that `ksl train` writes")
-    version = int(found.group(1))
+    digits = found.group(1)
+    if len(digits) > 9:  # (int() of thousands of digits raises an error that names no file)
+        raise CheckpointError(f"{path} claims a ksl_ops checkpoint format version of {len(digits)} digits, "
+                              f"which never existed")
+    version = int(digits)
     if version > FORMAT_VERSION:
         from .._version import __version__
 
@@ -333,22 +488,27 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     if version < 1:
         raise CheckpointError(f"{path} claims ksl_ops checkpoint format version {version}, which never existed")
     if version == 1:
-        state = _upgrade_from_v1(state)
+        state = _upgrade_from_v1(state, path)
     for key, kind, name in (("epoch", int, "an integer"), ("model", dict, "a dict"), ("config", dict, "a dict")):
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{path} is an incomplete ksl_ops checkpoint: '{key}' is missing or not {name}")
     bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {bad[0]!r} is not a tensor")
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: model entry {_short(bad[0])} is not a "
+                              f"tensor")
     _check_plain(state, path)
+    if state["epoch"] < 0:
+        raise CheckpointError(f"{path} is not a valid ksl_ops checkpoint: epoch is {state['epoch']}, below 0")
+    _check_classifier(state, path)
     return state
 
 
 def checkpoint_num_classes(state: Dict[str, Any]) -> Optional[int]:
-    """The number of training identities of a checkpoint (its classifier size), None if unknown."""
+    """The number of training identities of a checkpoint (its classifier size), None if unknown.
+    (read_checkpoint has checked that a num_classes entry and the classifier agree.)"""
     if isinstance(state.get("num_classes"), int):
         return state["num_classes"]
-    keys = [k for k in state["model"] if k.endswith("classifier.weight")]
+    keys = _classifier_keys(state["model"])
     return int(state["model"][min(keys, key=len)].shape[0]) if keys else None
 
 
@@ -370,18 +530,65 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: PathLi
     unexpected = [k for k in have if k not in want]
     shapes = [f"{k} {list(have[k].shape)} vs {list(v.shape)}" for k, v in want.items()
               if k in have and have[k].shape != v.shape]
+    # load_state_dict would cast silently: complex to real drops a part, a float into an integer buffer
+    # truncates. And a NaN or infinite weight only shows later, as a NaN loss or distance matrix.
+    kinds = [f"{k} {have[k].dtype} vs {v.dtype}" for k, v in want.items() if k in have and (
+             (have[k].is_complex() and not v.is_complex())
+             or (have[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())))]
     problems: List[str] = []
     for what, items in (("missing", missing), ("unexpected", unexpected)):
         if items:
-            problems.append(f"{len(items)} {what} entries (e.g. {', '.join(items[:2])})")
+            names = [k if len(str(k)) <= 80 else _short(k) for k in items[:2]]
+            problems.append(f"{len(items)} {what} entries (e.g. {', '.join(map(str, names))})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, checkpoint vs model (e.g. {'; '.join(shapes[:2])})")
+    if kinds:
+        problems.append(f"{len(kinds)} dtype mismatches, checkpoint vs model (e.g. {'; '.join(kinds[:2])})")
+    if not problems:
+        bad = [k for k in want if (have[k].is_floating_point() or have[k].is_complex())
+               and not bool(torch.isfinite(have[k]).all())]
+        if bad:
+            problems.append(f"{len(bad)} entries hold NaN or infinite values (e.g. {', '.join(bad[:2])})")
     if problems:
         raise CheckpointError(f"{path} does not fit this {type(model).__name__}: {'; '.join(problems)}")
     try:
         model.load_state_dict(have)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this {type(model).__name__}: {exc}") from exc
+
+
+def _check_optimizer_state(optimizer, path: PathLike) -> None:
+    """CheckpointError unless every per-parameter buffer of the loaded optimizer state has its
+    parameter's shape and a floating dtype (a step count may be a scalar), and every numeric
+    hyper-parameter of its groups is finite."""
+    for gi, group in enumerate(optimizer.param_groups):
+        for name, v in group.items():
+            if name == "params" or isinstance(v, bool) or v is None:
+                continue
+            values = v if isinstance(v, (tuple, list)) else [v]
+            for x in values:
+                if isinstance(x, torch.Tensor):
+                    x = float(x) if x.numel() == 1 else float("nan")
+                if not isinstance(x, (int, float)) or not math.isfinite(x):
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: group {gi} "
+                                          f"{name} is {_short(v)}, not a finite number")
+        for pi, p in enumerate(group["params"]):
+            for name, buf in optimizer.state.get(p, {}).items():
+                if buf is None:  # a buffer not made yet
+                    continue
+                if not isinstance(buf, torch.Tensor):
+                    if name == "step" and isinstance(buf, (int, float)) and not isinstance(buf, bool):
+                        continue
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} "
+                                          f"of parameter {pi} (group {gi}) is a {type(buf).__name__}, not a tensor")
+                if name == "step":
+                    ok = buf.numel() == 1
+                else:
+                    ok = buf.shape == p.shape and buf.is_floating_point()
+                if not ok:
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {_short(name)} "
+                                          f"of parameter {pi} (group {gi}) is {buf.dtype} {list(buf.shape)}, the "
+                                          f"parameter {p.dtype} {list(p.shape)}")
 
 
 def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, optimizer=None, scheduler=None,
@@ -399,21 +606,25 @@ def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, opt
         raise CheckpointError(f"{path} has no optimizer state to resume from")
     if model is not None:
         load_model_state(model, state, path)
+    # A hand-edited file can be plain data and still not be a state these accept: whatever loading it
+    # raises becomes one CheckpointError, and what torch does not check (the shapes of the optimizer's
+    # buffers, finite hyper-parameters) is checked here, so that it fails now and not at the first step.
     if optimizer is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:
             raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {exc}") from exc
-    # A hand-edited file can be plain data and still not be a state these accept.
+        _check_optimizer_state(optimizer, path)
     if scheduler is not None and state.get("scheduler") is not None:
         try:
             scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:
             raise CheckpointError(f"{path}: its scheduler state cannot be restored: {exc!r}") from exc
     if restore_rng and state.get("rng") is not None:
+        _check_rng(state["rng"], path)  # on scratch generators first: a bad state changes nothing
         try:
             set_rng_state(state["rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # pragma: no cover - _check_rng tried the same calls
             raise CheckpointError(f"{path}: its RNG state cannot be restored: {exc!r}") from exc
     return state
 

@@ -29,14 +29,17 @@ paper states) is the default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional
 
-from ..recipes import DEFAULT_RECIPE, RECIPES, check_recipe, recipe_value
+from ..recipes import DEFAULT_RECIPE, RECIPES, recipe_value
 
-__all__ = ["TrainConfig", "AMP_MODES", "LOSS_PRESETS", "LossSet", "RECIPES", "PAPER_EPOCHS", "PAPER_TRIPLET_START", "PRESETS", "default_data_root"]
+__all__ = ["TrainConfig", "AMP_MODES", "LOSS_PRESETS", "LossSet", "RECIPES", "PAPER_EPOCHS", "PAPER_TRIPLET_START",
+           "PRESETS", "default_data_root", "MAX_INPUT_SIDE", "MAX_WORKERS", "check_device_name"]
 
 PAPER_EPOCHS = 350
 PAPER_TRIPLET_START = 150
@@ -87,6 +90,43 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # The synthetic set of the default CPU run (see ksl_ops.data.render_synthetic). It is rendered at the
 # training input size unless "height"/"width" are given here.
 SYNTHETIC_DEFAULTS = dict(num_train_ids=64, num_test_ids=40, num_cams=4, images_per_cam=6)
+
+
+# Limits on what a config may ask for, so that a hand-made config (a shared checkpoint's) cannot make
+# `ksl eval` or `--resume` allocate or spawn without bound: Re-ID inputs are at most a few hundred
+# pixels a side (the paper: 256x128) and no loader needs hundreds of processes.
+MAX_INPUT_SIDE = 2048
+MAX_WORKERS = 256
+SYNTHETIC_KEYS = frozenset({"num_train_ids", "num_test_ids", "num_cams", "images_per_cam", "height", "width",
+                            "seed"})
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 20]}... ({len(r)} characters)"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _dataset_key(name: str) -> Optional[str]:
+    from ..data import dataset_key
+
+    return dataset_key(name)
+
+
+def check_device_name(device: str) -> str:
+    """`device` if it names a device `ksl` can run on ("auto", "cpu", "cuda", "cuda:N"); ValueError
+    otherwise. Whether that device exists here is checked when it is used (trainer.resolve_device)."""
+    if device == "auto" or device == "cpu" or re.fullmatch(r"cuda(:\d{1,4})?", str(device)):
+        return device
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (the ksl_ops kernels run on CPUs and "
+                     f"CUDA GPUs), got {_short(device)}")
 
 
 def default_data_root() -> Path:
@@ -162,45 +202,117 @@ class TrainConfig:
         return cls(preset=preset, **values).validated()
 
     def validated(self) -> "TrainConfig":
-        if self.losses not in LOSS_PRESETS:
-            raise ValueError(f"losses must be one of {list(LOSS_PRESETS)}, got {self.losses!r}")
-        if self.backend not in ("auto", "fused", "reference"):
-            raise ValueError(f"backend must be 'auto', 'fused' or 'reference', got {self.backend!r}")
-        if self.optimizer not in ("sgd", "adam", "amsgrad"):
-            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'amsgrad', got {self.optimizer!r}")
-        if not isinstance(self.amp, str) or self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {', '.join(repr(m) for m in AMP_MODES)}, got {self.amp!r}")
-        if self.progress not in ("auto", "on", "off"):
-            raise ValueError(f"progress must be 'auto', 'on' or 'off', got {self.progress!r}")
-        for name in ("epochs", "batch_size", "num_instances", "height", "width", "eval_batch_size",
-                     "checkpoint_every", "max_rank"):
+        """This config, checked field by field; ValueError naming the field otherwise.
+
+        The one check for a config, wherever it comes from: the command line (from_preset), a
+        checkpoint or metrics.json (from_dict), or code. Every field must have its type (an int is not
+        a bool, a float is finite), lie in its range, and name a known choice; sizes that only a
+        hand-made file would hold (an input side above MAX_INPUT_SIDE, more than MAX_WORKERS loader
+        processes, a synthetic set over its limits) are refused too, before anything is allocated,
+        rendered or written.
+        """
+        from ..models import BACKBONES, NECKS
+
+        def choice(name, options, optional=False):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            if optional and v is None:
+                return
+            if not isinstance(v, str) or v not in options:
+                raise ValueError(f"{name} must be one of {list(options)}, got {_short(v)}")
+
+        def integer(name, lo, hi=None, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not _is_int(v) or v < lo or (hi is not None and v > hi):
+                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise ValueError(f"{name} must be an integer {rng}, got {_short(v)}")
+
+        def real(name, lo, hi, lo_open=False, hi_open=False, what="a finite number"):
+            v = getattr(self, name)
+            ok = _is_real(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+            if not ok:
+                left, right = ("(" if lo_open else "["), (")" if hi_open or hi is None else "]")
+                raise ValueError(f"{name} must be {what} in {left}{lo:g}, "
+                                 f"{'inf' if hi is None else format(hi, 'g')}{right}, got {_short(v)}")
+
+        def flag(name, optional=False):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (optional and v is None)):
+                raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {_short(v)}")
+
+        choice("preset", PRESETS)
+        if not isinstance(self.dataset, str) or _dataset_key(self.dataset) is None:
+            from ..data import DATASETS
+
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {_short(self.dataset)}")
+        if self.data_root is not None and (not isinstance(self.data_root, (str, os.PathLike))
+                                           or not os.fspath(self.data_root)):
+            raise ValueError(f"data_root must be None or a non-empty path, got {_short(self.data_root)}")
+        choice("losses", LOSS_PRESETS)
+        choice("backbone", BACKBONES)
+        choice("backend", ("auto", "fused", "reference"))
+        choice("recipe", RECIPES)
+        choice("neck", NECKS, optional=True)
+        choice("optimizer", ("sgd", "adam", "amsgrad"))
+        choice("progress", ("auto", "on", "off"))
+        if not isinstance(self.amp, str) or self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(repr(m) for m in AMP_MODES)}, got {_short(self.amp)}")
+        for name in ("epochs", "batch_size", "num_instances", "eval_batch_size", "checkpoint_every", "max_rank"):
+            integer(name, 1)
+        for name in ("height", "width"):
+            integer(name, 1, MAX_INPUT_SIDE)
+        integer("workers", 0, MAX_WORKERS)
+        for name in ("warmup_epochs", "eval_every", "val_ids"):
+            integer(name, 0)
+        integer("seed", 0, 2 ** 63 - 1)
+        integer("triplet_start_epoch", 0, optional=True)
+        integer("max_iters_per_epoch", 1, optional=True)
+        self._check_synthetic()
         if self.batch_size % self.num_instances:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances "
                              f"({self.num_instances}) for the P×K sampler")
-        if self.workers < 0 or self.warmup_epochs < 0 or self.eval_every < 0:
-            raise ValueError("workers, warmup_epochs and eval_every must be >= 0")
-        if (isinstance(self.label_noise, bool) or not isinstance(self.label_noise, (int, float))
-                or not 0.0 <= self.label_noise < 1.0):
-            raise ValueError(f"label_noise must be a fraction in [0, 1), got {self.label_noise!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        check_recipe(self.recipe)
-        from ..models.head import check_neck
-
-        check_neck(self.resolved("neck"))
-        if not isinstance(self.val_ids, int) or isinstance(self.val_ids, bool) or self.val_ids < 0:
-            raise ValueError(f"val_ids must be an integer >= 0, got {self.val_ids!r}")
-        cs = self.resolved("consensus_start_epoch")
-        if cs is not None and cs != "triplet" and (not isinstance(cs, int) or isinstance(cs, bool) or cs < 0):
-            raise ValueError(f"consensus_start_epoch must be None, 'triplet' or an integer >= 0, got {cs!r}")
-        if self.triplet_start_epoch is not None and self.triplet_start_epoch < 0:
-            raise ValueError(f"triplet_start_epoch must be >= 0, got {self.triplet_start_epoch}")
-        if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
-            raise ValueError(f"max_iters_per_epoch must be >= 1, got {self.max_iters_per_epoch}")
+        real("label_smoothing", 0.0, 1.0, hi_open=True)
+        real("margin", 0.0, None)
+        real("label_noise", 0.0, 1.0, hi_open=True, what="a fraction")
+        real("temperature", 0.0, None, lo_open=True)
+        real("lr", 0.0, None, lo_open=True)
+        real("momentum", 0.0, 1.0, hi_open=True)
+        real("weight_decay", 0.0, None)
+        real("min_lr_ratio", 0.0, 1.0)
+        for name in ("sync_bn", "nesterov", "rerank", "time_losses", "diagnostics"):
+            flag(name)
+        for name in ("normalize_e", "normalize_triplet"):
+            flag(name, optional=True)
+        cs = self.consensus_start_epoch
+        if cs is not None and cs != "triplet" and not (_is_int(cs) and cs >= 0):
+            raise ValueError(f"consensus_start_epoch must be None, 'triplet' or an integer >= 0, got {_short(cs)}")
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+            raise ValueError(f"output_dir must be a non-empty path, got {_short(self.output_dir)}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {_short(self.device)}")
+        check_device_name(self.device)
         return self
+
+    def _check_synthetic(self) -> None:
+        from ..data.synthetic import check_synthetic_config
+
+        syn = self.synthetic
+        if not isinstance(syn, dict) or not all(isinstance(k, str) for k in syn):
+            raise ValueError(f"synthetic must be a dict of render_synthetic settings, got {_short(syn)}")
+        unknown = sorted(set(syn) - SYNTHETIC_KEYS)
+        if unknown:
+            raise ValueError(f"synthetic: unknown setting {_short(unknown[0])}; known: {sorted(SYNTHETIC_KEYS)}")
+        # Rendered at the input size unless the dict says otherwise (trainer.load_dataset); a config of
+        # another dataset keeps the dict only for the record, so render_synthetic's own defaults stand in.
+        synthetic = _dataset_key(self.dataset) == "synthetic"
+        params = dict(SYNTHETIC_DEFAULTS, height=self.height if synthetic else 128,
+                      width=self.width if synthetic else 64, seed=0)
+        params.update(syn)
+        try:
+            check_synthetic_config(params)
+        except ValueError as exc:
+            raise ValueError(f"synthetic: {exc}") from None
 
     @property
     def triplet_start(self) -> int:
@@ -246,8 +358,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """A validated config from a dict (a checkpoint's or metrics.json's "config"); keys this
+        version does not know are ignored, missing ones take their defaults; ValueError naming the
+        field if a value is of the wrong type or out of range (see validated)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in known}).validated()
 
     def describe(self) -> str:
         short = " (shortened CPU schedule; the paper's is 350 epochs at 256x128, lr 0.0015)" if self.preset == "cpu" else ""

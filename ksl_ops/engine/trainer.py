@@ -30,21 +30,22 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_num_classes, describe_checkpoint, load_checkpoint,
                          load_model_state, read_checkpoint, save_checkpoint)
-from .config import TrainConfig
+from .config import TrainConfig, check_device_name
 from .diagnostics import head_bn_variance, step_diagnostics
 from .distributed import DistEnv, main_only
 from .evaluation import cosine_distance, evaluate_reid, extract_features
+from .outputs import prepare_output_dir
 from .rerank import re_ranking
 
 __all__ = ["Trainer", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device", "resolve_amp",
-           "AMP_DTYPES", "load_dataset", "build_model", "load_trained_model"]
+           "AMP_DTYPES", "load_dataset", "build_model", "load_trained_model", "config_from_checkpoint", "use_data_root"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,17 +94,41 @@ class WarmupCosineLR:
                 "base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a state_dict(); ValueError (nothing changed) if a value is of the wrong type or range."""
+        def number(v, name, lo=0.0):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+                raise ValueError(f"scheduler {name} must be a finite number >= {lo:g}, got {v!r}")
+            return v
+
+        for name in ("epochs", "warmup_epochs"):
+            if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
+                raise ValueError(f"scheduler {name} must be an integer >= 0, got {state[name]!r}")
+        base_lrs = state["base_lrs"]
+        if not isinstance(base_lrs, (list, tuple)) or len(base_lrs) != len(self.optimizer.param_groups):
+            raise ValueError(f"scheduler base_lrs must be a list of {len(self.optimizer.param_groups)} learning "
+                             f"rates, got {base_lrs!r}"[:300])
+        base_lrs = [number(v, "base_lrs") for v in base_lrs]
+        min_lr_ratio = number(state["min_lr_ratio"], "min_lr_ratio")
+        last_epoch = number(state["last_epoch"], "last_epoch")
         self.epochs, self.warmup_epochs = state["epochs"], state["warmup_epochs"]
-        self.min_lr_ratio, self.base_lrs = state["min_lr_ratio"], list(state["base_lrs"])
-        self.step(state["last_epoch"])
+        self.min_lr_ratio, self.base_lrs = min_lr_ratio, base_lrs
+        self.step(last_epoch)
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch.device `device` names ("auto": CUDA if available, else the CPU); ValueError if it is
+    not one of auto / cpu / cuda / cuda:N, or names a GPU this machine does not have."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        device = str(device)
+    check_device_name(device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -178,17 +203,25 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2 ** 31)
 
 
-def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print):
-    """Render (if synthetic) and parse the dataset of a config."""
-    from ..data import build_dataset
+def _synthetic_params(cfg: TrainConfig) -> Dict[str, Any]:
+    params = dict(cfg.synthetic)
+    params.setdefault("height", cfg.height)
+    params.setdefault("width", cfg.width)
+    return params
+
+
+def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print,
+                 check: Sequence[str] = ("train", "query", "gallery"), when: str = "training"):
+    """Render (if synthetic) and parse the dataset of a config, then check every image of the splits
+    in `check` (ksl_ops.data.check: ValueError naming the bad files, found before `when`)."""
+    from ..data import build_dataset, dataset_key
+    from ..data.check import check_images
 
     root = cfg.resolved_data_root()
-    if cfg.dataset == "synthetic":
+    if dataset_key(cfg.dataset) == "synthetic":
         from ..data import render_synthetic
 
-        params = dict(cfg.synthetic)
-        params.setdefault("height", cfg.height)
-        params.setdefault("width", cfg.width)
+        params = _synthetic_params(cfg)
         t0 = time.perf_counter()
         root = render_synthetic(root, **params)
         log(f"synthetic set ready in {root} ({time.perf_counter() - t0:.1f}s; "
@@ -201,7 +234,45 @@ def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print):
         ds = split_validation(ds, cfg.val_ids, seed=0)
         log(f"validation split: {cfg.val_ids} training identities held out as query/gallery "
             f"({len(ds.query)} queries, {len(ds.gallery)} gallery); the test split is not used")
+    if check:
+        check_images([(split, getattr(ds, split)) for split in check], ds.name, when)
     return ds
+
+
+def config_from_checkpoint(state: Dict[str, Any], path) -> TrainConfig:
+    """The run config saved in a checkpoint, validated like one from the command line
+    (TrainConfig.validated); CheckpointError naming the file and the field otherwise."""
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: its config is not valid: {exc}") from None
+
+
+def use_data_root(cfg: TrainConfig, data_root: Optional[str], log: Callable[[str], None] = print) -> None:
+    """Set the data root of a config that came from a checkpoint (`ksl eval`, `--resume`, `ksl analyze`).
+
+    A checkpoint is shared data, so the folders a run writes are the user's choice, never the file's:
+    `data_root` (the command line's --data-root) wins; without it, the checkpoint's data root is used
+    only where nothing is written into it -- a real dataset (the parsers only read), or a synthetic set
+    already rendered there with exactly the checkpoint's settings. Otherwise the synthetic set is
+    rendered into the default root ($KSL_DATA or ./data/synthetic).
+    """
+    from ..data import dataset_key
+    from ..data.synthetic import is_rendered
+
+    if data_root is not None:
+        cfg.data_root = data_root
+        return
+    saved = cfg.data_root
+    if saved is None or dataset_key(cfg.dataset) != "synthetic":
+        return
+    if is_rendered(saved, **_synthetic_params(cfg)):
+        log(f"data: the synthetic set in {saved} (the checkpoint's data root; only read)")
+        return
+    cfg.data_root = None
+    log(f"data: the checkpoint's data root {saved} holds no synthetic set rendered with its settings, and a "
+        f"checkpoint never chooses where files are written: using {cfg.resolved_data_root()} "
+        f"(--data-root chooses another)")
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -228,6 +299,19 @@ def _resolve_backend(backend: str) -> str:
     import ksl_ops
 
     return "fused" if ksl_ops.backend() != "none" else "reference"
+
+
+def _holds_tensor(obj: Any) -> bool:
+    stack = [obj]  # read_checkpoint has bounded the depth
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def _progress_enabled(mode: str) -> bool:
@@ -276,8 +360,14 @@ class Trainer:
         # Under torchrun: join the process group; only rank 0 logs (engine/distributed.py).
         self.dist, self.device = DistEnv.setup(resolve_device(cfg.device))
         self.log = main_only(self.dist, log)
+        self.output_dir = Path(cfg.output_dir)
         _seed_everything(cfg.seed)
         with self.dist.main_first():
+            if self.dist.is_main:  # rank 0 alone writes; find an unusable folder before any work
+                removed = prepare_output_dir(self.output_dir, (self.CHECKPOINT, self.METRICS, self.CURVES))
+                if removed:
+                    self.log(f"removed {len(removed)} temp file(s) left by an interrupted write: "
+                             f"{', '.join(p.name for p in removed)}")
             self.dataset = dataset if dataset is not None else load_dataset(cfg, self.log)
         self.num_classes = int(self.dataset.num_train_pids)
         # self.model is what is saved and evaluated; self.train_model (DDP around it) what a step runs.
@@ -295,12 +385,22 @@ class Trainer:
                                  **cfg.loss_kwargs())
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = WarmupCosineLR(self.optimizer, cfg.epochs, cfg.warmup_epochs, cfg.min_lr_ratio)
-        self.output_dir = Path(cfg.output_dir)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.stop_after: Optional[int] = None  # stop (checkpointed) after this many epochs; resume later
         self._loaders: Dict[str, Any] = {}
         self._test_loaders = None
+        self._check_batches()
+
+    def _check_batches(self) -> None:
+        """Build the train loader of each sampler the schedule uses and check it yields a batch, so that
+        a batch the data cannot fill is an error now, not at the epoch where that sampler starts."""
+        for epoch in sorted({0, self.cfg.epochs - 1}):  # the sampler switches once: these see both
+            kind = self.sampler_for(epoch)
+            if len(self.train_loader(epoch)) == 0:
+                raise ValueError(f"the {kind} sampler yields no batch of {self.cfg.batch_size} from the "
+                                 f"{len(self.dataset.train)} train images of {self.dataset.num_train_pids} "
+                                 f"identities; lower --batch-size")
 
     # -- data --------------------------------------------------------------------------------
     def sampler_for(self, epoch: int) -> str:
@@ -364,8 +464,18 @@ class Trainer:
                          f"the loss scale starts at {self.scaler.get_scale():g}")
             else:
                 self.scaler.load_state_dict(_check_scaler_state(state["grad_scaler"], path))
-        self.start_epoch = int(state["epoch"])
-        self.history = list((state.get("metrics") or {}).get("history", []))
+        epoch = int(state["epoch"])
+        if epoch > self.cfg.epochs:
+            raise CheckpointError(f"{path} was saved after epoch {epoch}, past the {self.cfg.epochs} epochs of its "
+                                  f"schedule")
+        metrics = state.get("metrics")
+        history = (metrics or {}).get("history", []) if isinstance(metrics, (dict, type(None))) else None
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history) \
+                or _holds_tensor(history):
+            raise CheckpointError(f"{path}: its metrics are not a history of epoch records (a list of dicts of "
+                                  f"numbers and strings)")
+        self.start_epoch = epoch
+        self.history = list(history)
         self.log(f"resumed from {path} after epoch {self.start_epoch}/{self.cfg.epochs}")
         return self.start_epoch
 
@@ -607,11 +717,13 @@ def load_trained_model(path, device="cpu", log: Callable[[str], None] = print):
     """(model, config, checkpoint state) of a `ksl train` checkpoint: the network it trained (with its
     branches, if it had them) rebuilt from the saved config, weights loaded, in eval mode on ``device``."""
     state = read_checkpoint(path)  # runs no code from the file; CheckpointError on a bad one
+    cfg = config_from_checkpoint(state, path)
     log(f"loaded {path}: {describe_checkpoint(state)}")
-    cfg = TrainConfig.from_dict(state["config"])
+    if not any(k.endswith("classifier.weight") for k in state["model"]):
+        # The class count is taken from the classifier's own shape (backed by the file's bytes), never
+        # from a bare number that could ask for a model of any size.
+        raise CheckpointError(f"{path} has no classifier weight to rebuild the model from")
     num_classes = checkpoint_num_classes(state)
-    if num_classes is None:
-        raise CheckpointError(f"{path} has no classifier weight and no num_classes entry to rebuild the model from")
     model = build_model(cfg, num_classes)
     load_model_state(model, state, path)
     return model.to(torch.device(device)).eval(), cfg, state
@@ -620,16 +732,20 @@ def load_trained_model(path, device="cpu", log: Callable[[str], None] = print):
 def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional[str] = None,
                         rerank: bool = False, device: str = "auto", workers: Optional[int] = None,
                         log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Evaluate the main branch of a saved checkpoint (on its own dataset unless another is given)."""
+    """Evaluate the main branch of a saved checkpoint (on its own dataset unless another is given).
+
+    The checkpoint gives the model and the maths (input size, dataset, split); where data is read or
+    rendered, the device and the loader processes are this call's: see use_data_root for the data
+    root; `device` and `workers` (default: 0 on a CPU, 4 on a GPU) are never the checkpoint's."""
     dev = resolve_device(device)
     model, cfg, state = load_trained_model(path, dev, log)
     if dataset is not None:
         cfg.dataset = dataset
-    if data_root is not None:
-        cfg.data_root = data_root
-    if workers is not None:
-        cfg.workers = workers
-    ds = load_dataset(cfg, log)
+    cfg.workers = workers if workers is not None else (4 if dev.type == "cuda" else 0)
+    cfg.device = str(dev)
+    cfg.validated()  # the arguments of this call, checked like the rest
+    use_data_root(cfg, data_root, log)
+    ds = load_dataset(cfg, log, check=("query", "gallery"), when="evaluating")
     from ..data import build_test_loaders
 
     loaders = build_test_loaders(ds, cfg.height, cfg.width, cfg.eval_batch_size, workers=cfg.workers)
