@@ -74,7 +74,7 @@ class _GatherBatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         W = ctx.world
-        B, n = grad.size(0), grad.size(1) // W
+        n = grad.size(1) // W
         per_rank = grad.unflatten(1, (W, n)).movedim(1, 0).contiguous()  # [W, B, n, ...]
         local = per_rank.new_empty(per_rank.shape[1:])
         if _reduce_scatter_single is not None:

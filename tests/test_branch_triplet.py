@@ -9,7 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ksl_ops
-import reference
 
 OPS = torch.ops.ksl_ops
 REDUCTIONS = ["mean", "sum", "none"]
