@@ -78,6 +78,9 @@ def test_too_many_branches_is_an_error_not_a_crash():
         idx = torch.zeros(256, 256, 3, dtype=torch.int32)
         case("triplet backward 256", lambda: OPS.branch_triplet_backward(
             g, g, torch.randn(256, 3, 2), idx, idx, torch.zeros(2, 256, 256, 3), 0.3, False, 1))
+        # A huge B costs no memory on an expanded tensor: refused before anything is materialised.
+        case("expanded 2^40", lambda: OPS.embedding_consensus(torch.zeros(1, 1, 1).expand(2**40, 1, 1), 1))
+        case("triplet expanded 2^40", lambda: ksl_ops.branch_triplet(torch.zeros(1, 3, 1).expand(2**40, 3, 1), y))
         case("prob 9", lambda: ksl_ops.prob_consensus(torch.randn(9, 2, 4)))
         case("prob 65536", lambda: OPS.prob_consensus(torch.randn(65536, 1, 1), 1.0, True, 1, False))
     """)
@@ -93,6 +96,10 @@ def test_too_many_branches_is_an_error_not_a_crash():
     expect(results, "triplet public 256", "ValueError", "^branch_triplet: " + triplet + r"256, which has B\*B = 65536")
     expect(results, "triplet 65536", "ValueError", "^branch_triplet: " + triplet + "65536")
     expect(results, "triplet backward 256", "ValueError", "^branch_triplet_backward: " + triplet + "256")
+    expect(results, "expanded 2^40", "ValueError", "^embedding_consensus: " + limit + r"1099511627776, which has "
+           r"B\(B-1\)/2 = more than 2\^63 pairs")
+    expect(results, "triplet expanded 2^40", "ValueError", "^branch_triplet: " + triplet + r"1099511627776, which has "
+           r"B\*B = more than 2\^63 pairs")
     expect(results, "prob 9", "RuntimeError", "logits must have 2 to 8 branches, got B = 9")
     expect(results, "prob 65536", "RuntimeError", "logits must have 2 to 8 branches, got B = 65536")
 

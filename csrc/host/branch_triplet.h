@@ -38,7 +38,7 @@ inline void check_args(const at::Tensor& emb, double margin, bool soft_margin, i
   TORCH_CHECK(emb.size(0) >= 2, op, ": emb needs at least 2 branches (B >= 2), got shape ", emb.sizes());
   TORCH_CHECK_VALUE(emb.size(0) <= kMaxBranches, op, ": the number of branches B must be at most ", kMaxBranches,
                     " (B*B ordered branch pairs, at most ", kMaxBranchPairs, "), got B = ", emb.size(0),
-                    ", which has B*B = ", emb.size(0) * emb.size(0), " pairs");
+                    ", which has B*B = ", count_text(emb.size(0), /*halve=*/false), " pairs");
   TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
   TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",

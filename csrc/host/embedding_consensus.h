@@ -29,7 +29,7 @@ inline void check_inputs(const at::Tensor& emb, int64_t reduction, const char* o
   // are computed here in int64, before anything uses the kernels' int arithmetic.
   TORCH_CHECK_VALUE(B <= kMaxBranches, op, ": the number of branches B must be at most ", kMaxBranches,
                     " (B(B-1)/2 branch pairs plus B average terms per sample, at most ", kMaxTerms, "), got B = ", B,
-                    ", which has B(B-1)/2 = ", B * (B - 1) / 2, " pairs");
+                    ", which has B(B-1)/2 = ", count_text(B, /*halve=*/true), " pairs");
   TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0)");
   TORCH_CHECK(emb.size(2) >= 1, op, ": emb needs at least one dimension (L >= 1)");
   TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
