@@ -8,6 +8,7 @@ reports what each call raised as JSON, and the test checks the exception type an
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,8 +48,6 @@ def run_cases(body: str, timeout: int = 300) -> dict:
 
 
 def expect(results, name, exc_type, pattern):
-    import re
-
     got_type, message = results[name]
     assert got_type == exc_type, f"{name}: expected {exc_type}, got {got_type}: {message}"
     assert re.search(pattern, message), f"{name}: message {message!r} does not match {pattern!r}"
