@@ -5,14 +5,30 @@
 // torch.compile) and, in its backward, the op's *_backward operator through the dispatcher.
 //
 // The fake (meta) kernels stay in Python (ksl_ops/functional.py): torch.library.register_fake is what
-// opcheck and torch.compile see, and AOTAutograd traces this backward like any other C++ formula.
+// opcheck and torch.compile see, and AOTAutograd traces this backward like any other C++ formula. The
+// sizes the backward needs are kept as SymInt, so that the same code traces under
+// torch.compile(dynamic=True), where the sizes are symbols.
+//
+// The gradients are first derivatives only. Each *_backward operator has its own autograd kernel
+// here (a Function whose backward raises), so a gradient computed with create_graph=True carries a
+// node that raises a clear error when differentiated again, instead of PyTorch's autograd fallback (a
+// warning, then missing second derivatives). Where the backward reads no differentiable input (KSL-P's
+// saved-direction path reads only grad_dir), the forward keeps the logits' gradient edge (no tensor)
+// and the backward attaches the raising node to it.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -36,9 +52,47 @@ constexpr int64_t kNone = 0;
 // The upstream gradient of one loss output for a *_backward op: a loss output that did not reach the
 // loss arrives undefined and contributes nothing, so it becomes zeros of the output's shape (a scalar
 // for mean/sum, `none_shape` for reduction none).
-Tensor upstream_or_zeros(const Tensor& g, int64_t reduction, at::IntArrayRef none_shape, const Tensor& like) {
+Tensor upstream_or_zeros(const Tensor& g, int64_t reduction, c10::SymIntArrayRef none_shape, const Tensor& like) {
   if (g.defined()) return g;
-  return reduction == kNone ? at::zeros(none_shape, like.options()) : at::zeros({}, like.options());
+  return reduction == kNone ? at::zeros_symint(none_shape, like.options()) : at::zeros({}, like.options());
+}
+
+// ---- first derivatives only -------------------------------------------------------------------------
+std::string double_backward_message(const char* op) {
+  return std::string("ksl_ops.") + op + ": double backward is not supported (the gradient computed by ksl_ops::" +
+         op + "_backward is not itself differentiable). Call ksl_ops." + op +
+         "(..., backend=\"reference\") where second derivatives are needed.";
+}
+
+// The gradient edge of a forward input that the backward does not save as a tensor, kept in
+// saved_data (as a capsule) so that the backward can attach the raising node to it.
+struct EdgeHolder : torch::CustomClassHolder {
+  explicit EdgeHolder(torch::autograd::Edge e) : edge(std::move(e)) {}
+  torch::autograd::Edge edge;
+};
+
+// A new autograd node, held as the installed torch holds them: std::shared_ptr<Node> in older releases,
+// c10::intrusive_ptr<Node> in newer ones (the extension builds against whichever torch is installed).
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+// `grad` (computed with create_graph=True) as a tensor whose grad_fn raises double_backward_message
+// and leads to `edges`, so that differentiating it with respect to anything upstream raises instead of
+// silently missing this op's second derivative.
+Tensor raise_when_differentiated(const Tensor& grad, torch::autograd::edge_list edges, const char* op) {
+  if (!grad.defined()) return grad;
+  if (grad.requires_grad()) edges.push_back(torch::autograd::impl::gradient_edge(grad));
+  auto node = make_node<torch::autograd::Error>(double_backward_message(op), std::move(edges));
+  Tensor out = torch::autograd::make_variable(grad.tensor_data(), /*requires_grad=*/false);
+  torch::autograd::create_gradient_edge(out, std::move(node));
+  return out;
 }
 
 // ---- prob_consensus -------------------------------------------------------------------------------
@@ -66,10 +120,15 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["detach_target"] = detach_target;
     ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["B"] = logits.size(0);
-    ctx->saved_data["N"] = logits.size(1);
+    ctx->saved_data["B"] = logits.sym_size(0);
+    ctx->saved_data["N"] = logits.sym_size(1);
     if (uses_grad_dir) {
       ctx->save_for_backward({grad_dir});
+      // grad_dir does not lead back to the logits: keep their edge for a create_graph backward.
+      if (logits.requires_grad()) {
+        ctx->saved_data["logits_edge"] =
+            c10::IValue::make_capsule(c10::make_intrusive<EdgeHolder>(torch::autograd::impl::gradient_edge(logits)));
+      }
     } else {
       ctx->save_for_backward({logits, row_lse});
     }
@@ -85,11 +144,17 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
     variable_list out(5);
     if (!g_pp.defined() && !g_pa.defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const int64_t B = ctx->saved_data["B"].toInt(), N = ctx->saved_data["N"].toInt();
+    const c10::SymInt B = ctx->saved_data["B"].toSymInt(), N = ctx->saved_data["N"].toSymInt();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     if (ctx->saved_data["uses_grad_dir"].toBool()) {
       // grad = grad_dir · ((B−1)·g_pp + g_pa), g scalars here (reduction mean/sum): one op, one launch.
       out[0] = KSL_OP("prob_consensus_backward_saved", ProbBwdSaved).call(given(g_pp), given(g_pa), saved[0]);
+      // create_graph=True: the result must still lead back to the logits, through a raising node.
+      if (at::GradMode::is_enabled() && ctx->saved_data.count("logits_edge") > 0) {
+        const auto holder = ctx->saved_data["logits_edge"].toCapsule();
+        out[0] = raise_when_differentiated(out[0], {static_cast<const EdgeHolder*>(holder.get())->edge},
+                                           "prob_consensus");
+      }
       return out;
     }
     const Tensor& logits = saved[0];
@@ -134,7 +199,7 @@ class EmbeddingConsensus : public torch::autograd::Function<EmbeddingConsensus> 
     const auto saved = ctx->get_saved_variables();
     const Tensor& emb = saved[0];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const int64_t B = emb.size(0), N = emb.size(1);
+    const c10::SymInt B = emb.sym_size(0), N = emb.sym_size(1);
     const Tensor g_ep = upstream_or_zeros(grads[0], reduction, {B, B, N}, emb);
     const Tensor g_ea = upstream_or_zeros(grads[1], reduction, {B, N}, emb);
     out[0] = KSL_OP("embedding_consensus_backward", EmbBwd).call(g_ep, g_ea, emb, saved[1], reduction);
@@ -177,7 +242,7 @@ class BranchTriplet : public torch::autograd::Function<BranchTriplet> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& emb = saved[0];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const int64_t B = emb.size(0), N = emb.size(1);
+    const c10::SymInt B = emb.sym_size(0), N = emb.sym_size(1);
     const Tensor g_self = upstream_or_zeros(grads[0], reduction, {B, N}, emb);
     const Tensor g_cross = upstream_or_zeros(grads[1], reduction, {B, B, N}, emb);
     out[0] = KSL_OP("branch_triplet_backward", TripBwd)
@@ -193,10 +258,123 @@ Tensor5 branch_triplet_autograd(const Tensor& emb, const Tensor& labels, double 
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
+// ---- the *_backward operators: differentiable once ----------------------------------------------------
+// torch.autograd.grad(..., create_graph=True) runs the forward ops' backward above with grad mode on;
+// the *_backward op then records one of these Functions, whose backward raises. Without grad mode (the
+// usual backward) or without an input that requires grad, the op is called directly: no node.
+
+bool records_graph(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs) {
+    if (t != nullptr && t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+class ProbConsensusBackward : public torch::autograd::Function<ProbConsensusBackward> {
+ public:
+  static variable_list forward(AutogradContext*, const Tensor& grad_pp, const Tensor& grad_pa, const Tensor& logits,
+                               const Tensor& row_lse, double temperature, bool detach_target, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return {KSL_OP("prob_consensus_backward", ProbBwd)
+                .call(grad_pp, grad_pa, logits, row_lse, temperature, detach_target, reduction)};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, double_backward_message("prob_consensus"));
+    return {};
+  }
+};
+
+Tensor prob_consensus_backward_autograd(const Tensor& grad_pp, const Tensor& grad_pa, const Tensor& logits,
+                                        const Tensor& row_lse, double temperature, bool detach_target,
+                                        int64_t reduction) {
+  if (!records_graph({&grad_pp, &grad_pa, &logits, &row_lse})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return KSL_OP("prob_consensus_backward", ProbBwd)
+        .call(grad_pp, grad_pa, logits, row_lse, temperature, detach_target, reduction);
+  }
+  return ProbConsensusBackward::apply(grad_pp, grad_pa, logits, row_lse, temperature, detach_target, reduction)[0];
+}
+
+class ProbConsensusBackwardSaved : public torch::autograd::Function<ProbConsensusBackwardSaved> {
+ public:
+  static variable_list forward(AutogradContext*, const std::optional<Tensor>& grad_pp,
+                               const std::optional<Tensor>& grad_pa, const Tensor& grad_dir) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return {KSL_OP("prob_consensus_backward_saved", ProbBwdSaved).call(grad_pp, grad_pa, grad_dir)};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, double_backward_message("prob_consensus"));
+    return {};
+  }
+};
+
+Tensor prob_consensus_backward_saved_autograd(const std::optional<Tensor>& grad_pp,
+                                              const std::optional<Tensor>& grad_pa, const Tensor& grad_dir) {
+  if (!records_graph({grad_pp ? &*grad_pp : nullptr, grad_pa ? &*grad_pa : nullptr, &grad_dir})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return KSL_OP("prob_consensus_backward_saved", ProbBwdSaved).call(grad_pp, grad_pa, grad_dir);
+  }
+  return ProbConsensusBackwardSaved::apply(grad_pp, grad_pa, grad_dir)[0];
+}
+
+class EmbeddingConsensusBackward : public torch::autograd::Function<EmbeddingConsensusBackward> {
+ public:
+  static variable_list forward(AutogradContext*, const Tensor& grad_ep, const Tensor& grad_ea, const Tensor& emb,
+                               const Tensor& norms, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return {KSL_OP("embedding_consensus_backward", EmbBwd).call(grad_ep, grad_ea, emb, norms, reduction)};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, double_backward_message("embedding_consensus"));
+    return {};
+  }
+};
+
+Tensor embedding_consensus_backward_autograd(const Tensor& grad_ep, const Tensor& grad_ea, const Tensor& emb,
+                                             const Tensor& norms, int64_t reduction) {
+  if (!records_graph({&grad_ep, &grad_ea, &emb, &norms})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return KSL_OP("embedding_consensus_backward", EmbBwd).call(grad_ep, grad_ea, emb, norms, reduction);
+  }
+  return EmbeddingConsensusBackward::apply(grad_ep, grad_ea, emb, norms, reduction)[0];
+}
+
+class BranchTripletBackward : public torch::autograd::Function<BranchTripletBackward> {
+ public:
+  static variable_list forward(AutogradContext*, const Tensor& grad_self, const Tensor& grad_cross, const Tensor& emb,
+                               const Tensor& pos_idx, const Tensor& neg_idx, const Tensor& hard_sq, double margin,
+                               bool soft_margin, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return {KSL_OP("branch_triplet_backward", TripBwd)
+                .call(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin, reduction)};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, double_backward_message("branch_triplet"));
+    return {};
+  }
+};
+
+Tensor branch_triplet_backward_autograd(const Tensor& grad_self, const Tensor& grad_cross, const Tensor& emb,
+                                        const Tensor& pos_idx, const Tensor& neg_idx, const Tensor& hard_sq,
+                                        double margin, bool soft_margin, int64_t reduction) {
+  if (!records_graph({&grad_self, &grad_cross, &emb, &hard_sq})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return KSL_OP("branch_triplet_backward", TripBwd)
+        .call(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin, reduction);
+  }
+  return BranchTripletBackward::apply(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin,
+                                      reduction)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ksl_ops, Autograd, m) {
   m.impl("prob_consensus", &prob_consensus_autograd);
   m.impl("embedding_consensus", &embedding_consensus_autograd);
   m.impl("branch_triplet", &branch_triplet_autograd);
+  m.impl("prob_consensus_backward", &prob_consensus_backward_autograd);
+  m.impl("prob_consensus_backward_saved", &prob_consensus_backward_saved_autograd);
+  m.impl("embedding_consensus_backward", &embedding_consensus_backward_autograd);
+  m.impl("branch_triplet_backward", &branch_triplet_backward_autograd);
 }

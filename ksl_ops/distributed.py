@@ -20,8 +20,9 @@ loss averaged over ranks shows.
 - Per-sample terms (cross-entropy, KSL-P, KSL-E): with the same n on every rank, W·L_r is
   W · Σ_{local} term / (W·n) = the local mean, so they are computed locally and unchanged.
 
-Every rank must pass the same shapes (B, n, L): the all-gather needs equal sizes, and the
-per-sample terms' convention assumes equal n. The P×K samplers of ksl_ops.data give that.
+Every rank must pass the same shapes (B, n, L), dtype and device: the all-gather needs equal sizes
+and types, and the per-sample terms' convention assumes equal n. A mismatch raises the same error on
+every rank before any data is gathered. The P×K samplers of ksl_ops.data give that.
 
 Cost: the gathered batch goes through the fused op, which mines every anchor of the global batch;
 each rank keeps only its own anchors' terms. That is W times the triplet work one rank needs, in
@@ -74,7 +75,7 @@ class _GatherBatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         W = ctx.world
-        B, n = grad.size(0), grad.size(1) // W
+        n = grad.size(1) // W
         per_rank = grad.unflatten(1, (W, n)).movedim(1, 0).contiguous()  # [W, B, n, ...]
         local = per_rank.new_empty(per_rank.shape[1:])
         if _reduce_scatter_single is not None:
@@ -110,18 +111,54 @@ def _all_gather_dim1(x: torch.Tensor, group) -> torch.Tensor:
     return out.view((W,) + tuple(x.shape)).movedim(0, 1).flatten(1, 2)
 
 
+# What every rank describes of its embeddings before the all-gather: B, n, L, the dtype (an index into
+# _DTYPES: the public API admits only these) and the device type (an index into _DEVICE_TYPES, the
+# last index for any other type). Only the type is compared: each rank has its own GPU (cuda:0 on
+# rank 0, cuda:1 on rank 1 is the usual layout).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEVICE_TYPES = ("cpu", "cuda", "meta")
+
+
+def _describe(e: torch.Tensor) -> list:
+    kind = _DEVICE_TYPES.index(e.device.type) if e.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES)
+    return list(e.shape) + [_DTYPES.index(e.dtype), kind]
+
+
+def _device_type_name(kind: int) -> str:
+    return _DEVICE_TYPES[kind] if kind < len(_DEVICE_TYPES) else "another device type"
+
+
+def _collective_device(group, e: torch.Tensor) -> torch.device:
+    """Where the description is all-gathered: on the CPU for gloo (which every rank can reach whatever
+    device its embeddings are on), on the current GPU for nccl, else on the embeddings' device."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or backend.startswith("cpu"):
+        return torch.device("cpu")
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return e.device
+
+
 def _check_same_shapes(e: torch.Tensor, group) -> None:
-    """Ranks must agree on [B, n, L]: a mismatched all-gather aborts the process (gloo) or hangs
-    (nccl). One tiny all-gather and a host read; skipped where values cannot be read (torch.compile,
-    CUDA-graph capture)."""
+    """Ranks must agree on [B, n, L], dtype and device: a mismatched all-gather aborts the process
+    (gloo: SIGABRT) or hangs (nccl). One tiny all-gather and a host read, after which every rank
+    raises the same error; skipped where values cannot be read (torch.compile, CUDA-graph capture)."""
     if world_size(group) == 1 or torch.compiler.is_compiling() or (
             torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
-    mine = torch.tensor([list(e.shape)], dtype=torch.int64, device=e.device)
-    shapes = _all_gather_dim1(mine.unsqueeze(0), group).squeeze(0).tolist()
+    mine = torch.tensor([_describe(e)], dtype=torch.int64, device=_collective_device(group, e))
+    ranks = _all_gather_dim1(mine.unsqueeze(0), group).squeeze(0).tolist()
+    shapes = [tuple(d[:3]) for d in ranks]
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"embeddings: every rank of the process group must pass the same shape [B, N, L]; "
-                         f"the ranks have {', '.join(f'rank {i}: {tuple(s)}' for i, s in enumerate(shapes))}")
+                         f"the ranks have {', '.join(f'rank {i}: {s}' for i, s in enumerate(shapes))}")
+    if any(d[3] != ranks[0][3] for d in ranks):
+        raise TypeError("embeddings: every rank of the process group must pass the same dtype; the ranks have "
+                        + ", ".join(f"rank {i}: {_DTYPES[d[3]]}" for i, d in enumerate(ranks)))
+    if any(d[4] != ranks[0][4] for d in ranks):
+        raise ValueError("embeddings: every rank of the process group must pass them on the same device type; the "
+                         "ranks have " + ", ".join(f"rank {i}: {_device_type_name(d[4])}" for i, d in enumerate(ranks))
+                         + f" (this rank, {rank(group)}, has {e.device})")
 
 
 def _valid_anchor_count(labels: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,21 @@ def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def _check_one_device(op: str, **tensors) -> None:
+    """The fake (meta) kernels' device check, worded as the C++ kernels word theirs.
+
+    A call whose tensors sit on different devices is dispatched to the kernel of the highest-priority
+    device among them; for meta that is the fake kernel below, which would otherwise return
+    uninitialised tensors on the first argument's device. The first tensor named is the reference.
+    """
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    ref_name, ref = items[0]
+    owner = ref_name + ("'" if ref_name.endswith("s") else "'s")
+    for name, t in items[1:]:
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} must be on {owner} device {ref.device}, got {t.device}")
+
+
 # ---------------------------------------------------------------------------------------------
 # KSL-P: prob_consensus
 # ---------------------------------------------------------------------------------------------
@@ -167,10 +182,12 @@ def _prob_consensus_fake(logits, temperature, detach_target, reduction, save_gra
 
 
 def _prob_consensus_backward_fake(grad_pp, grad_pa, logits, row_lse, temperature, detach_target, reduction):
+    _check_one_device("prob_consensus_backward", logits=logits, row_lse=row_lse, grad_pp=grad_pp, grad_pa=grad_pa)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _prob_consensus_backward_saved_fake(grad_pp, grad_pa, grad_dir):
+    _check_one_device("prob_consensus_backward_saved", grad_dir=grad_dir, grad_pp=grad_pp, grad_pa=grad_pa)
     return torch.empty_like(grad_dir, memory_format=torch.contiguous_format)
 
 
@@ -204,6 +221,7 @@ def _embedding_consensus_fake(emb, reduction):
 
 
 def _embedding_consensus_backward_fake(grad_ep, grad_ea, emb, norms, reduction):
+    _check_one_device("embedding_consensus_backward", emb=emb, grad_ep=grad_ep, grad_ea=grad_ea, norms=norms)
     return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
 
@@ -240,6 +258,7 @@ def _branch_triplet_register():
 
     @torch.library.register_fake("ksl_ops::branch_triplet")
     def _(emb, labels, margin, soft_margin, reduction):
+        _check_one_device("branch_triplet", emb=emb, labels=labels)
         B, N = emb.shape[0], emb.shape[1]
         self_loss, cross_loss = loss_shapes(emb, reduction)
         pos_idx = emb.new_empty((B, B, N), dtype=torch.int32)
@@ -249,6 +268,8 @@ def _branch_triplet_register():
 
     @torch.library.register_fake("ksl_ops::branch_triplet_backward")
     def _(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin, reduction):
+        _check_one_device("branch_triplet_backward", emb=emb, pos_idx=pos_idx, neg_idx=neg_idx, hard_sq=hard_sq,
+                          grad_self=grad_self, grad_cross=grad_cross)
         return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
 

@@ -53,7 +53,8 @@ def _run_args(**kw):
 def test_label_noise_level_zero_is_the_ablation_run(ablation, tmp_path):
     noise = _load("label_noise")
     assert noise.tag_for(0.0, "test") == "ablation_test" and noise.tag_for(0.2, "val") == "label_noise_0.2_val"
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     clean = ablation.command(_run_args(), "ksl", "shufflenetv2", 0, tmp_path / "a")
     assert "--label-noise" not in clean  # so level 0 resumes / reuses the ablation's own run
     noisy = ablation.command(_run_args(label_noise=0.3), "ksl", "shufflenetv2", 0, tmp_path / "b")

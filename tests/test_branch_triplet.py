@@ -9,9 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ksl_ops
-from ksl_ops.functional import _reference
-
-reference = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 
 OPS = torch.ops.ksl_ops
 REDUCTIONS = ["mean", "sum", "none"]

@@ -577,4 +577,4 @@ def test_image_dataset_names_bad_file(tmp_path):
     bad = tmp_path / "0001_c1s1_000001_00.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(OSError, match="0001_c1s1_000001_00.jpg"):
-        ImageDataset([(str(bad), 0, 0)])[0]
+        _ = ImageDataset([(str(bad), 0, 0)])[0]

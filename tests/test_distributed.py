@@ -228,6 +228,64 @@ def _expect(results, name):
     assert not errors, "\n".join(errors)
 
 
+# Mismatches that used to kill a rank (gloo aborts on an all-gather of unequal dtypes) or hang it. They
+# run in their own spawn, so that a crash fails these tests only, as a failure naming the crash.
+
+
+def _mismatched_dtypes(rank):
+    # Rank 0 float64, rank 1 float32: the same TypeError on both ranks, before any data is gathered.
+    e = torch.randn(B, 4, L, dtype=torch.float64 if rank == 0 else torch.float32)
+    with pytest.raises(TypeError, match=r"same dtype; the ranks have rank 0: torch.float64, rank 1: torch.float32"):
+        ksl_ops.branch_triplet(e, torch.arange(4), process_group=dist.group.WORLD)
+    _group_still_works(rank)
+
+
+def _mismatched_devices(rank):
+    # Rank 0 on the CPU, rank 1 on meta (the one other device every machine has).
+    device = "cpu" if rank == 0 else "meta"
+    e, y = torch.randn(B, 4, L, device=device), torch.arange(4, device=device)
+    with pytest.raises(ValueError, match=r"same device type; the ranks have rank 0: cpu, rank 1: meta "
+                                         rf"\(this rank, {rank}, has {device}\)"):
+        ksl_ops.branch_triplet(e, y, process_group=dist.group.WORLD)
+    _group_still_works(rank)
+
+
+def _group_still_works(rank):
+    """After a refused call, the ranks are still in step: a valid cross-rank call gives the loss of the
+    whole batch."""
+    x, y = _data()
+    e = _model(False)(x)[1].detach()
+    got = ksl_ops.branch_triplet(e[:, _local(rank)], y[_local(rank)], process_group=dist.group.WORLD)
+    mean = torch.stack(got)
+    dist.all_reduce(mean)
+    want = torch.stack(ksl_ops.branch_triplet(e, y))
+    torch.testing.assert_close(mean / WORLD, want, rtol=1e-10, atol=0)
+
+
+MISMATCH_CASES = [("mismatched-dtypes", _mismatched_dtypes, ()), ("mismatched-devices", _mismatched_devices, ())]
+
+
+@pytest.fixture(scope="module")
+def mismatch_results(tmp_path_factory):
+    """MISMATCH_CASES on 2 spawned gloo ranks; a rank that dies (a signal, an abort) makes every case
+    report the crash instead of ending the test run."""
+    out = tmp_path_factory.mktemp("ddp-mismatch")
+    try:
+        mp.spawn(_worker, args=(str(out / "init"), str(out), MISMATCH_CASES), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as exc:
+        return {name: [f"a rank died: {exc}"] * WORLD for name, _, _ in MISMATCH_CASES}
+    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {name: [p.get(name, "not run") for p in per_rank] for name, _, _ in MISMATCH_CASES}
+
+
+def test_mismatched_dtypes_across_ranks_raise_on_every_rank(mismatch_results):
+    _expect(mismatch_results, "mismatched-dtypes")
+
+
+def test_mismatched_devices_across_ranks_raise_on_every_rank(mismatch_results):
+    _expect(mismatch_results, "mismatched-devices")
+
+
 def test_process_group_without_init_raises():
     e = torch.randn(B, 4, L)
     with pytest.raises(RuntimeError, match="not initialised"):

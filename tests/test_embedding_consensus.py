@@ -104,8 +104,10 @@ def test_mean_is_sum_over_n():
     ep_m, ea_m = fused(e, "mean")
     ep_s, ea_s = fused(e, "sum")
     ep_n, ea_n = fused(e, "none")
-    assert_close64(ep_s, ep_n.sum()) and assert_close64(ea_s, ea_n.sum())
-    assert_close64(ep_m, ep_s / 10) and assert_close64(ea_m, ea_s / 10)
+    assert_close64(ep_s, ep_n.sum())
+    assert_close64(ea_s, ea_n.sum())
+    assert_close64(ep_m, ep_s / 10)
+    assert_close64(ea_m, ea_s / 10)
 
 
 @pytest.mark.parametrize("which", ["ep", "ea"])
@@ -283,7 +285,8 @@ def test_non_contiguous_and_list_inputs(device):
     branches = [randn((9, 20), device, seed=20 + b, requires_grad=True) for b in range(3)]
     ep, ea = fused(branches)
     want = ref(torch.stack(branches))
-    assert_close64(ep, want[0]) and assert_close64(ea, want[1])
+    assert_close64(ep, want[0])
+    assert_close64(ea, want[1])
     grads = torch.autograd.grad(ep + ea, branches)
     grads_ref = torch.autograd.grad(want[0] + want[1], branches)
     for g, w in zip(grads, grads_ref):

@@ -1,7 +1,5 @@
 """Engine: CMC/mAP evaluation (hand-computed cases), k-reciprocal re-ranking (against a dense float64
 oracle written here), checkpoints (atomic writes, resume round-trip)."""
-import os
-
 import numpy as np
 import pytest
 import torch

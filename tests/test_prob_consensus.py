@@ -423,8 +423,8 @@ def test_cuda_ticket_counter_per_stream(capture_cuda_graph):
     torch.cuda.synchronize()
     for _ in range(5):
         outs = []
-        for st, x in zip(streams, z):
-            with torch.cuda.stream(st):
+        for stream, x in zip(streams, z):
+            with torch.cuda.stream(stream):
                 outs.append(_fused(x, 1.0, True, "mean"))
         torch.cuda.synchronize()
         for o, w in zip(outs, want):

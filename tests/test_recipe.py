@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ksl_ops
 from ksl_ops.data import ReIDDataset, split_validation

@@ -45,10 +45,20 @@ namespace emb {
 // Largest B with a compile-time specialisation in the kernels; larger B takes a generic path.
 constexpr int kMaxStaticBranches = 8;
 
+// Largest B on every device, checked before any kernel runs (csrc/host/embedding_consensus.h). The
+// GPU's generic path launches one block per (sample, term) with the P + B terms of a sample along the
+// grid's y dimension (at most 65535 blocks), which allows B <= 361; the CPU keeps the same limit so
+// that a call valid on one device is valid on the other. Below it every count here (pair_count,
+// term_count, B·B) is far inside int.
+constexpr int kMaxBranches = 361;
+constexpr int kMaxTerms = 65535;
+
 KSL_HOST_DEVICE constexpr int pair_count(int B) { return B * (B - 1) / 2; }
 
 // Terms per sample: P pair terms, then B average terms (the layout of the saved `norms` [N, P + B]).
 KSL_HOST_DEVICE constexpr int term_count(int B) { return pair_count(B) + B; }
+static_assert(term_count(kMaxBranches) <= kMaxTerms && term_count(kMaxBranches + 1) > kMaxTerms,
+              "kMaxBranches is the largest B whose P + B terms fit kMaxTerms");
 
 // Index of the pair (u, v), u < v, in the order (0,1), (0,2), ..., (0,B−1), (1,2), ...
 KSL_HOST_DEVICE constexpr int pair_index(int u, int v, int B) { return u * (2 * B - u - 1) / 2 + (v - u - 1); }

@@ -359,7 +359,8 @@ void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const a
 
 at::Tensor embedding_consensus_backward_cpu(const at::Tensor& grad_ep, const at::Tensor& grad_ea,
                                             const at::Tensor& emb_in, const at::Tensor& norms_in, int64_t reduction) {
-  emb::check_inputs(emb_in, reduction);
+  emb::check_inputs(emb_in, reduction, "embedding_consensus_backward");
+  emb::check_backward_tensors(grad_ep, grad_ea, norms_in, emb_in);
   const at::Tensor emb = emb_in.contiguous();
   emb::check_norms(norms_in, emb);
   emb::check_upstream(grad_ep, grad_ea, emb, reduction);

@@ -53,8 +53,7 @@ void check_on_cuda(const at::Tensor& emb, const char* op) {
 }
 
 void check_cuda_limits(const at::Tensor& emb, const char* op) {
-  // The forward's grid has one y-index per branch pair (at most 65535).
-  TORCH_CHECK(emb.size(0) <= 255, op, ": at most 255 branches on CUDA, got shape ", emb.sizes());
+  // (The forward's grid has one y-index per branch pair, at most 65535: check_args bounds B by 255.)
   // Entries (u * N + m) * 2 + 1 and L offsets are ints in the kernels.
   TORCH_CHECK(emb.size(0) * emb.size(1) < (int64_t{1} << 29) && emb.size(2) < (int64_t{1} << 30), op,
               ": emb too large for the CUDA kernels, shape ", emb.sizes());

@@ -39,13 +39,13 @@ static_assert(std::is_same_v<ksl::opmath_t<at::Half>, at::opmath_type<at::Half>>
 // host side
 // ---------------------------------------------------------------------------------------------
 
-// The shared checks (host/embedding_consensus.h) plus the grids' limits: N blocks in x, and up to
-// P + B blocks in y on the generic path.
-void check_inputs(const at::Tensor& emb, int64_t reduction) {
-  emb::check_inputs(emb, reduction);
-  TORCH_CHECK(emb.size(1) <= 2147483647LL, "embedding_consensus: N must fit a CUDA grid (< 2^31), got ", emb.size(1));
-  TORCH_CHECK(emb::term_count(static_cast<int>(std::min<int64_t>(emb.size(0), 1024))) <= 65535,
-              "embedding_consensus: at most 361 branches are supported on CUDA, got B=", emb.size(0));
+// The device (the dispatcher sends here any call with a CUDA tensor among its arguments), the shared
+// checks (host/embedding_consensus.h, which also bound B so that the generic path's P + B blocks in y
+// fit the grid) and the grid's other limit: N blocks in x.
+void check_inputs(const at::Tensor& emb, int64_t reduction, const char* op) {
+  TORCH_CHECK(emb.is_cuda(), op, ": emb must be a CUDA tensor here, got ", emb.device());
+  emb::check_inputs(emb, reduction, op);
+  TORCH_CHECK(emb.size(1) <= 2147483647LL, op, ": N must fit a CUDA grid (< 2^31), got ", emb.size(1));
 }
 
 // What the forward kernels write besides the norms: the per-sample terms (reduction none) or, with a
@@ -91,7 +91,7 @@ void launch_backward_static(const scalar_t* ge, const scalar_t* ga, const scalar
 static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_CUDA_STATIC_B lists B = 2..8");
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at::Tensor& emb_in, int64_t reduction) {
-  check_inputs(emb_in, reduction);
+  check_inputs(emb_in, reduction, "embedding_consensus");
   const c10::cuda::CUDAGuard guard(emb_in.device());
   const at::Tensor emb = emb_in.contiguous();
   const int B = static_cast<int>(emb.size(0));
@@ -125,16 +125,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at
 
 at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at::Tensor& grad_ea,
                                              const at::Tensor& emb_in, const at::Tensor& norms_in, int64_t reduction) {
-  check_inputs(emb_in, reduction);
+  check_inputs(emb_in, reduction, "embedding_consensus_backward");
+  emb::check_backward_tensors(grad_ep, grad_ea, norms_in, emb_in);
   const c10::cuda::CUDAGuard guard(emb_in.device());
   const at::Tensor emb = emb_in.contiguous();
   const int B = static_cast<int>(emb.size(0));
   const int64_t N = emb.size(1), L = emb.size(2);
   const int64_t T = emb::term_count(B);
   emb::check_norms(norms_in, emb);
-  TORCH_CHECK(norms_in.device() == emb_in.device() && grad_ep.device() == emb_in.device() &&
-                  grad_ea.device() == emb_in.device(),
-              "embedding_consensus_backward: grad_ep, grad_ea, emb and norms must be on one device");
   emb::check_upstream(grad_ep, grad_ea, emb, reduction);
   const at::Tensor norms = norms_in.contiguous();
   const at::Tensor gep = grad_ep.to(emb.scalar_type()).contiguous();

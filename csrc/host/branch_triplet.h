@@ -20,13 +20,25 @@
 namespace ksl {
 namespace triplet {
 
-// emb [B, N, L] of a floating dtype with B >= 2, N >= 1, L >= 1; reduction and margin. `op` names
-// the operator in the messages.
+// Largest B on every device. The GPU's forward launches one block row per ordered branch pair (u, v)
+// along the grid's y dimension (at most 65535 blocks), which allows B·B <= 65535, B <= 255; the CPU
+// keeps the same limit so that a call valid on one device is valid on the other (and its B·B·N
+// winners, terms and squared distances stay a bounded multiple of N).
+constexpr int64_t kMaxBranches = 255;
+constexpr int64_t kMaxBranchPairs = 65535;
+static_assert(kMaxBranches * kMaxBranches <= kMaxBranchPairs && (kMaxBranches + 1) * (kMaxBranches + 1) > kMaxBranchPairs,
+              "kMaxBranches is the largest B whose B*B ordered branch pairs fit kMaxBranchPairs");
+
+// emb [B, N, L] of a floating dtype with 2 <= B <= kMaxBranches, N >= 1, L >= 1; reduction and
+// margin. `op` names the operator in the messages.
 inline void check_args(const at::Tensor& emb, double margin, bool soft_margin, int64_t reduction, const char* op) {
   TORCH_CHECK(emb.dim() == 3, op, ": emb must be a [B, N, L] tensor, got shape ", emb.sizes());
   const auto st = emb.scalar_type();
   TORCH_CHECK(is_kernel_dtype(st), op, ": emb must be ", kKernelDtypes, ", got ", st);
   TORCH_CHECK(emb.size(0) >= 2, op, ": emb needs at least 2 branches (B >= 2), got shape ", emb.sizes());
+  TORCH_CHECK_VALUE(emb.size(0) <= kMaxBranches, op, ": the number of branches B must be at most ", kMaxBranches,
+                    " (B*B ordered branch pairs, at most ", kMaxBranchPairs, "), got B = ", emb.size(0),
+                    ", which has B*B = ", count_text(emb.size(0), /*halve=*/false), " pairs");
   TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
   TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",

@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "common/embedding_consensus.h"
 #include "common/macros.h"
@@ -18,16 +19,21 @@ namespace ksl {
 namespace emb {
 
 // The checks that hold on every device (the op may be reached through torch.ops, without the Python
-// wrapper's validation). Each device adds its own limits after these.
-inline void check_inputs(const at::Tensor& emb, int64_t reduction) {
-  TORCH_CHECK(emb.dim() == 3, "embedding_consensus: emb must be [B, N, L], got shape ", emb.sizes());
-  TORCH_CHECK(is_kernel_dtype(emb.scalar_type()), "embedding_consensus: emb must be ", kKernelDtypes, ", got ",
-              emb.scalar_type());
-  TORCH_CHECK(emb.size(0) >= 2, "embedding_consensus: emb needs at least 2 branches (B >= 2), got B=", emb.size(0));
-  TORCH_CHECK(emb.size(1) >= 1, "embedding_consensus: emb has no samples (N = 0)");
-  TORCH_CHECK(emb.size(2) >= 1, "embedding_consensus: emb needs at least one dimension (L >= 1)");
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
-              "embedding_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+// wrapper's validation). Each device adds its own limits after these. `op` names the operator.
+inline void check_inputs(const at::Tensor& emb, int64_t reduction, const char* op = "embedding_consensus") {
+  TORCH_CHECK(emb.dim() == 3, op, ": emb must be [B, N, L], got shape ", emb.sizes());
+  TORCH_CHECK(is_kernel_dtype(emb.scalar_type()), op, ": emb must be ", kKernelDtypes, ", got ", emb.scalar_type());
+  const int64_t B = emb.size(0);
+  TORCH_CHECK(B >= 2, op, ": emb needs at least 2 branches (B >= 2), got B=", B);
+  // Every sample has B(B-1)/2 pair norms and B average norms, saved as one row of `norms`; the counts
+  // are computed here in int64, before anything uses the kernels' int arithmetic.
+  TORCH_CHECK_VALUE(B <= kMaxBranches, op, ": the number of branches B must be at most ", kMaxBranches,
+                    " (B(B-1)/2 branch pairs plus B average terms per sample, at most ", kMaxTerms, "), got B = ", B,
+                    ", which has B(B-1)/2 = ", count_text(B, /*halve=*/true), " pairs");
+  TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0)");
+  TORCH_CHECK(emb.size(2) >= 1, op, ": emb needs at least one dimension (L >= 1)");
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
 // The forward's outputs for a contiguous emb [B, N, L], allocated alike on both devices (not filled).
@@ -49,6 +55,24 @@ inline ForwardOutputs allocate_forward(const at::Tensor& emb, int64_t reduction)
     out.ea = at::empty({}, emb.options());
   }
   return out;
+}
+
+// The backward's other tensors live on emb's device (a direct op call could mix them: the CPU kernel
+// would read a device pointer, the CUDA kernel a host one), and the upstream gradients are floating
+// (they are converted to emb's dtype; an integer or complex gradient is a caller's mistake).
+inline void check_backward_tensors(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const at::Tensor& norms,
+                                   const at::Tensor& emb) {
+  const auto dev = emb.device();
+  const std::pair<const char*, const at::Tensor*> others[] = {{"grad_ep", &grad_ep}, {"grad_ea", &grad_ea},
+                                                              {"norms", &norms}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(t->device() == dev, "embedding_consensus_backward: ", name, " must be on emb's device ", dev,
+                ", got ", t->device());
+  }
+  for (const auto& [name, t] : {others[0], others[1]}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "embedding_consensus_backward: ", name,
+                " must be floating (the gradient of a loss output), got ", t->scalar_type());
+  }
 }
 
 // The backward's checks of what the forward saved (norms) and of the upstream gradients' shapes.

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import (CheckpointError, atomic_save, checkpoint_num_classes, describe_checkpoint, load_checkpoint,
+from .checkpoint import (CheckpointError, checkpoint_num_classes, describe_checkpoint, load_checkpoint,
                          load_model_state, read_checkpoint, save_checkpoint)
 from .config import TrainConfig, check_device_name
 from .diagnostics import head_bn_variance, step_diagnostics
