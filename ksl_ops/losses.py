@@ -294,7 +294,7 @@ class BatchHardTripletLoss(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
-            raise ValueError(f"inputs must be a [N, L] feature tensor (one row per sample), got "
+            raise ValueError("inputs must be a [N, L] feature tensor (one row per sample), got "
                              + (f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor)
                                 else type(inputs).__name__))
         if not inputs.is_floating_point():
