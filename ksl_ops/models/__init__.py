@@ -15,7 +15,7 @@ from torch import nn
 from .cmsnet import CMSNet
 from .flops import count_flops, count_params
 from .head import FEATURE_DIM, NECKS, ReIDBackbone, ReIDHead, init_weights
-from .isomorphic import AuxiliaryBranch, IsomorphicNet, with_isomorphic_branches
+from .isomorphic import AuxiliaryBranch, IsomorphicNet, TracedIsomorphicNet, with_isomorphic_branches
 from .mobilenetv2 import MobileNetV2
 from .shufflenetv2 import ShuffleNetV2
 
@@ -24,6 +24,7 @@ __all__ = [
     "build_backbone",
     "with_isomorphic_branches",
     "IsomorphicNet",
+    "TracedIsomorphicNet",
     "AuxiliaryBranch",
     "ReIDBackbone",
     "ReIDHead",
