@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs/torchreid_ksl", help="torchreid's logs and checkpoints")
     p.add_argument("--out", default=None, help="result JSON (default <work-dir>/result.json)")
     p.add_argument("--print-freq", type=int, default=8)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 5, 10, 20], help="CMC ranks torchreid prints")
     return p
 
 
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
                             pk_loader=pk_loader, pk_start_epoch=triplet_start)
     start = time.time()
     engine.run(save_dir=str(work_dir), max_epoch=args.epochs, print_freq=args.print_freq,
-               normalize_feature=True, dist_metric="euclidean")
+               normalize_feature=True, dist_metric="euclidean", ranks=args.ranks)
     elapsed = time.time() - start
     res = engine.results["market1501"]
     result = {
