@@ -209,7 +209,6 @@ class _Trace:
     def __init__(self, model: nn.Module, x, taps):
         self.calls: dict = {}      # name -> [(pre index, post index)], in call order
         self.tap_out: dict = {}    # tap -> its output (to check it reaches the head)
-        self.names = {id(m): n for n, m in model.named_modules() if n}
         modes = [(m, m.training) for m in model.modules()]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         counter = [0]
