@@ -145,3 +145,23 @@ def test_example_end_to_end_writes_torchreid_rank1_and_map(tiny_set, tmp_path):
     assert saved["num_branches"] == 3 and saved["num_train_pids"] == 8 and saved["taps"] == ["conv3", "conv4"]
     assert 0.0 <= saved["rank1"] <= 100.0 and 0.0 < saved["mAP"] <= 100.0
     assert saved["schedule"]["epochs"] == 2 and saved["schedule"]["triplet_start_epoch"] == 1
+
+
+def test_torchreid_module_finds_upstreams_layout(tmp_path):
+    """Upstream torchreid has no torchreid.reid: its modules are torchreid.engine, torchreid.data, ...
+    A stand-in package with that layout (in a subprocess, so the real one is not shadowed here)."""
+    pkg = tmp_path / "torchreid"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "engine.py").write_text("LAYOUT = 'upstream'\n")
+    code = ("from ksl_ops.integrations.torchreid import torchreid_module; "
+            "print(torchreid_module('engine').LAYOUT); "
+            "\n"
+            "try:\n    torchreid_module('nothing')\nexcept ImportError as e:\n    print('ImportError', e)")
+    env = dict(__import__("os").environ, PYTHONPATH=f"{tmp_path}{__import__('os').pathsep}{ROOT}")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "upstream"
+    assert lines[1].startswith("ImportError ksl_ops.integrations.torchreid needs torchreid")
+    assert "torchreid.reid.nothing" in lines[1] and "torchreid.nothing" in lines[1]
