@@ -155,7 +155,7 @@ def plot(out: Dict) -> None:
         ax.set_ylabel(label)
         ax.set_title(f"torchreid {label.split()[0]}: Δ = {d['mean']:+.1f} ± {d['se']:.1f} "
                      f"({d['n_positive']}/{len(seeds)} seeds > 0)", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     if step:
         ax = axes[2]
         names = [r["name"] for r in step["rows"]]
