@@ -314,3 +314,18 @@ def test_ksl_backbone_through_the_generic_path_matches_isomorphic_net():
     for (l1, e1), (l2, e2) in zip(ours.train()(x), traced.train()(x)):
         torch.testing.assert_close(l1, l2, rtol=0, atol=0)
         torch.testing.assert_close(e1, e2, rtol=0, atol=0)
+
+
+@needs_torchreid
+@pytest.mark.parametrize("arch,taps", [("osnet_x1_0", ["conv3", "conv4"]), ("resnet50", ["layer3", "layer4"])])
+def test_torchreid_full_size_models(arch, taps):
+    """The issue's named models (10-20 s each on one CPU thread): copies agree, eval is the model."""
+    base = _tr_model(arch)
+    x = _x(4, seed=10)
+    net = with_isomorphic_branches(base, taps, init="copy", example_input=x[:2])
+    _check_eval_and_main_branch(net, base, x)
+    outs = net.train()(x)
+    assert len(outs) == 3
+    for logits, emb in outs[1:]:
+        assert torch.equal(logits, outs[0][0]) and torch.equal(emb, outs[0][1])
+    assert not _ids(base.parameters()) & {id(p) for b in net.branches for p in b.parameters()}
