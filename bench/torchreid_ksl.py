@@ -161,8 +161,10 @@ def plot(out: Dict) -> None:
         names = [r["name"] for r in step["rows"]]
         ms = [r["median_ms"] for r in step["rows"]]
         ax.barh(names, ms, color=["C0"] + ["C1"] * (len(ms) - 1))
-        for i, v in enumerate(ms):
-            ax.text(v, i, f" {v:.0f} ms", va="center", fontsize=8)
+        for i, (v, r) in enumerate(zip(ms, step["rows"])):
+            ratio = r.get("median_ratio_in_round", r["ratio_to_torchreid"])
+            ax.text(v, i, f" {v:.0f} ms (x{ratio:.2f})", va="center", fontsize=8)
+        ax.set_xlim(0, max(ms) * 1.45)
         ax.set_xlabel("median step time (ms)")
         ax.set_title(f"one step, {step['arch']}, batch {step['batch_size']} {step['height']}x{step['width']}, "
                      f"{step['device']}", fontsize=9)

@@ -12,9 +12,15 @@ ImageDataManager, and one full training step (forward, loss, backward, SGD step)
 - ``KSL engine, KSL``: the same branches with every KSL term (P, E, H).
 
 So row 2 - row 1 is the adapter's own overhead, row 3 - row 2 what the branches cost, row 4 - row 3
-what the consensus terms cost. The engines run alternately (the order rotates every round) and each
-row reports the median over rounds; every model starts from the same weights, and each engine keeps
-training its own copy (a step's cost does not depend on the weights' values).
+what the consensus terms cost. The engines run alternately (the order rotates every round); each row
+reports the median over rounds and the median over rounds of its ratio to torchreid's step *in the
+same round* (robust to a shared machine's load changing between rounds). Every model starts from the
+same weights, and each engine keeps training its own copy (a step's cost does not depend on the
+weights' values).
+
+The consensus terms are small next to the network, so the losses alone are timed too (forward +
+backward on the B = 3 branch outputs of one batch, many alternating repeats): torchreid's
+CrossEntropyLoss + TripletLoss on the main branch, KSLLoss AUX (CE + triplet per branch) and KSLLoss KSL.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--loss-repeats", type=int, default=60)
     p.add_argument("--arch", default="osnet_x0_25")
     p.add_argument("--data-root", default=str(HERE / "results" / "data"))
     p.add_argument("--out", default=str(HERE / "results" / "torchreid_step.json"))
@@ -102,7 +109,42 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n, _, _ in rows if times[n]),
               flush=True)
 
+    # the losses alone, on one batch's branch outputs (leaf tensors), many alternating repeats
+    net = rows[3][2]
+    with torch.no_grad():
+        outs = net(batch["img"])
+    pids = batch["pid"].long()
+    losses_mod = torchreid_module("losses")
+    tr_x = losses_mod.CrossEntropyLoss(num_classes=K, use_gpu=False, label_smooth=True)
+    tr_t = losses_mod.TripletLoss(margin=0.3)
+    aux_loss, full_loss = ksl_loss(False), ksl_loss(True)
+
+    def leaf():
+        return ([z.detach().clone().requires_grad_(True) for z, _ in outs],
+                [e.detach().clone().requires_grad_(True) for _, e in outs])
+
+    def torchreid_losses():
+        z, e = leaf()
+        (tr_x(z[0], pids) + tr_t(e[0], pids)).backward()
+
+    def ksl_losses(crit):
+        def run():
+            z, e = leaf()
+            crit(z, e, pids, epoch=0).total.backward()
+        return run
+
+    loss_rows = [("torchreid CE + triplet (B=1)", torchreid_losses), ("KSLLoss AUX (B=3)", ksl_losses(aux_loss)),
+                 ("KSLLoss KSL (B=3)", ksl_losses(full_loss))]
+    loss_times = {n: [] for n, _ in loss_rows}
+    for r in range(5 + args.loss_repeats):
+        for n, fn in loss_rows[r % 3:] + loss_rows[:r % 3]:
+            t0 = time.perf_counter()
+            fn()
+            if r >= 5:
+                loss_times[n].append(time.perf_counter() - t0)
+
     first = statistics.median(times[rows[0][0]])
+    ref_name = rows[0][0]
     out = {
         "arch": args.arch, "batch_size": bs, "height": h, "width": w, "num_classes": K, "backend": backend,
         "repeats": args.repeats, "warmup": args.warmup,
@@ -112,11 +154,18 @@ def main(argv=None) -> int:
         "rows": [{"name": n, "median_ms": 1e3 * statistics.median(times[n]),
                   "min_ms": 1e3 * min(times[n]), "max_ms": 1e3 * max(times[n]),
                   "ratio_to_torchreid": statistics.median(times[n]) / first,
+                  "median_ratio_in_round": statistics.median(a / b for a, b in zip(times[n], times[ref_name])),
+                  "times_ms": [1e3 * t for t in times[n]],
                   "params": sum(p.numel() for p in model.parameters())} for n, _, model in rows],
+        "losses_only": [{"name": n, "median_ms": 1e3 * statistics.median(loss_times[n]),
+                         "repeats": len(loss_times[n])} for n, _ in loss_rows],
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
     for r in out["rows"]:
-        print(f"{r['name']:20s} {r['median_ms']:8.0f} ms  x{r['ratio_to_torchreid']:.2f}  params {r['params']}")
+        print(f"{r['name']:20s} {r['median_ms']:8.0f} ms  x{r['ratio_to_torchreid']:.2f} "
+              f"(in-round x{r['median_ratio_in_round']:.2f})  params {r['params']}")
+    for r in out["losses_only"]:
+        print(f"{r['name']:30s} {r['median_ms']:8.2f} ms")
     return 0
 
 
