@@ -45,7 +45,8 @@ RUNS = HERE / "results" / "torchreid_runs"
 WORK = HERE / "results" / "runs" / "torchreid"
 SUMMARY = HERE / "results" / "torchreid_ksl.json"
 PLOT = HERE / "results" / "torchreid_ksl.png"
-STEP = HERE / "results" / "torchreid_step.json"
+STEPS = {"reference": HERE / "results" / "torchreid_step.json",        # backend="reference" (no extension)
+         "fused": HERE / "results" / "torchreid_step_fused.json"}       # the compiled extension
 
 
 def run_name(losses: str, seed: int) -> str:
@@ -125,8 +126,9 @@ def merge() -> Dict:
             m, se = _mean_se(d)
             row["delta_ksl_minus_aux"] = {"mean": m, "se": se, "per_seed": d, "n_positive": sum(x > 0 for x in d)}
             out[metric] = row
-    if STEP.exists():
-        out["step_time"] = json.loads(STEP.read_text())
+    steps = {k: json.loads(p.read_text()) for k, p in STEPS.items() if p.exists()}
+    if steps:
+        out["step_time"] = steps
     SUMMARY.write_text(json.dumps(out, indent=1))
     plot(out)
     return out
@@ -137,8 +139,8 @@ def plot(out: Dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    step = out.get("step_time")
-    fig, axes = plt.subplots(1, 3 if step else 2, figsize=(13 if step else 9, 4))
+    step = out.get("step_time")  # {backend: torchreid_step.py output}
+    fig, axes = plt.subplots(1, 3 if step else 2, figsize=(15 if step else 9, 4.2))
     seeds = out["seeds"]
     for ax, metric, label in zip(axes, ("rank1", "mAP"), ("Rank-1 (%)", "mAP (%)")):
         if not seeds:
@@ -158,16 +160,24 @@ def plot(out: Dict) -> None:
         ax.legend(fontsize=8, loc="best")
     if step:
         ax = axes[2]
-        names = [r["name"] for r in step["rows"]]
-        ms = [r["median_ms"] for r in step["rows"]]
-        ax.barh(names, ms, color=["C0"] + ["C1"] * (len(ms) - 1))
-        for i, (v, r) in enumerate(zip(ms, step["rows"])):
-            ratio = r.get("median_ratio_in_round", r["ratio_to_torchreid"])
-            ax.text(v, i, f" {v:.0f} ms (x{ratio:.2f})", va="center", fontsize=8)
-        ax.set_xlim(0, max(ms) * 1.45)
-        ax.set_xlabel("median step time (ms)")
-        ax.set_title(f"one step, {step['arch']}, batch {step['batch_size']} {step['height']}x{step['width']}, "
-                     f"{step['device']}", fontsize=9)
+        names = [r["name"] for r in next(iter(step.values()))["rows"]]
+        height = 0.8 / len(step)
+        top = 0.0
+        for j, (backend, st) in enumerate(sorted(step.items())):
+            ms = [r["median_ms"] for r in st["rows"]]
+            ys = [i + (j - (len(step) - 1) / 2) * height for i in range(len(ms))]
+            ax.barh(ys, ms, height=height * 0.95, color=f"C{j}", label=f"losses: backend={backend}")
+            for y, v, r in zip(ys, ms, st["rows"]):
+                ratio = r.get("median_ratio_in_round", r["ratio_to_torchreid"])
+                ax.text(v, y, f" {v:.0f} ms (x{ratio:.2f})", va="center", fontsize=7)
+            top = max(top, max(ms))
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlim(0, top * 1.5)
+        ax.set_xlabel("median step (ms); (x): in-round ratio to torchreid's")
+        st = next(iter(step.values()))
+        ax.set_title(f"one step: {st['arch']}, batch {st['batch_size']}, {st['height']}x{st['width']}, "
+                     f"{st['device'].replace('thread(s)', 'thread')}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
         ax.invert_yaxis()
     sched = out.get("schedule", {})
     fig.suptitle(f"{ARCH} (torchreid, loss='triplet') + 2 isomorphic branches, synthetic set, "
