@@ -177,7 +177,7 @@ def plot(out: Dict) -> None:
         st = next(iter(step.values()))
         ax.set_title(f"one step: {st['arch']}, batch {st['batch_size']}, {st['height']}x{st['width']}, "
                      f"{st['device'].replace('thread(s)', 'thread')}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")
         ax.invert_yaxis()
     sched = out.get("schedule", {})
     fig.suptitle(f"{ARCH} (torchreid, loss='triplet') + 2 isomorphic branches, synthetic set, "
