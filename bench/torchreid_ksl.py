@@ -86,6 +86,7 @@ def run_all(args) -> None:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     running: Dict[str, subprocess.Popen] = {}
     WORK.mkdir(parents=True, exist_ok=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
     while todo or running:
         while todo and len(running) < args.jobs:
             losses, seed = todo.pop(0)
@@ -194,7 +195,14 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--data-root", default=str(HERE / "results" / "data"))
     p.add_argument("--merge-only", action="store_true")
+    p.add_argument("--tag", default="", help="a separate set of runs (e.g. another schedule): records in "
+                                             "torchreid_runs/<tag>/, summary torchreid_ksl_<tag>.json/.png")
     args = p.parse_args(argv)
+    if args.tag:
+        global RUNS, WORK, SUMMARY, PLOT
+        RUNS, WORK = RUNS / args.tag, WORK / args.tag
+        SUMMARY = SUMMARY.with_name(f"torchreid_ksl_{args.tag}.json")
+        PLOT = PLOT.with_name(f"torchreid_ksl_{args.tag}.png")
     if not args.merge_only:
         run_all(args)
     out = merge()
