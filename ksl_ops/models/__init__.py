@@ -2,6 +2,7 @@
 
     model = build_backbone("cmsnet", num_classes=751)   # or "mobilenetv2", "shufflenetv2"
     net = with_isomorphic_branches(model)                # branches at model.default_taps
+    net = with_isomorphic_branches(any_model, taps=["layer3", "layer4"], init="copy")  # any model (isomorphic.py)
     net.train(); outs = net(x)        # [(logits, emb)] * B, main branch first
     net.eval();  emb = net(x)         # main-branch 512-D embedding
     count_params(model), count_flops(model, 256, 128)
