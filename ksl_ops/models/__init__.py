@@ -2,6 +2,7 @@
 
     model = build_backbone("cmsnet", num_classes=751)   # or "mobilenetv2", "shufflenetv2"
     net = with_isomorphic_branches(model)                # branches at model.default_taps
+    net = with_isomorphic_branches(any_model, taps=["layer3", "layer4"], init="copy")  # any model (isomorphic.py)
     net.train(); outs = net(x)        # [(logits, emb)] * B, main branch first
     net.eval();  emb = net(x)         # main-branch 512-D embedding
     count_params(model), count_flops(model, 256, 128)
@@ -15,7 +16,7 @@ from torch import nn
 from .cmsnet import CMSNet
 from .flops import count_flops, count_params
 from .head import FEATURE_DIM, NECKS, ReIDBackbone, ReIDHead, init_weights
-from .isomorphic import AuxiliaryBranch, IsomorphicNet, with_isomorphic_branches
+from .isomorphic import AuxiliaryBranch, IsomorphicNet, TracedIsomorphicNet, with_isomorphic_branches
 from .mobilenetv2 import MobileNetV2
 from .shufflenetv2 import ShuffleNetV2
 
@@ -24,6 +25,7 @@ __all__ = [
     "build_backbone",
     "with_isomorphic_branches",
     "IsomorphicNet",
+    "TracedIsomorphicNet",
     "AuxiliaryBranch",
     "ReIDBackbone",
     "ReIDHead",
