@@ -37,10 +37,10 @@ def test_import_ksl_ops_does_not_import_torchreid():
 def test_missing_attribute_and_missing_torchreid_message():
     import ksl_ops.integrations.torchreid as tr
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
-        tr.Nope
+        _ = tr.Nope
     if not HAVE_TORCHREID:
         with pytest.raises(ImportError, match="needs torchreid"):
-            tr.ImageKSLEngine
+            _ = tr.ImageKSLEngine
 
 
 def _example():

@@ -29,7 +29,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["ImageKSLEngine", "torchreid_module"]
+# ImageKSLEngine is built by the module __getattr__ on first use (it subclasses torchreid's Engine).
+__all__ = ["ImageKSLEngine", "torchreid_module"]  # noqa: F822
 
 _CLASS = None
 
