@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 import ksl_ops
-import reference as R
+from ksl_ops.functional import _reference
 from ksl_ops.cli import main as ksl_main
 from ksl_ops.data import render_synthetic
 from ksl_ops.engine import CheckpointError, TrainConfig, Trainer
 from ksl_ops.engine.trainer import resolve_amp
+
+R = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from amp_curves import TinyReID, curve, lockstep, rel_diff, term_excess, window_rel_diff  # noqa: E402

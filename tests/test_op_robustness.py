@@ -18,17 +18,21 @@ import pytest
 import torch
 
 import ksl_ops
-import reference
+from ksl_ops.functional import _reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = torch.ops.ksl_ops
+
+reference = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 
 
 def run_cases(body: str, timeout: int = 300) -> dict:
     """Runs `body` in a fresh interpreter. `body` calls case(name, fn) for each call to try; the result
     is {name: [exception type name, message]} ([None, repr(result)] when nothing was raised)."""
     code = textwrap.dedent("""
-        import json, sys, torch, ksl_ops, reference
+        import json, sys, torch, ksl_ops
+        from ksl_ops.functional import _reference
+        reference = _reference()
         OPS = torch.ops.ksl_ops
         results = {}
         def case(name, fn):
