@@ -209,12 +209,14 @@ class KSLLoss(nn.Module):
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+# Device types with an autocast mode, listed rather than asked for: torch.amp.is_autocast_available
+# cannot be traced by torch.compile(fullgraph=True) on torch 2.11.
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for this device type (False for types autocast does not know, e.g. meta)."""
-    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4.1
-    if not (available(device_type) if available is not None else device_type in ("cpu", "cuda")):
-        return False
-    return torch.is_autocast_enabled(device_type)
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
