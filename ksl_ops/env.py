@@ -21,28 +21,26 @@ __all__ = ["collect", "format_report", "main"]
 _OPTIONAL = ("numpy", "PIL", "torchvision", "torchreid", "sklearn", "matplotlib", "tqdm")
 
 
-def _cpu_flags() -> str:
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (empty where there is none)."""
+    info: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "fma", "avx512f", "avx512bw")
-                    return " ".join(x for x in wanted if x in have) or "none of avx2/fma/avx512"
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return "unknown"
+    return info
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _cpu_flags(info: Dict[str, str]) -> str:
+    if "flags" not in info:
+        return "unknown"
+    have = set(info["flags"].split())
+    return " ".join(x for x in ("avx2", "fma", "avx512f", "avx512bw") if x in have) or "none of avx2/fma/avx512"
 
 
 def _command_version(cmd: List[str]) -> str:
@@ -96,11 +94,12 @@ def collect() -> List[Tuple[str, List[Tuple[str, str]]]]:
             cap = torch.cuda.get_device_capability(i)
             gpus.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"))
 
+    cpu = _cpuinfo()
     sections = [
         ("system", [("python", f"{sys.version.split()[0]} ({sys.executable})"),
                     ("platform", platform.platform()),
-                    ("cpu", _cpu_name()),
-                    ("cpu features", _cpu_flags()),
+                    ("cpu", cpu.get("model name") or platform.processor() or "unknown"),
+                    ("cpu features", _cpu_flags(cpu)),
                     ("torch cpu capability", torch.backends.cpu.get_cpu_capability()),
                     ("cores", str(os.cpu_count())),
                     ("torch threads", f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"),

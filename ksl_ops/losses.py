@@ -159,9 +159,7 @@ class KSLLoss(nn.Module):
             raise ValueError(f"logits must have num_classes={self.num_classes} classes in the last dim, got {K}")
         if e.shape[:2] != (B, N):
             raise ValueError(f"embeddings must be [B, N, L] with B={B}, N={N} as logits, got {tuple(e.shape)}")
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (N,):
-            raise ValueError(f"labels must be an int64 tensor of shape [N] = [{N}], got "
-                             f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+        _check_labels(labels, N, "labels")
 
         device_type = z.device.type
         if _autocast_enabled(device_type):
@@ -204,6 +202,13 @@ class KSLLoss(nn.Module):
                     terms["ksl_ea"] = ea
         total = torch.stack([t.to(z.dtype) for t in terms.values()]).sum()
         return KSLOutput(total, terms)
+
+
+def _check_labels(labels, n: int, name: str) -> None:
+    """ValueError naming `name` unless `labels` is an int64 tensor of shape [n]."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
+        raise ValueError(f"{name} must be an int64 tensor of shape [N] = [{n}], got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -302,10 +307,7 @@ class BatchHardTripletLoss(nn.Module):
         if not inputs.is_floating_point():
             raise TypeError(f"inputs must be a floating tensor, got {inputs.dtype}")
         n = inputs.size(0)
-        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.shape != (n,):
-            raise ValueError(f"targets must be an int64 tensor of shape [N] = [{n}], got "
-                             f"{getattr(targets, 'dtype', type(targets).__name__)} "
-                             f"{tuple(getattr(targets, 'shape', ()))}")
+        _check_labels(targets, n, "targets")
         x = F.normalize(inputs, dim=1) if self.normalize else inputs
         x2 = torch.cat([x, x])
         y2 = torch.cat([targets, targets])
