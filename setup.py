@@ -187,7 +187,8 @@ def _extension(cuda):
     debug = os.environ.get("KSL_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
-    sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp"))
+                  + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     # -g0: Python's own CFLAGS carry -g, and debug info for the kernels' template copies costs about a
     # fifth of the C++ build time and most of the library's size; KSL_OPS_DEBUG=1 keeps it.
     cxx = opt + ([] if debug else ["-g0"]) + ["-fopenmp", "-fdiagnostics-color=always"]

@@ -194,7 +194,8 @@ def run_all(args, jobs: List[Tuple[str, str, int]], out_root: Path, tag: str) ->
             if status == "ok":
                 fin = record_run(tag, job, d)["final"]
                 msg = f"R1 {fin['R1']:.1f} mAP {fin['mAP']:.1f}"
-            line = f"[{done}/{len(todo)}] {job[1]} {job[0]} seed {job[2]}: {status} {msg} ({time.perf_counter() - t0:.0f}s)"
+            elapsed = time.perf_counter() - t0
+            line = f"[{done}/{len(todo)}] {job[1]} {job[0]} seed {job[2]}: {status} {msg} ({elapsed:.0f}s)"
             if bar is not None:
                 bar.update(1)
                 bar.write(line)
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
 
     tables = ["4", "5", "6", "1"] if args.tables == ["all"] else args.tables
     bad = [t for t in tables if t not in ("1", "4", "5", "6")]
-    bad += [r for r in (args.rows or []) if r not in {l for rows in TABLES.values() for _, l in rows}]
+    bad += [r for r in (args.rows or []) if r not in {row for rows in TABLES.values() for _, row in rows}]
     if bad:
         p.error(f"unknown table(s) or row(s) {bad}; tables are 1 4 5 6 or all")
     seeds = parse_seeds(args.seeds)

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         print(f"  {lab:<16} {100 * m['dead_share']:.2f}%")
     print("t-SNE inputs, in the embedding space:")
     for lab, s in t["models"].items():
-        print(f"  {lab:<16} intra/inter cosine distance {s['ratio']:.3f}, 1-NN identity accuracy {100 * s['nn_accuracy']:.1f}%")
+        print(f"  {lab:<16} intra/inter cosine distance {s['ratio']:.3f}, "
+              f"1-NN identity accuracy {100 * s['nn_accuracy']:.1f}%")
     if by_seed["seeds"]:
         print(f"separation over seeds {by_seed['seeds']} (same augmented images for every model; mean ± s.e.; "
               f"paired difference to {by_seed['reference']}):")

@@ -102,9 +102,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from ksl_ops.data import render_synthetic
-    from ksl_ops.engine.config import SYNTHETIC_DEFAULTS
+    from ksl_ops.engine.config import SYNTHETIC_DEFAULTS, TrainConfig
     from ksl_ops.engine.trainer import build_model, resolve_device
-    from ksl_ops.engine.config import TrainConfig
     from ksl_ops.models import count_params
 
     dev = resolve_device(args.device)

@@ -91,15 +91,15 @@ def _cases(sizes: str) -> list:
                     lambda dev, dt: (torch.randn(B, n, k, device=dev, dtype=dt),),
                     lambda dt: B * n * k * torch.finfo(dt).bits // 8)
 
-    def emb_case(size, n, l):
-        return Case("embedding_consensus", size, dict(B=B, N=n, L=l), f"N={n},L={l}",
-                    lambda dev, dt: (torch.randn(B, n, l, device=dev, dtype=dt),),
-                    lambda dt: B * n * l * torch.finfo(dt).bits // 8)
+    def emb_case(size, n, L):
+        return Case("embedding_consensus", size, dict(B=B, N=n, L=L), f"N={n},L={L}",
+                    lambda dev, dt: (torch.randn(B, n, L, device=dev, dtype=dt),),
+                    lambda dt: B * n * L * torch.finfo(dt).bits // 8)
 
-    def trip_case(size, n, l):
-        return Case("branch_triplet", size, dict(B=B, N=n, L=l), f"N={n},L={l}",
-                    lambda dev, dt: (torch.randn(B, n, l, device=dev, dtype=dt), _pk_labels(n, dev)),
-                    lambda dt: B * n * l * torch.finfo(dt).bits // 8)
+    def trip_case(size, n, L):
+        return Case("branch_triplet", size, dict(B=B, N=n, L=L), f"N={n},L={L}",
+                    lambda dev, dt: (torch.randn(B, n, L, device=dev, dtype=dt), _pk_labels(n, dev)),
+                    lambda dt: B * n * L * torch.finfo(dt).bits // 8)
 
     if sizes in ("reid", "all"):
         out += [logits_case("reid", reid_n, 751), logits_case("reid", reid_n, 4101),

@@ -30,7 +30,6 @@ if str(HERE.parent) not in sys.path:  # run as a script from a source checkout
 
 from bench import ablation as ab  # noqa: E402
 
-
 MODELS = (("Baseline", "baseline"), ("AUX", "aux"), ("KSL", "ksl"))
 
 

@@ -111,10 +111,10 @@ def _mean_se(xs: List[float]):
 def merge() -> Dict:
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
     by = {(r["losses"], r["seed"]): r for r in runs}
-    seeds = sorted(s for (l, s) in by if l == "aux" and ("ksl", s) in by)
-    out: Dict = {"arch": ARCH, "seeds": seeds, "runs": {f"{l}_s{s}": {"rank1": r["rank1"], "mAP": r["mAP"],
+    seeds = sorted(s for (losses, s) in by if losses == "aux" and ("ksl", s) in by)
+    out: Dict = {"arch": ARCH, "seeds": seeds, "runs": {f"{losses}_s{s}": {"rank1": r["rank1"], "mAP": r["mAP"],
                                                                          "time_s": r["train_and_eval_time_s"]}
-                                                        for (l, s), r in sorted(by.items())}}
+                                                        for (losses, s), r in sorted(by.items())}}
     if seeds:
         out["schedule"] = by[("aux", seeds[0])]["schedule"]
         out["backend"] = by[("aux", seeds[0])]["backend"]

@@ -44,7 +44,8 @@ PAPER = {"cmsnet": (2.1, 911), "mobilenetv2": (2.2, 204), "shufflenetv2": (1.2, 
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def model_costs():
@@ -100,7 +101,7 @@ def plot(results, path: Path):
         width = 0.8 / max(len(backends), 1)
         for j, b in enumerate(backends):
             xs = [i + j * width for i in range(len(names))]
-            get = lambda key, scale=1.0: [scale * runs[n][b][key] if b in runs[n] else 0 for n in names]  # noqa: E731
+            get = lambda key, scale=1.0, b=b: [scale * runs[n][b][key] if b in runs[n] else 0 for n in names]  # noqa: E731
             axes["img/s"].bar(xs, get("images_per_s"), width, label=b)
             axes["loss share"].bar(xs, get("loss_time_share", 100.0), width, label=b)
             axes["accuracy"].bar(xs, get("R1"), width, label=f"R1 ({b})")
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
         from ddp_scaling import main as scaling_main
 
         return scaling_main(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny set, 32x16, 1 epoch of 2 iterations")
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     p.add_argument("--backends", nargs="+", default=["fused", "reference"], choices=["fused", "reference"])
@@ -159,9 +161,11 @@ def main(argv=None) -> int:
         synthetic = dict(num_train_ids=8, num_test_ids=6, num_cams=2, images_per_cam=4)
         defaults = dict(epochs=1, height=32, width=16, batch_size=16, max_iters_per_epoch=2)
         overrides = {k: (v if v is not None else defaults.get(k)) for k, v in overrides.items()}
+    data_root = args.data_root
+    if data_root is None and args.dataset == "synthetic":
+        data_root = str(out_dir / "data" / ("synthetic-quick" if args.quick else "synthetic"))
     base = TrainConfig.from_preset(
-        args.preset, dataset=args.dataset, data_root=args.data_root
-        or (str(out_dir / "data" / ("synthetic-quick" if args.quick else "synthetic")) if args.dataset == "synthetic" else None),
+        args.preset, dataset=args.dataset, data_root=data_root,
         synthetic=synthetic, device=str(dev), workers=workers, progress="off", **overrides)
     dataset = load_dataset(base)
     fused_ok = ksl_ops.backend() != "none"
@@ -199,8 +203,9 @@ def main(argv=None) -> int:
                                          "output_dir": str(runs_dir / f"{name}_ksl_{backend}")})
             r = run_training(cfg, dataset, f"{name}/{backend}")
             training[name][backend] = r
-            print(f"  {name:<13} {backend:<9} {r['images_per_s']:7.1f} img/s | losses {100 * r['loss_time_share']:5.1f}% "
-                  f"of step time ({r['loss_ms_per_step']:.1f} ms/step) | R1 {r['R1']:.1f} mAP {r['mAP']:.1f}", flush=True)
+            print(f"  {name:<13} {backend:<9} {r['images_per_s']:7.1f} img/s | "
+                  f"losses {100 * r['loss_time_share']:5.1f}% of step time ({r['loss_ms_per_step']:.1f} ms/step) | "
+                  f"R1 {r['R1']:.1f} mAP {r['mAP']:.1f}", flush=True)
     results["training"] = training
 
     tag = "quick_" if args.quick else ""

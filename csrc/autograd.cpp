@@ -43,10 +43,10 @@ using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 constexpr int64_t kNone = 0;
 
 // The typed handle of ksl_ops::<name>, looked up once per call site.
-#define KSL_OP(name, Sig)                                                                                  \
-  ([]() -> const c10::TypedOperatorHandle<Sig>& {                                                          \
+#define KSL_OP(name, Sig)                                                                                         \
+  ([]() -> const c10::TypedOperatorHandle<Sig>& {                                                                 \
     static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("ksl_ops::" name, "").typed<Sig>(); \
-    return handle;                                                                                         \
+    return handle;                                                                                                \
   }())
 
 // The upstream gradient of one loss output for a *_backward op: a loss output that did not reach the
@@ -59,8 +59,8 @@ Tensor upstream_or_zeros(const Tensor& g, int64_t reduction, c10::SymIntArrayRef
 
 // ---- first derivatives only -------------------------------------------------------------------------
 std::string double_backward_message(const char* op) {
-  return std::string("ksl_ops.") + op + ": double backward is not supported (the gradient computed by ksl_ops::" +
-         op + "_backward is not itself differentiable). Call ksl_ops." + op +
+  return std::string("ksl_ops.") + op + ": double backward is not supported (the gradient computed by ksl_ops::" + op +
+         "_backward is not itself differentiable). Call ksl_ops." + op +
          "(..., backend=\"reference\") where second derivatives are needed.";
 }
 
@@ -110,8 +110,8 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
     Tensor pp, pa, row_lse, grad_dir;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(pp, pa, row_lse, grad_dir) = KSL_OP("prob_consensus", ProbFwd)
-                                                .call(logits, temperature, detach_target, reduction, save_grad);
+      std::tie(pp, pa, row_lse, grad_dir) =
+          KSL_OP("prob_consensus", ProbFwd).call(logits, temperature, detach_target, reduction, save_grad);
     }
     // With save_grad, detach_target and a scalar reduction the forward wrote the whole gradient's
     // direction (d pa / d logits; d pp / d logits = (B-1) times it): the backward only scales it.
@@ -152,8 +152,8 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
       // create_graph=True: the result must still lead back to the logits, through a raising node.
       if (at::GradMode::is_enabled() && ctx->saved_data.count("logits_edge") > 0) {
         const auto holder = ctx->saved_data["logits_edge"].toCapsule();
-        out[0] = raise_when_differentiated(out[0], {static_cast<const EdgeHolder*>(holder.get())->edge},
-                                           "prob_consensus");
+        out[0] =
+            raise_when_differentiated(out[0], {static_cast<const EdgeHolder*>(holder.get())->edge}, "prob_consensus");
       }
       return out;
     }
@@ -214,8 +214,8 @@ Tensor3 embedding_consensus_autograd(const Tensor& emb, int64_t reduction) {
 
 // ---- branch_triplet -------------------------------------------------------------------------------
 using TripFwd = Tensor5(const Tensor&, const Tensor&, double, bool, int64_t);
-using TripBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                       double, bool, int64_t);
+using TripBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                       bool, int64_t);
 
 class BranchTriplet : public torch::autograd::Function<BranchTriplet> {
  public:

@@ -20,10 +20,12 @@ TORCH_LIBRARY(ksl_ops, m) {
   // detach_target and reduction mean/sum, grad_dir [B, N, K] is the gradient computed with the loss
   // (d pa / d logits; d pp / d logits = (B-1) grad_dir) and the backward only scales it; otherwise
   // it is empty and the backward recomputes from row_lse.
-  m.def("prob_consensus(Tensor logits, float temperature, bool detach_target, int reduction, "
-        "bool save_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("prob_consensus_backward(Tensor grad_pp, Tensor grad_pa, Tensor logits, Tensor row_lse, "
-        "float temperature, bool detach_target, int reduction) -> Tensor");
+  m.def(
+      "prob_consensus(Tensor logits, float temperature, bool detach_target, int reduction, "
+      "bool save_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "prob_consensus_backward(Tensor grad_pp, Tensor grad_pa, Tensor logits, Tensor row_lse, "
+      "float temperature, bool detach_target, int reduction) -> Tensor");
   // The backward when the forward saved grad_dir: grad_dir · ((B-1)·grad_pp + grad_pa), the upstream
   // gradients scalars of grad_dir's dtype (an absent one counts 0); one elementwise pass.
   m.def("prob_consensus_backward_saved(Tensor? grad_pp, Tensor? grad_pa, Tensor grad_dir) -> Tensor");
@@ -32,15 +34,19 @@ TORCH_LIBRARY(ksl_ops, m) {
   // float64 emb) holds every sample's pair norms then average norms, saved for the backward so
   // that it makes one pass over emb instead of two.
   m.def("embedding_consensus(Tensor emb, int reduction) -> (Tensor, Tensor, Tensor)");
-  m.def("embedding_consensus_backward(Tensor grad_ep, Tensor grad_ea, Tensor emb, Tensor norms, int reduction) -> Tensor");
+  m.def(
+      "embedding_consensus_backward(Tensor grad_ep, Tensor grad_ea, Tensor emb, Tensor norms, int reduction) -> "
+      "Tensor");
 
   // Per-branch (eq. 2) and cross-branch (KSL-H, eq. 11) batch-hard triplets. Returns
   // (self, cross, pos_idx, neg_idx, hard_sq): the indices are int32 [B, B, N], -1 for an invalid
   // anchor; hard_sq [2, B, B, N] (float32; float64 for float64 emb) holds the squared distances of
   // each anchor to its hardest positive (plane 0) and negative (plane 1), saved so that the
   // backward's coefficients are elementwise instead of recomputing two distances per anchor.
-  m.def("branch_triplet(Tensor emb, Tensor labels, float margin, bool soft_margin, int reduction) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("branch_triplet_backward(Tensor grad_self, Tensor grad_cross, Tensor emb, Tensor pos_idx, "
-        "Tensor neg_idx, Tensor hard_sq, float margin, bool soft_margin, int reduction) -> Tensor");
+  m.def(
+      "branch_triplet(Tensor emb, Tensor labels, float margin, bool soft_margin, int reduction) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "branch_triplet_backward(Tensor grad_self, Tensor grad_cross, Tensor emb, Tensor pos_idx, "
+      "Tensor neg_idx, Tensor hard_sq, float margin, bool soft_margin, int reduction) -> Tensor");
 }

@@ -12,8 +12,14 @@
 from . import _ext
 from ._version import __version__
 from .functional import branch_triplet, embedding_consensus, prob_consensus
-from .losses import (BatchHardTripletLoss, BranchTripletLoss, EmbeddingConsensusLoss, KSLLoss, KSLOutput,
-                     ProbConsensusLoss)
+from .losses import (
+    BatchHardTripletLoss,
+    BranchTripletLoss,
+    EmbeddingConsensusLoss,
+    KSLLoss,
+    KSLOutput,
+    ProbConsensusLoss,
+)
 from .recipes import RECIPES
 
 __all__ = [

@@ -154,8 +154,18 @@ def plot_weight_distributions(blocks_by_model: Mapping[str, Mapping[str, torch.T
 def tsne_transform(height: int, width: int, generator: torch.Generator, padding: Optional[int] = None):
     """The test-time augmentation of Figure 7: random flip, pad-and-crop, patch and erasing, each drawn
     from ``generator``; p = 0.5 each, as in training."""
-    from .data.transforms import (Compose, Normalize, Pad, RandomCrop, RandomErasing, RandomHorizontalFlip,
-                                  RandomPatch, Resize, ToTensor, crop_padding)
+    from .data.transforms import (
+        Compose,
+        Normalize,
+        Pad,
+        RandomCrop,
+        RandomErasing,
+        RandomHorizontalFlip,
+        RandomPatch,
+        Resize,
+        ToTensor,
+        crop_padding,
+    )
 
     pad = crop_padding(height) if padding is None else padding
     return Compose([ToTensor(), Resize(height, width), RandomHorizontalFlip(0.5, generator=generator),

@@ -92,7 +92,6 @@ def _cmd_synth(argv: List[str]) -> int:
     from pathlib import Path
 
     from .data import build_dataset, render_synthetic, synthetic_preview
-
     from .engine.outputs import check_output_file
 
     try:

@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import (TensorOrBranches, _check_backend, _check_positive_number, _reduction_code,
-                         _stack_branches, branch_triplet, embedding_consensus, prob_consensus)
+from .functional import (
+    TensorOrBranches,
+    _check_backend,
+    _check_positive_number,
+    _reduction_code,
+    _stack_branches,
+    branch_triplet,
+    embedding_consensus,
+    prob_consensus,
+)
 from .recipes import DEFAULT_RECIPE, check_recipe, recipe_value
 
 
@@ -137,8 +145,8 @@ class KSLLoss(nn.Module):
         return self.use_ep or self.use_ea
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, recipe={self.recipe!r}, label_smoothing={self.label_smoothing}, margin={self.margin}, "
-                f"temperature={self.temperature}, use_pp={self.use_pp}, use_pa={self.use_pa}, "
+        return (f"num_classes={self.num_classes}, recipe={self.recipe!r}, label_smoothing={self.label_smoothing}, "
+                f"margin={self.margin}, temperature={self.temperature}, use_pp={self.use_pp}, use_pa={self.use_pa}, "
                 f"use_ep={self.use_ep}, use_ea={self.use_ea}, use_h={self.use_h}, "
                 f"normalize_e={self.normalize_e}, normalize_triplet={self.normalize_triplet}, "
                 f"triplet_start_epoch={self.triplet_start_epoch}, "

@@ -37,8 +37,8 @@ def finite_float(text: str) -> float:
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from ksl_ops.engine.config import LOSS_PRESETS, PRESETS
-    from ksl_ops.recipes import DEFAULT_RECIPE, RECIPES
     from ksl_ops.models import NECKS
+    from ksl_ops.recipes import DEFAULT_RECIPE, RECIPES
 
     p = argparse.ArgumentParser(
         prog=prog,
@@ -57,7 +57,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="input width (cpu preset 32, paper 128)")
     g.add_argument("--batch-size", type=int, default=None, help="batch size (64)")
     g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a P×K batch")
-    g.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0 on CPU, 4 on GPU)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loader worker processes (default: 0 on CPU, 4 on GPU)")
     g.add_argument("--synth-ids", type=int, nargs=2, metavar=("TRAIN", "TEST"), default=None,
                    help="synthetic set: number of train and test identities")
     g.add_argument("--synth-cams", type=int, default=None, help="synthetic set: number of cameras")

@@ -167,7 +167,8 @@ if __name__ == "__main__":  # the measurement behind the tolerances of tests/tes
         for recipe in ("ksl-ops", "paper"):
             f32, r32 = curve("fused", None, recipe, seed), curve("reference", None, recipe, seed)
             f16, r16 = curve("fused", "bf16", recipe, seed), curve("reference", "bf16", recipe, seed)
-            rows = {"f32 fused-ref step": rel_diff(f32, r32).max(), "f32 fused-ref win10": window_rel_diff(f32, r32).max(),
+            rows = {"f32 fused-ref step": rel_diff(f32, r32).max(),
+                    "f32 fused-ref win10": window_rel_diff(f32, r32).max(),
                     "bf16 fused-ref step0": rel_diff(f16, r16)[0], "bf16 fused-ref step": rel_diff(f16, r16).max(),
                     "bf16 fused-ref win10": window_rel_diff(f16, r16).max(),
                     "bf16-f32 step0": rel_diff(f32, f16)[0], "bf16-f32 step": rel_diff(f32, f16).max(),

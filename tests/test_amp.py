@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import ksl_ops
-from ksl_ops.functional import _reference
 from ksl_ops.cli import main as ksl_main
 from ksl_ops.data import render_synthetic
 from ksl_ops.engine import CheckpointError, TrainConfig, Trainer
 from ksl_ops.engine.trainer import resolve_amp
+from ksl_ops.functional import _reference
 
 R = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 

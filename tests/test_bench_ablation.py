@@ -17,20 +17,23 @@ def test_parse_seeds(ablation):
 def test_jobs_cover_every_row_once(ablation):
     jobs = ablation.jobs_for(["4", "5", "6"], [0, 1], "cmsnet")
     rows = {losses for _, losses in ablation.TABLES["4"] + ablation.TABLES["5"] + ablation.TABLES["6"]}
-    assert {(l, s) for l, _, s in jobs} == {(l, s) for l in rows for s in (0, 1)}
+    assert {(row, s) for row, _, s in jobs} == {(row, s) for row in rows for s in (0, 1)}
     assert len(jobs) == len(set(jobs)) == 2 * len(rows)
     t1 = ablation.jobs_for(["1"], [3], "cmsnet")
-    assert {(l, b) for l, b, _ in t1} == {(l, b) for b in ablation.BACKBONES for l in ("aux", "ksl")}
+    assert {(row, b) for row, b, _ in t1} == {(row, b) for b in ablation.BACKBONES for row in ("aux", "ksl")}
 
 
 def test_summary_is_paired_against_aux(ablation):
-    res = {("aux", "cmsnet"): {0: {"R1": 50.0, "mAP": 40.0}, 1: {"R1": 60.0, "mAP": 50.0}, 2: {"R1": 70.0, "mAP": 60.0}},
-           ("ksl", "cmsnet"): {0: {"R1": 52.0, "mAP": 41.0}, 1: {"R1": 61.0, "mAP": 49.0}, 2: {"R1": 73.0, "mAP": 63.0}}}
+    res = {("aux", "cmsnet"): {0: {"R1": 50.0, "mAP": 40.0}, 1: {"R1": 60.0, "mAP": 50.0},
+                               2: {"R1": 70.0, "mAP": 60.0}},
+           ("ksl", "cmsnet"): {0: {"R1": 52.0, "mAP": 41.0}, 1: {"R1": 61.0, "mAP": 49.0},
+                               2: {"R1": 73.0, "mAP": 63.0}}}
     rows = ablation.summarise([("AUX", "aux"), ("KSL", "ksl")], "cmsnet", res)
     aux, ksl = rows
     assert "delta_R1" not in aux
     assert ksl["R1"]["mean"] == pytest.approx(62.0)
-    assert ksl["R1"]["se"] == pytest.approx(math.sqrt(((52 - 62) ** 2 + (61 - 62) ** 2 + (73 - 62) ** 2) / 2) / math.sqrt(3))
+    sd = math.sqrt(((52 - 62) ** 2 + (61 - 62) ** 2 + (73 - 62) ** 2) / 2)
+    assert ksl["R1"]["se"] == pytest.approx(sd / math.sqrt(3))
     d = ksl["delta_R1"]  # per-seed differences 2, 1, 3
     assert d["per_seed"] == [2.0, 1.0, 3.0] and d["mean"] == pytest.approx(2.0)
     assert d["se"] == pytest.approx(1.0 / math.sqrt(3)) and d["n_positive"] == 3 and d["n"] == 3
@@ -59,15 +62,16 @@ def test_label_noise_level_zero_is_the_ablation_run(ablation, tmp_path):
     assert "--label-noise" not in clean  # so level 0 resumes / reuses the ablation's own run
     noisy = ablation.command(_run_args(label_noise=0.3), "ksl", "shufflenetv2", 0, tmp_path / "b")
     assert noisy[noisy.index("--label-noise") + 1] == "0.3"
-    assert [a for a in noisy if a not in ("--label-noise", "0.3")] == [a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
-                                                                     for a in clean]
+    moved = [a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in clean]
+    assert [a for a in noisy if a not in ("--label-noise", "0.3")] == moved
 
 
 def test_one_seed_has_no_standard_error(ablation):
     """A row with a single seed reports its error as None (JSON null), never NaN, and prints without one."""
     import json
 
-    res = {("aux", "mobilenetv2"): {0: {"R1": 83.5, "mAP": 67.0}}, ("ksl", "mobilenetv2"): {0: {"R1": 89.0, "mAP": 70.8}}}
+    res = {("aux", "mobilenetv2"): {0: {"R1": 83.5, "mAP": 67.0}},
+           ("ksl", "mobilenetv2"): {0: {"R1": 89.0, "mAP": 70.8}}}
     aux, ksl = ablation.summarise([("AUX", "aux"), ("KSL", "ksl")], "mobilenetv2", res)
     assert ksl["R1"]["se"] is None and ksl["delta_R1"]["se"] is None and ksl["delta_R1"]["mean"] == pytest.approx(5.5)
     text = json.dumps([aux, ksl], allow_nan=False)  # raises on NaN

@@ -19,7 +19,8 @@ import ksl_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "setup.py"
-needs_source = pytest.mark.skipif(not SETUP.is_file(), reason="setup.py is not here (tests run from an installed wheel)")
+needs_source = pytest.mark.skipif(not SETUP.is_file(),
+                                  reason="setup.py is not here (tests run from an installed wheel)")
 
 
 @pytest.fixture
@@ -37,7 +38,8 @@ def build(monkeypatch):
 
 def _only_tmp_globs(glob):
     # The machine's own /usr/local/cuda* must not leak into a test of the search order.
-    return lambda pattern, *a, **k: [] if pattern.startswith(("/usr/local/cuda", "/opt/cuda")) else glob(pattern, *a, **k)
+    machine = ("/usr/local/cuda", "/opt/cuda")
+    return lambda pattern, *a, **k: [] if pattern.startswith(machine) else glob(pattern, *a, **k)
 
 
 def _only_tmp_dirs(isdir):
@@ -153,8 +155,9 @@ def test_found_toolkit_becomes_cuda_home_for_torch(build, tmp_path, monkeypatch)
 @needs_source
 def test_isolated_build_without_torch_stops_with_one_line():
     # What pip's default build isolation runs: setup.py where torch cannot be imported.
-    code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'egg_info']; " \
-           f"exec(compile(open({str(SETUP)!r}).read(), 'setup.py', 'exec'), {{'__name__': '__main__', '__file__': {str(SETUP)!r}}})"
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'egg_info']; "
+            f"exec(compile(open({str(SETUP)!r}).read(), 'setup.py', 'exec'), "
+            f"{{'__name__': '__main__', '__file__': {str(SETUP)!r}}})")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()

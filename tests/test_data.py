@@ -405,7 +405,7 @@ def test_pad_and_random_crop():
     for _ in range(60):
         c = RandomCrop(6, 4, generator=g)(p)
         assert c.shape == (3, 6, 4)
-        hits = [(t, l) for t in range(5) for l in range(5) if torch.equal(c, p[:, t:t + 6, l:l + 4])]
+        hits = [(t, x) for t in range(5) for x in range(5) if torch.equal(c, p[:, t:t + 6, x:x + 4])]
         assert len(hits) == 1
         seen.add(hits[0])
     assert len(seen) > 10  # offsets vary

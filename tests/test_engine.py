@@ -8,7 +8,6 @@ from ksl_ops.engine import checkpoint as ckpt
 from ksl_ops.engine.evaluation import cosine_distance, evaluate_reid, extract_features
 from ksl_ops.engine.rerank import re_ranking
 
-
 # ---------------------------------------------------------------------------------------------
 # evaluate_reid
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ def test_prob_consensus_backward_saved_checks_its_arguments():
         op(one, one, grad_dir[:1])
     with pytest.raises(RuntimeError, match="grad_dir must be float16, bfloat16, float32 or float64, got Long"):
         op(one, one, grad_dir.long())
-    with pytest.raises(RuntimeError, match=r"grad_pp must be a scalar \(the forward saved grad_dir only for reduction mean/sum\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"grad_pp must be a scalar \(the forward saved grad_dir only for reduction mean/sum\)"):
         op(torch.ones(3, 3, 4), one, grad_dir)
     with pytest.raises(RuntimeError, match="grad_pa must have grad_dir's dtype Float, got Double"):
         op(one, one.double(), grad_dir)

@@ -13,8 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ksl_ops import KSLLoss, _ext
-from ksl_ops.models import (IsomorphicNet, TracedIsomorphicNet, build_backbone, count_flops, count_params,
-                            with_isomorphic_branches)
+from ksl_ops.models import (
+    IsomorphicNet,
+    TracedIsomorphicNet,
+    build_backbone,
+    count_flops,
+    count_params,
+    with_isomorphic_branches,
+)
 
 BACKEND = "fused" if _ext.available() else "reference"
 K = 8
@@ -170,7 +176,7 @@ def test_torchreid_init_copy_agrees_and_reinit_differs(arch, taps):
     outs = copied(x)
     for logits, emb in outs[1:]:
         assert torch.equal(logits, outs[0][0]) and torch.equal(emb, outs[0][1])
-    for tap, branch in zip(taps, copied.branches):
+    for branch in copied.branches:
         mine = dict(branch.named_parameters())
         for n, p in copied.base.named_parameters():
             if n in mine:
@@ -178,7 +184,7 @@ def test_torchreid_init_copy_agrees_and_reinit_differs(arch, taps):
 
     fresh = with_isomorphic_branches(_tr_model(arch), taps, init="reinit", example_input=_x(2)).train()
     outs = fresh(x)
-    for logits, emb in outs[1:]:
+    for _, emb in outs[1:]:
         assert not torch.allclose(emb, outs[0][1])
     # torchreid's own initialisation (_init_params) drew the branch: BN weights 1, conv weights redrawn
     w_main = fresh.base.get_submodule(taps[1]).state_dict()
@@ -242,7 +248,8 @@ def test_plain_model_branches():
     # stem and blocks.0 are shared (not in any branch); the never-called module stays shared too
     own = [set(n for n, _ in b.named_parameters()) for b in net.branches]
     assert not any(n.startswith(("stem", "blocks.0")) for names in own for n in names)
-    assert {n.split(".")[0] + "." + n.split(".")[1] for n in own[0] if n.startswith("blocks")} == {"blocks.1", "blocks.2"}
+    blocks = {".".join(n.split(".")[:2]) for n in own[0] if n.startswith("blocks")}
+    assert blocks == {"blocks.1", "blocks.2"}
     assert net.branches[0].unused is base.unused
     x = _x(4, seed=7)
     outs = net.train()(x)

@@ -227,7 +227,8 @@ def test_batch_hard_bad_inputs():
         crit(torch.ones(4, 3, dtype=torch.int64), y)
     with pytest.raises(ValueError, match=r"targets must be an int64 tensor of shape \[N\] = \[4\], got torch.int32"):
         crit(torch.randn(4, 3), y.int())
-    with pytest.raises(ValueError, match=r"targets must be an int64 tensor of shape \[N\] = \[4\], got torch.int64 \(3,\)"):
+    with pytest.raises(ValueError,
+                       match=r"targets must be an int64 tensor of shape \[N\] = \[4\], got torch.int64 \(3,\)"):
         crit(torch.randn(4, 3), y[:3])
     with pytest.raises(ValueError, match=r"targets must be an int64 tensor of shape \[N\] = \[4\], got list"):
         crit(torch.randn(4, 3), [0, 1, 2, 3])

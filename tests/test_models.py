@@ -281,8 +281,8 @@ def test_gradients_reach_every_branch_and_the_trunk(name):
     g = torch.Generator().manual_seed(3)
     outs = net(x)
     # random weights: a plain sum would give zero gradient through the BN before the classifier
-    loss = sum((l * torch.randn(l.shape, generator=g)).sum() + (e * torch.randn(e.shape, generator=g)).sum()
-               for l, e in outs)
+    loss = sum((z * torch.randn(z.shape, generator=g)).sum() + (e * torch.randn(e.shape, generator=g)).sum()
+               for z, e in outs)
     loss.backward()
     for pname, p in net.named_parameters():
         assert p.grad is not None, pname

@@ -232,9 +232,11 @@ def test_backward_ops_refuse_non_floating_gradients(bad):
     e = torch.randn(3, 4, 5)
     g, wrong = torch.ones(()), torch.ones((), dtype=bad)
     _, _, norms = OPS.embedding_consensus(e, 1)
-    with pytest.raises(RuntimeError, match=rf"embedding_consensus_backward: grad_ep must be floating .*got {_name(bad)}"):
+    with pytest.raises(RuntimeError,
+                       match=rf"embedding_consensus_backward: grad_ep must be floating .*got {_name(bad)}"):
         OPS.embedding_consensus_backward(wrong, g, e, norms, 1)
-    with pytest.raises(RuntimeError, match=rf"embedding_consensus_backward: grad_ea must be floating .*got {_name(bad)}"):
+    with pytest.raises(RuntimeError,
+                       match=rf"embedding_consensus_backward: grad_ea must be floating .*got {_name(bad)}"):
         OPS.embedding_consensus_backward(g, wrong, e, norms, 1)
     # reduction none: per-term gradients of the wrong dtype
     _, _, norms0 = OPS.embedding_consensus(e, 0)
@@ -254,7 +256,8 @@ def test_backward_ops_refuse_non_floating_gradients(bad):
         OPS.prob_consensus_backward(wrong, g, z, lse, 1.0, True, 1)
     with pytest.raises(RuntimeError, match="prob_consensus_backward: grad_pp and grad_pa must be floating"):
         OPS.prob_consensus_backward(g, wrong, z, lse, 1.0, True, 1)
-    with pytest.raises(RuntimeError, match=rf"prob_consensus_backward_saved: grad_pa must have grad_dir's dtype Float, got {_name(bad)}"):
+    want = rf"prob_consensus_backward_saved: grad_pa must have grad_dir's dtype Float, got {_name(bad)}"
+    with pytest.raises(RuntimeError, match=want):
         OPS.prob_consensus_backward_saved(None, wrong, gdir)
 
 

@@ -67,7 +67,8 @@ def test_neck_is_checked():
 ])
 def test_sub_term_switches(flags, present):
     z, e, y = _inputs()
-    out = ksl_ops.KSLLoss(5, use_h=False, triplet_start_epoch=10, backend="reference", recipe="paper", **flags)(z, e, y, epoch=0)
+    crit = ksl_ops.KSLLoss(5, use_h=False, triplet_start_epoch=10, backend="reference", recipe="paper", **flags)
+    out = crit(z, e, y, epoch=0)
     assert set(out.terms) == {"ce"} | present
     pp, pa = ksl_ops.prob_consensus(z, backend="reference")
     ep, ea = ksl_ops.embedding_consensus(e, backend="reference")
@@ -102,7 +103,8 @@ def test_gradcheck_through_normalised_kslloss():
     # KSL-P is left out: its detached target makes the numerical Jacobian differ by design (the
     # prob_consensus tests check that path against the reference's autograd instead).
     crit = ksl_ops.KSLLoss(4, use_p=False, triplet_start_epoch=0, normalize_e=True, normalize_triplet=True)
-    z.requires_grad_(); e.requires_grad_()
+    z.requires_grad_()
+    e.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: crit(a, b, y, epoch=0).total, (z, e))
 
 
@@ -120,7 +122,8 @@ def test_consensus_start_epoch():
 def test_loss_presets_and_recipes_reach_the_loss():
     for name, ls in LOSS_PRESETS.items():
         kw = TrainConfig.from_preset("cpu", losses=name).loss_kwargs()
-        assert (kw["use_pp"], kw["use_pa"], kw["use_ep"], kw["use_ea"], kw["use_h"]) == (ls.pp, ls.pa, ls.ep, ls.ea, ls.h)
+        used = (kw["use_pp"], kw["use_pa"], kw["use_ep"], kw["use_ea"], kw["use_h"])
+        assert used == (ls.pp, ls.pa, ls.ep, ls.ea, ls.h)
     paper = TrainConfig.from_preset("cpu", recipe="paper").loss_kwargs()
     assert paper["normalize_e"] is False and paper["normalize_triplet"] is False
     assert paper["consensus_start_epoch"] is None
@@ -188,8 +191,8 @@ def test_bad_recipe_names_the_choices():
 
 def test_one_recipe_table_for_loss_config_and_cli():
     from ksl_ops import recipes
-    from ksl_ops.engine import config
     from ksl_ops.cli import _reference_train
+    from ksl_ops.engine import config
 
     build_parser = _reference_train().build_parser
 

@@ -23,8 +23,9 @@ try:
     HAVE_TORCHREID = True
 except ImportError:
     HAVE_TORCHREID = False
-needs_torchreid = pytest.mark.skipif(not HAVE_TORCHREID, reason="torchreid is not importable in this environment "
-                                                                "(needs torchreid 0.2.5 + a torchvision matching torch)")
+needs_torchreid = pytest.mark.skipif(
+    not HAVE_TORCHREID,
+    reason="torchreid is not importable in this environment (needs torchreid 0.2.5 + a torchvision matching torch)")
 
 
 def test_import_ksl_ops_does_not_import_torchreid():

@@ -32,7 +32,9 @@ KSL_HOST_DEVICE float log1p_(float x) { return log1pf(x); }
 KSL_HOST_DEVICE double log1p_(double x) { return log1p(x); }
 
 template <typename T>
-KSL_HOST_DEVICE bool is_nan(T x) { return x != x; }
+KSL_HOST_DEVICE bool is_nan(T x) {
+  return x != x;
+}
 
 // d from the squared distance. A NaN squared distance stays NaN (clamp_min propagates NaN).
 template <typename T>
@@ -105,8 +107,8 @@ KSL_HOST_DEVICE T term(T gap, T margin, bool soft_margin) {
 // and `mean`'s count test), term and distances 0.
 template <typename T>
 KSL_HOST_DEVICE void store_anchor(long long o, long long E, int pos_index, int neg_index, T best_pos, T best_neg,
-                                  T pos_sq, T neg_sq, T margin, bool soft_margin, int32_t* pos_idx,
-                                  int32_t* neg_idx, T* terms, T* hard_sq) {
+                                  T pos_sq, T neg_sq, T margin, bool soft_margin, int32_t* pos_idx, int32_t* neg_idx,
+                                  T* terms, T* hard_sq) {
   const bool valid = pos_index >= 0 && neg_index >= 0;
   pos_idx[o] = valid ? pos_index : -1;
   neg_idx[o] = valid ? neg_index : -1;

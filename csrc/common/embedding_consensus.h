@@ -153,8 +153,8 @@ KSL_HOST_DEVICE S norm_grad_scale(S grad, S norm) {
 // using R_b = Y_w − B y_b (so R_w = Y_w). Written in y it is exactly 0 for agreeing branches.
 // Outputs: mix[w * B + j] = a_wj + B k_j (j ≠ w; the diagonal is unused), self[w] = K − B k_w.
 template <typename S>
-KSL_HOST_DEVICE void backward_coefficients(int B, const S* g_pair, const S* g_avg, const S* norms, S inv_bm1,
-                                           S* mix, S* self) {
+KSL_HOST_DEVICE void backward_coefficients(int B, const S* g_pair, const S* g_avg, const S* norms, S inv_bm1, S* mix,
+                                           S* self) {
   const int P = pair_count(B);
   const S Bs = S(B);
   S K = S(0);

@@ -33,9 +33,13 @@ constexpr int kMaxBranches = 8;
 template <typename acc_t>
 KSL_HOST_DEVICE acc_t log_a_fast_threshold();
 template <>
-KSL_HOST_DEVICE float log_a_fast_threshold<float>() { return 1e-30f; }
+KSL_HOST_DEVICE float log_a_fast_threshold<float>() {
+  return 1e-30f;
+}
 template <>
-KSL_HOST_DEVICE double log_a_fast_threshold<double>() { return 1e-290; }
+KSL_HOST_DEVICE double log_a_fast_threshold<double>() {
+  return 1e-290;
+}
 
 #if !defined(__CUDA_ARCH__)
 // Host float exp/log written without libm calls or branches so that the CPU kernel's loops over
@@ -147,8 +151,8 @@ KSL_HOST_DEVICE acc_t log_average_excluding(const acc_t* s, int B, int b, acc_t 
 
 // log a^b and a^b for every b from the B log-probabilities s and probabilities p of one class.
 template <typename acc_t>
-KSL_HOST_DEVICE void average_branch(const acc_t* s, const acc_t* p, int B, acc_t inv_bm1, acc_t log_bm1,
-                                    acc_t* log_a, acc_t* a) {
+KSL_HOST_DEVICE void average_branch(const acc_t* s, const acc_t* p, int B, acc_t inv_bm1, acc_t log_bm1, acc_t* log_a,
+                                    acc_t* a) {
   for (int b = 0; b < B; ++b) {
     // Σ_{j≠b} p^j summed directly (not total − p^b, which cancels when p^b dominates).
     acc_t others = 0;
@@ -166,8 +170,8 @@ KSL_HOST_DEVICE void average_branch(const acc_t* s, const acc_t* p, int B, acc_t
 // pa[b] += a^b (log a^b − s^b). Where a probability is 0 its term is exactly 0 (0·log 0 = 0): every
 // log here is finite for finite inputs.
 template <typename acc_t>
-KSL_HOST_DEVICE void accumulate_kl(const acc_t* s, const acc_t* p, const acc_t* log_a, const acc_t* a, int B,
-                                   acc_t* pp, acc_t* pa) {
+KSL_HOST_DEVICE void accumulate_kl(const acc_t* s, const acc_t* p, const acc_t* log_a, const acc_t* a, int B, acc_t* pp,
+                                   acc_t* pa) {
   for (int u = 0; u < B; ++u) {
     for (int v = 0; v < B; ++v) {
       if (u != v) pp[u * B + v] += p[u] * (s[u] - s[v]);
@@ -180,8 +184,7 @@ KSL_HOST_DEVICE void accumulate_kl(const acc_t* s, const acc_t* p, const acc_t* 
 // respect to x^c = z^c / T, through the students only (detach_target): for branch c
 //   Σ_{u≠c} w_pp[u][c] (p^c − p^u) + w_pa[c] (p^c − a^c).
 template <typename acc_t>
-KSL_HOST_DEVICE acc_t student_grad(const acc_t* p, const acc_t* a, const acc_t* w_pp, const acc_t* w_pa, int B,
-                                   int c) {
+KSL_HOST_DEVICE acc_t student_grad(const acc_t* p, const acc_t* a, const acc_t* w_pp, const acc_t* w_pa, int B, int c) {
   acc_t g = w_pa[c] * (p[c] - a[c]);
   for (int u = 0; u < B; ++u) {
     if (u != c) g += w_pp[u * B + c] * (p[c] - p[u]);
@@ -208,8 +211,8 @@ KSL_HOST_DEVICE acc_t target_grad(const acc_t* s, const acc_t* p, const acc_t* l
 // Per-sample constants for target_grad: adds one class's share of <p^c, h^b> (b ≠ c) into
 // ph[c*B+b]. (KL_cv comes from accumulate_kl.)
 template <typename acc_t>
-KSL_HOST_DEVICE void accumulate_target_dot(const acc_t* s, const acc_t* p, const acc_t* log_a, int B,
-                                           acc_t inv_bm1, acc_t* ph) {
+KSL_HOST_DEVICE void accumulate_target_dot(const acc_t* s, const acc_t* p, const acc_t* log_a, int B, acc_t inv_bm1,
+                                           acc_t* ph) {
   for (int b = 0; b < B; ++b) {
     const acc_t h = (log_a[b] - s[b]) * inv_bm1;
     for (int c = 0; c < B; ++c) {
@@ -220,8 +223,8 @@ KSL_HOST_DEVICE void accumulate_target_dot(const acc_t* s, const acc_t* p, const
 
 // row_c from the per-sample sums: Σ_{v≠c} w_pp[c][v] KL_cv + Σ_{b≠c} w_pa[b] ph[c][b].
 template <typename acc_t>
-KSL_HOST_DEVICE acc_t target_row_constant(const acc_t* kl, const acc_t* ph, const acc_t* w_pp, const acc_t* w_pa,
-                                          int B, int c) {
+KSL_HOST_DEVICE acc_t target_row_constant(const acc_t* kl, const acc_t* ph, const acc_t* w_pp, const acc_t* w_pa, int B,
+                                          int c) {
   acc_t r = 0;
   for (int v = 0; v < B; ++v) {
     if (v != c) r += w_pp[c * B + v] * kl[c * B + v] + w_pa[v] * ph[c * B + v];

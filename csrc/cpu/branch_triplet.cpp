@@ -47,8 +47,7 @@ constexpr int kAnchorRows = 4;  // anchors sharing one pass over a candidate row
 // in order, then the lanes are added in a fixed tree: the same order on every call and thread count,
 // and a loop the compiler can vectorise without reassociating (no fast-math needed).
 template <typename T>
-__attribute__((always_inline)) inline void sqdist_rows_body(const T* const* a, const T* b, int64_t L,
-                                                            T* out) {
+__attribute__((always_inline)) inline void sqdist_rows_body(const T* const* a, const T* b, int64_t L, T* out) {
   constexpr int W = 64 / sizeof(T);  // one 512-bit register (or 2-4 narrower ones) per anchor row
   T acc[kAnchorRows][W];
   for (int r = 0; r < kAnchorRows; ++r)
@@ -202,8 +201,8 @@ struct Winners {
   }
 };
 
-void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64_t L, float margin,
-                   bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, float* terms, float* hard_sq) {
+void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64_t L, float margin, bool soft_margin,
+                   int32_t* pos_idx, int32_t* neg_idx, float* terms, float* hard_sq) {
   const int64_t col_blocks = (N + kTileCols - 1) / kTileCols;
   // Candidates packed per branch and block of kTileCols: [B][col_blocks][L][kTileCols]; a short last
   // block repeats its last sample (those lanes are never read back).
@@ -316,8 +315,8 @@ KSL_MULTIVERSION void anchor_update(float* g, const float* x, const float* P, co
                                     int64_t L) {
   anchor_update_body(g, x, P, Q, cp, cn, L);
 }
-KSL_MULTIVERSION void anchor_update(double* g, const double* x, const double* P, const double* Q, double cp,
-                                    double cn, int64_t L) {
+KSL_MULTIVERSION void anchor_update(double* g, const double* x, const double* P, const double* Q, double cp, double cn,
+                                    int64_t L) {
   anchor_update_body(g, x, P, Q, cp, cn, L);
 }
 // As the chosen positive (c = −cp) or negative (c = cn) of anchor a: g += c (a − x).
@@ -331,14 +330,13 @@ KSL_MULTIVERSION void target_update(double* g, const double* a, const double* x,
 // ---- argument checks (the op may be called directly, without the Python wrapper) ------------------
 // Besides the shared checks (host/branch_triplet.h): the winners are stored as int32 sample indices.
 void check_cpu_limits(const at::Tensor& emb, const char* op) {
-  TORCH_CHECK(emb.size(1) < std::numeric_limits<int32_t>::max(), op, ": N must fit in int32, got ",
-              emb.size(1));
+  TORCH_CHECK(emb.size(1) < std::numeric_limits<int32_t>::max(), op, ": N must fit in int32, got ", emb.size(1));
 }
 
 // ---- forward ------------------------------------------------------------------------------------
 template <typename T>
-void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L, T margin,
-                  bool soft_margin, int32_t* pos_idx, int32_t* neg_idx, T* terms, T* hard_sq) {
+void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L, T margin, bool soft_margin,
+                  int32_t* pos_idx, int32_t* neg_idx, T* terms, T* hard_sq) {
   const int64_t E = B * B * N;
   const int64_t groups = (N + kAnchorRows - 1) / kAnchorRows;
   at::parallel_for(0, B * B * groups, 1, [&](int64_t begin, int64_t end) {
@@ -382,8 +380,7 @@ int64_t count_valid(const int32_t* pos_idx, int64_t N) {  // validity is label-o
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cpu(
-    const at::Tensor& emb, const at::Tensor& labels, double margin, bool soft_margin,
-    int64_t reduction) {
+    const at::Tensor& emb, const at::Tensor& labels, double margin, bool soft_margin, int64_t reduction) {
   constexpr const char* op = "branch_triplet";
   check_args(emb, margin, soft_margin, reduction, op);
   check_cpu_limits(emb, op);
@@ -447,8 +444,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
 // ---- backward -----------------------------------------------------------------------------------
 template <typename T>
 void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx, const int32_t* neg_idx,
-                   const T* hard_sq, int64_t B, int64_t N, int64_t L, T margin, bool soft_margin,
-                   int64_t reduction, T* grad) {
+                   const T* hard_sq, int64_t B, int64_t N, int64_t L, T margin, bool soft_margin, int64_t reduction,
+                   T* grad) {
   const int64_t E = B * B * N;
   const T count = mean_count<T>(count_valid(pos_idx, N));
   // cp, cn (common/branch_triplet.h: anchor_coefficients) from the saved squared distances: ∂loss/∂e^u_m
@@ -512,10 +509,10 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
   });
 }
 
-at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Tensor& grad_cross,
-                                       const at::Tensor& emb, const at::Tensor& pos_idx,
-                                       const at::Tensor& neg_idx, const at::Tensor& hard_sq_in, double margin,
-                                       bool soft_margin, int64_t reduction) {
+at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Tensor& grad_cross, const at::Tensor& emb,
+                                       const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+                                       const at::Tensor& hard_sq_in, double margin, bool soft_margin,
+                                       int64_t reduction) {
   check_backward_args(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq_in, margin, soft_margin, reduction);
   check_cpu_limits(emb, "branch_triplet_backward");
   const int64_t B = emb.size(0), N = emb.size(1), L = emb.size(2);
@@ -528,10 +525,10 @@ at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Te
   const at::Tensor hard_sq = hard_sq_in.contiguous();
   at::Tensor grad = at::empty({B, N, L}, e.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "branch_triplet_backward_cpu", [&] {
-    backward_impl<scalar_t>(gs.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-                            e.const_data_ptr<scalar_t>(), pi.const_data_ptr<int32_t>(),
-                            ni.const_data_ptr<int32_t>(), hard_sq.const_data_ptr<scalar_t>(), B, N, L,
-                            static_cast<scalar_t>(margin), soft_margin, reduction, grad.data_ptr<scalar_t>());
+    backward_impl<scalar_t>(gs.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), e.const_data_ptr<scalar_t>(),
+                            pi.const_data_ptr<int32_t>(), ni.const_data_ptr<int32_t>(),
+                            hard_sq.const_data_ptr<scalar_t>(), B, N, L, static_cast<scalar_t>(margin), soft_margin,
+                            reduction, grad.data_ptr<scalar_t>());
   });
   return grad.to(emb.scalar_type());
 }

@@ -93,7 +93,6 @@ KSL_CPU_INLINE void store_lanes(scalar_t* p, const Lanes<acc_t, W>& x, int count
   for (int k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(x.v[k]);
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
@@ -277,16 +276,32 @@ void forward_impl(const at::Tensor& emb, int64_t reduction, at::Tensor& ep, at::
   }
 }
 
-#define KSL_EMB_DISPATCH_B(B, FN, ...)                  \
-  switch (B) {                                          \
-    case 2: FN<scalar_t, 2>(__VA_ARGS__); break;        \
-    case 3: FN<scalar_t, 3>(__VA_ARGS__); break;        \
-    case 4: FN<scalar_t, 4>(__VA_ARGS__); break;        \
-    case 5: FN<scalar_t, 5>(__VA_ARGS__); break;        \
-    case 6: FN<scalar_t, 6>(__VA_ARGS__); break;        \
-    case 7: FN<scalar_t, 7>(__VA_ARGS__); break;        \
-    case 8: FN<scalar_t, 8>(__VA_ARGS__); break;        \
-    default: FN<scalar_t, 0>(__VA_ARGS__); break;       \
+#define KSL_EMB_DISPATCH_B(B, FN, ...) \
+  switch (B) {                         \
+    case 2:                            \
+      FN<scalar_t, 2>(__VA_ARGS__);    \
+      break;                           \
+    case 3:                            \
+      FN<scalar_t, 3>(__VA_ARGS__);    \
+      break;                           \
+    case 4:                            \
+      FN<scalar_t, 4>(__VA_ARGS__);    \
+      break;                           \
+    case 5:                            \
+      FN<scalar_t, 5>(__VA_ARGS__);    \
+      break;                           \
+    case 6:                            \
+      FN<scalar_t, 6>(__VA_ARGS__);    \
+      break;                           \
+    case 7:                            \
+      FN<scalar_t, 7>(__VA_ARGS__);    \
+      break;                           \
+    case 8:                            \
+      FN<scalar_t, 8>(__VA_ARGS__);    \
+      break;                           \
+    default:                           \
+      FN<scalar_t, 0>(__VA_ARGS__);    \
+      break;                           \
   }
 static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_DISPATCH_B lists B = 2..8");
 
@@ -295,9 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cpu(const at:
   const at::Tensor emb = kernel_input(emb_in.contiguous());
   const int B = static_cast<int>(emb.size(0));
   emb::ForwardOutputs out = emb::allocate_forward(emb, reduction);
-  AT_DISPATCH_FLOATING_TYPES(emb.scalar_type(), "embedding_consensus_cpu", [&] {
-    KSL_EMB_DISPATCH_B(B, forward_impl, emb, reduction, out.ep, out.ea, out.norms);
-  });
+  AT_DISPATCH_FLOATING_TYPES(emb.scalar_type(), "embedding_consensus_cpu",
+                             [&] { KSL_EMB_DISPATCH_B(B, forward_impl, emb, reduction, out.ep, out.ea, out.norms); });
   return {out.ep.to(emb_in.scalar_type()), out.ea.to(emb_in.scalar_type()), out.norms};
 }
 
@@ -306,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cpu(const at:
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t, int kB>
-void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const at::Tensor& emb,
-                   const at::Tensor& norms, int64_t reduction, at::Tensor& grad) {
+void backward_impl(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const at::Tensor& emb, const at::Tensor& norms,
+                   int64_t reduction, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Lanes<acc_t, kLanes<acc_t>>;
   const int B = static_cast<int>(emb.size(0));
@@ -371,9 +385,8 @@ at::Tensor embedding_consensus_backward_cpu(const at::Tensor& grad_ep, const at:
   const at::Tensor gea = kernel_input(grad_ea.to(emb.scalar_type()).contiguous());
   const at::Tensor embk = kernel_input(emb);
   at::Tensor grad = at::empty_like(embk, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(embk.scalar_type(), "embedding_consensus_backward_cpu", [&] {
-    KSL_EMB_DISPATCH_B(B, backward_impl, gep, gea, embk, norms, reduction, grad);
-  });
+  AT_DISPATCH_FLOATING_TYPES(embk.scalar_type(), "embedding_consensus_backward_cpu",
+                             [&] { KSL_EMB_DISPATCH_B(B, backward_impl, gep, gea, embk, norms, reduction, grad); });
   return grad.to(emb.scalar_type());
 }
 

@@ -120,15 +120,15 @@ struct SampleRows {
   const acc_t* e[kB];     // forward only: exp(z / T − max) of every class, from pass 1
   acc_t inv_sum[kB];      // forward only: 1 / Σ_k e, so that p = e · inv_sum
   acc_t inv_t;
-  acc_t inv_bm1;          // 1 / (B − 1)
-  acc_t log_bm1;          // log(B − 1)
+  acc_t inv_bm1;  // 1 / (B − 1)
+  acc_t log_bm1;  // log(B − 1)
 };
 
 // One block of kLanes classes starting at k0 (cnt of them valid): s, p, log a, a for every branch.
 // Invalid tail lanes get s = 0 for every branch, which gives finite values that are masked out.
 template <bool kFromPass1, typename scalar_t, typename acc_t, int kB>
 KSL_CPU_INLINE void class_block(const SampleRows<scalar_t, acc_t, kB>& r, int64_t k0, int cnt, acc_t (&s)[kB][kLanes],
-                        acc_t (&p)[kB][kLanes], acc_t (&log_a)[kB][kLanes], acc_t (&a)[kB][kLanes]) {
+                                acc_t (&p)[kB][kLanes], acc_t (&log_a)[kB][kLanes], acc_t (&a)[kB][kLanes]) {
   const acc_t threshold = ksl::prob::log_a_fast_threshold<acc_t>();
   if (cnt == kLanes) {
     for (int b = 0; b < kB; ++b) {
@@ -136,7 +136,8 @@ KSL_CPU_INLINE void class_block(const SampleRows<scalar_t, acc_t, kB>& r, int64_
     }
   } else {
     for (int b = 0; b < kB; ++b) {
-      for (int l = 0; l < kLanes; ++l) s[b][l] = l < cnt ? static_cast<acc_t>(r.z[b][k0 + l]) * r.inv_t - r.lse[b] : acc_t(0);
+      for (int l = 0; l < kLanes; ++l)
+        s[b][l] = l < cnt ? static_cast<acc_t>(r.z[b][k0 + l]) * r.inv_t - r.lse[b] : acc_t(0);
     }
   }
   if constexpr (kFromPass1) {
@@ -178,8 +179,8 @@ KSL_CPU_INLINE void class_block(const SampleRows<scalar_t, acc_t, kB>& r, int64_
 }
 
 template <typename scalar_t, typename acc_t, int kB>
-KSL_CPU_INLINE void forward_sample(const SampleRows<scalar_t, acc_t, kB>& r, int64_t K, scalar_t* grad_dir[kB], acc_t grad_scale,
-                    acc_t* pp_out, acc_t* pa_out) {
+KSL_CPU_INLINE void forward_sample(const SampleRows<scalar_t, acc_t, kB>& r, int64_t K, scalar_t* grad_dir[kB],
+                                   acc_t grad_scale, acc_t* pp_out, acc_t* pa_out) {
   acc_t pp[kB * kB][kLanes] = {};
   acc_t pa[kB][kLanes] = {};
   acc_t s[kB][kLanes], p[kB][kLanes], log_a[kB][kLanes], a[kB][kLanes];
@@ -256,15 +257,14 @@ KSL_CPU_INLINE void forward_samples_body(const ForwardArgs<scalar_t, acc_t, kB>&
 }
 
 template <typename scalar_t, typename acc_t, int kB>
-void forward_samples_baseline(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end,
-                              acc_t* scratch) {
+void forward_samples_baseline(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end, acc_t* scratch) {
   forward_samples_body(f, begin, end, scratch);
 }
 
 #if KSL_CPU_AVX2_CLONE
 template <typename scalar_t, typename acc_t, int kB>
-__attribute__((target("avx2,fma"))) void forward_samples_avx2(const ForwardArgs<scalar_t, acc_t, kB>& f,
-                                                              int64_t begin, int64_t end, acc_t* scratch) {
+__attribute__((target("avx2,fma"))) void forward_samples_avx2(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin,
+                                                              int64_t end, acc_t* scratch) {
   forward_samples_body(f, begin, end, scratch);
 }
 #endif
@@ -364,8 +364,7 @@ void backward_impl(const at::Tensor& z, const at::Tensor& row_lse, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cpu(const at::Tensor& logits,
-                                                                              double temperature,
-                                                                              bool detach_target,
+                                                                              double temperature, bool detach_target,
                                                                               int64_t reduction, bool save_grad) {
   ksl::prob::check_inputs(logits, temperature, reduction);
   const at::Tensor z = logits.contiguous();
@@ -383,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cpu(co
     AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_cpu", [&] {
       ksl::prob::dispatch_branches(B, [&](auto kb) {
         forward_impl<scalar_t, decltype(kb)::value>(zk, temperature, saved.row_lse, pp_terms, pa_terms,
-                                                   saved.write_grad ? &grad_dir : nullptr, saved.grad_scale);
+                                                    saved.write_grad ? &grad_dir : nullptr, saved.grad_scale);
       });
     });
     if (saved.write_grad && !grad_dir.is_same(saved.grad_dir)) saved.grad_dir.copy_(grad_dir);

@@ -65,8 +65,7 @@ unsigned int blocks_for(int64_t work, int threads) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_triplet_cuda(
-    const at::Tensor& emb_in, const at::Tensor& labels, double margin, bool soft_margin,
-    int64_t reduction) {
+    const at::Tensor& emb_in, const at::Tensor& labels, double margin, bool soft_margin, int64_t reduction) {
   constexpr const char* op = "branch_triplet";
   check_on_cuda(emb_in, op);
   check_args(emb_in, margin, soft_margin, reduction, op);
@@ -106,16 +105,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
     auto forward = anchor_micro == 1 ? triplet_forward_kernel<scalar_t, acc_t, 1>
                                      : triplet_forward_kernel<scalar_t, acc_t, kMicro>;
     forward<<<grid, block, 0, stream>>>(
-        emb.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), int(B), int(N), int(L),
-        static_cast<acc_t>(margin), soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(),
-        terms.data_ptr<acc_t>(), hard_sq.data_ptr<acc_t>(), none ? nullptr : ksl::cuda::ticket_ptr(ticket),
-        reduction == ksl::kMean, none ? nullptr : self_out.data_ptr<scalar_t>(),
-        none ? nullptr : cross_out.data_ptr<scalar_t>());
+        emb.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), int(B), int(N), int(L), static_cast<acc_t>(margin),
+        soft_margin, pos_idx.data_ptr<int32_t>(), neg_idx.data_ptr<int32_t>(), terms.data_ptr<acc_t>(),
+        hard_sq.data_ptr<acc_t>(), none ? nullptr : ksl::cuda::ticket_ptr(ticket), reduction == ksl::kMean,
+        none ? nullptr : self_out.data_ptr<scalar_t>(), none ? nullptr : cross_out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (none) {
       triplet_split_kernel<scalar_t, acc_t><<<blocks_for(B * B * N, 256), 256, 0, stream>>>(
-          terms.const_data_ptr<acc_t>(), int(B), int(N), self_out.data_ptr<scalar_t>(),
-          cross_out.data_ptr<scalar_t>());
+          terms.const_data_ptr<acc_t>(), int(B), int(N), self_out.data_ptr<scalar_t>(), cross_out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -157,8 +154,8 @@ at::Tensor branch_triplet_backward_cuda(const at::Tensor& grad_self, const at::T
         static_cast<acc_t>(margin), soft_margin, int(reduction), cp.data_ptr<acc_t>(), cn.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     triplet_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(B * N), kRowThreads, 0, stream>>>(
-        e, pi, ni, cp.const_data_ptr<acc_t>(), cn.const_data_ptr<acc_t>(), int(B), int(N), int(L),
-        deterministic, grad.data_ptr<acc_t>());
+        e, pi, ni, cp.const_data_ptr<acc_t>(), cn.const_data_ptr<acc_t>(), int(B), int(N), int(L), deterministic,
+        grad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!deterministic) {
       triplet_scatter_kernel<scalar_t, acc_t><<<blocks_for(E * 32, 256), 256, 0, stream>>>(

@@ -15,10 +15,10 @@ namespace triplet_cuda {
 
 using namespace ksl::triplet;
 
-constexpr int kTile = 64;    // candidates per step (and anchors per block in the wide layout)
-constexpr int kThreads = 16; // the block is kThreads × kThreads; thread (tx, ty) owns anchors
-constexpr int kMicro = 4;    // ty + 16 i, i < kAnchorMicro, and candidates tx + 16 j, j < kMicro
-constexpr int kDepth = 16;   // slice of L staged in shared memory per step
+constexpr int kTile = 64;     // candidates per step (and anchors per block in the wide layout)
+constexpr int kThreads = 16;  // the block is kThreads × kThreads; thread (tx, ty) owns anchors
+constexpr int kMicro = 4;     // ty + 16 i, i < kAnchorMicro, and candidates tx + 16 j, j < kMicro
+constexpr int kDepth = 16;    // slice of L staged in shared memory per step
 static_assert(kThreads * kMicro == kTile, "tile layout");
 static_assert(kTile * kDepth == kMicro * kThreads * kThreads, "each thread stages kMicro candidate elements");
 
@@ -73,7 +73,10 @@ __device__ void reduce_terms(const acc_t* __restrict__ terms, const int32_t* __r
   for (int64_t i = block_thread(); i < E; i += block_threads()) {
     const int64_t uv = i / N;
     const acc_t t = __ldcg(terms + i);
-    if (uv / B == uv % B) s += t; else c += t;
+    if (uv / B == uv % B)
+      s += t;
+    else
+      c += t;
   }
   const acc_t self_sum = block_sum(s, scratch);
   const acc_t cross_sum = block_sum(c, scratch);
@@ -87,12 +90,11 @@ __device__ void reduce_terms(const acc_t* __restrict__ terms, const int32_t* __r
 
 // ---- forward ------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t, int kAnchorMicro>
-__global__ void __launch_bounds__(kThreads * kThreads)
-triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B,
-                       int N, int L, acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx,
-                       int32_t* __restrict__ neg_idx, acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq,
-                       unsigned int* __restrict__ ticket, bool mean, scalar_t* __restrict__ self_out,
-                       scalar_t* __restrict__ cross_out) {
+__global__ void __launch_bounds__(kThreads* kThreads)
+    triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B, int N, int L,
+                           acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx, int32_t* __restrict__ neg_idx,
+                           acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq, unsigned int* __restrict__ ticket,
+                           bool mean, scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out) {
   // +1 column: the transposed stores (row-major global → [k][row]) do not hit one bank.
   constexpr int kAnchorTile = kThreads * kAnchorMicro;
   KSL_SHARED(acc_t, anchors_s, [kDepth][kAnchorTile + 1]);
@@ -225,8 +227,8 @@ triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restri
 
 // reduction none: self[b, m] = terms[b, b, m]; cross = terms with a zero diagonal.
 template <typename scalar_t, typename acc_t>
-__global__ void triplet_split_kernel(const acc_t* __restrict__ terms, int B, int N,
-                                     scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out) {
+__global__ void triplet_split_kernel(const acc_t* __restrict__ terms, int B, int N, scalar_t* __restrict__ self_out,
+                                     scalar_t* __restrict__ cross_out) {
   const int64_t E = static_cast<int64_t>(B) * B * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < E;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -244,20 +246,20 @@ __global__ void triplet_split_kernel(const acc_t* __restrict__ terms, int B, int
 // few (a Re-ID batch has B·B·N ~ 600; even B = 8, N = 4096 is 512 entries per thread).
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
-triplet_coef_kernel(const int32_t* __restrict__ pos_idx, const acc_t* __restrict__ hard_sq,
-                    const acc_t* __restrict__ grad_self, const acc_t* __restrict__ grad_cross, int B, int N,
-                    acc_t margin, bool soft_margin, int reduction, acc_t* __restrict__ cp, acc_t* __restrict__ cn) {
+    triplet_coef_kernel(const int32_t* __restrict__ pos_idx, const acc_t* __restrict__ hard_sq,
+                        const acc_t* __restrict__ grad_self, const acc_t* __restrict__ grad_cross, int B, int N,
+                        acc_t margin, bool soft_margin, int reduction, acc_t* __restrict__ cp, acc_t* __restrict__ cn) {
   KSL_SHARED(int64_t, count_scratch, [kReduceThreads]);
-  const acc_t count = reduction == ksl::kMean ? mean_count<acc_t>(count_valid_block(pos_idx, N, count_scratch))
-                                              : acc_t(1);
+  const acc_t count =
+      reduction == ksl::kMean ? mean_count<acc_t>(count_valid_block(pos_idx, N, count_scratch)) : acc_t(1);
   const int64_t E = static_cast<int64_t>(B) * B * N;
   for (int64_t i = threadIdx.x; i < E; i += blockDim.x) {
     if (pos_idx[i] < 0) {
       cp[i] = cn[i] = acc_t(0);
       continue;
     }
-    anchor_coefficients(anchor_upstream(grad_self, grad_cross, reduction, i, B, N, count), hard_sq[i],
-                        hard_sq[E + i], margin, soft_margin, cp[i], cn[i]);
+    anchor_coefficients(anchor_upstream(grad_self, grad_cross, reduction, i, B, N, count), hard_sq[i], hard_sq[E + i],
+                        margin, soft_margin, cp[i], cn[i]);
   }
 }
 
@@ -295,10 +297,9 @@ __device__ int exclusive_scan(int value, int* warp_sums, int* total) {
 // increasing (u, m) order: deterministic without atomics.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads)
-triplet_rows_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
-                    const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ cp,
-                    const acc_t* __restrict__ cn, int B, int N, int L, bool gather,
-                    acc_t* __restrict__ grad) {
+    triplet_rows_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
+                        const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ cp, const acc_t* __restrict__ cn,
+                        int B, int N, int L, bool gather, acc_t* __restrict__ grad) {
   KSL_SHARED(int, list_entry, [2 * kRowThreads]);  // (u * N + m) * 2 + is_negative
   KSL_SHARED(int, warp_sums, [kRowThreads / 32]);
 
@@ -361,8 +362,7 @@ triplet_rows_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict_
 template <typename scalar_t, typename acc_t>
 __global__ void triplet_scatter_kernel(const scalar_t* __restrict__ emb, const int32_t* __restrict__ pos_idx,
                                        const int32_t* __restrict__ neg_idx, const acc_t* __restrict__ cp,
-                                       const acc_t* __restrict__ cn, int B, int N, int L,
-                                       acc_t* __restrict__ grad) {
+                                       const acc_t* __restrict__ cn, int B, int N, int L, acc_t* __restrict__ grad) {
   const int64_t E = static_cast<int64_t>(B) * B * N;
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;

@@ -71,22 +71,38 @@ template <typename scalar_t, int kB>
 void launch_backward_static(const scalar_t* ge, const scalar_t* ga, const scalar_t* e,
                             const at::opmath_type<scalar_t>* nrm, int64_t N, int64_t L, int64_t reduction, bool vec,
                             scalar_t* out, cudaStream_t stream) {
-  backward_kernel<scalar_t, kB><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(ge, ga, e, nrm, N, L, reduction, vec, out);
+  backward_kernel<scalar_t, kB>
+      <<<static_cast<unsigned>(N), kThreads, 0, stream>>>(ge, ga, e, nrm, N, L, reduction, vec, out);
 }
 
 // Calls FN<scalar_t, B>(args...) for B = 2..8; returns false for other B (the generic path).
-#define KSL_EMB_CUDA_STATIC_B(B, FN, ...)          \
-  [&]() -> bool {                                  \
-    switch (B) {                                   \
-      case 2: FN<scalar_t, 2>(__VA_ARGS__); return true; \
-      case 3: FN<scalar_t, 3>(__VA_ARGS__); return true; \
-      case 4: FN<scalar_t, 4>(__VA_ARGS__); return true; \
-      case 5: FN<scalar_t, 5>(__VA_ARGS__); return true; \
-      case 6: FN<scalar_t, 6>(__VA_ARGS__); return true; \
-      case 7: FN<scalar_t, 7>(__VA_ARGS__); return true; \
-      case 8: FN<scalar_t, 8>(__VA_ARGS__); return true; \
-      default: return false;                       \
-    }                                              \
+#define KSL_EMB_CUDA_STATIC_B(B, FN, ...) \
+  [&]() -> bool {                         \
+    switch (B) {                          \
+      case 2:                             \
+        FN<scalar_t, 2>(__VA_ARGS__);     \
+        return true;                      \
+      case 3:                             \
+        FN<scalar_t, 3>(__VA_ARGS__);     \
+        return true;                      \
+      case 4:                             \
+        FN<scalar_t, 4>(__VA_ARGS__);     \
+        return true;                      \
+      case 5:                             \
+        FN<scalar_t, 5>(__VA_ARGS__);     \
+        return true;                      \
+      case 6:                             \
+        FN<scalar_t, 6>(__VA_ARGS__);     \
+        return true;                      \
+      case 7:                             \
+        FN<scalar_t, 7>(__VA_ARGS__);     \
+        return true;                      \
+      case 8:                             \
+        FN<scalar_t, 8>(__VA_ARGS__);     \
+        return true;                      \
+      default:                            \
+        return false;                     \
+    }                                     \
   }()
 static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_CUDA_STATIC_B lists B = 2..8");
 
@@ -107,11 +123,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* e = emb.const_data_ptr<scalar_t>();
     acc_t* nrm = out.norms.mutable_data_ptr<acc_t>();
-    const ForwardTargets<scalar_t> t =
-        none ? ForwardTargets<scalar_t>{out.ep.mutable_data_ptr<scalar_t>(), out.ea.mutable_data_ptr<scalar_t>(),
-                                        nullptr, false, nullptr, nullptr}
-             : ForwardTargets<scalar_t>{nullptr, nullptr, cuda::ticket_ptr(ticket), reduction == kMean,
-                                        out.ep.mutable_data_ptr<scalar_t>(), out.ea.mutable_data_ptr<scalar_t>()};
+    const ForwardTargets<scalar_t> t = none ? ForwardTargets<scalar_t>{out.ep.mutable_data_ptr<scalar_t>(),
+                                                                       out.ea.mutable_data_ptr<scalar_t>(),
+                                                                       nullptr,
+                                                                       false,
+                                                                       nullptr,
+                                                                       nullptr}
+                                            : ForwardTargets<scalar_t>{nullptr,
+                                                                       nullptr,
+                                                                       cuda::ticket_ptr(ticket),
+                                                                       reduction == kMean,
+                                                                       out.ep.mutable_data_ptr<scalar_t>(),
+                                                                       out.ea.mutable_data_ptr<scalar_t>()};
     const bool vec = can_vectorise(e, L, sizeof(scalar_t));
     if (!KSL_EMB_CUDA_STATIC_B(B, launch_forward_static, e, N, L, vec, nrm, t, stream)) {
       const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(emb::term_count(B)));
@@ -139,26 +162,27 @@ at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at
   const at::Tensor gea = grad_ea.to(emb.scalar_type()).contiguous();
   at::Tensor grad = at::empty_like(emb, at::MemoryFormat::Contiguous);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* e = emb.const_data_ptr<scalar_t>();
-    const acc_t* nrm = norms.const_data_ptr<acc_t>();
-    const scalar_t* ge = gep.const_data_ptr<scalar_t>();
-    const scalar_t* ga = gea.const_data_ptr<scalar_t>();
-    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    const bool vec = can_vectorise(e, L, sizeof(scalar_t)) && can_vectorise(out, L, sizeof(scalar_t));
-    if (!KSL_EMB_CUDA_STATIC_B(B, launch_backward_static, ge, ga, e, nrm, N, L, reduction, vec, out, stream)) {
-      at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T},
-                                  emb.options().dtype(at::toOpMathType(emb.scalar_type())));
-      acc_t* w = work.mutable_data_ptr<acc_t>();
-      coefficients_kernel<scalar_t><<<static_cast<unsigned>((N + 127) / 128), 128, 0, stream>>>(ge, ga, nrm, B, N,
-                                                                                                reduction, w);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(B));
-      backward_branch_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, w, B, N, L, out);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, emb.scalar_type(), "embedding_consensus_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* e = emb.const_data_ptr<scalar_t>();
+        const acc_t* nrm = norms.const_data_ptr<acc_t>();
+        const scalar_t* ge = gep.const_data_ptr<scalar_t>();
+        const scalar_t* ga = gea.const_data_ptr<scalar_t>();
+        scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+        const bool vec = can_vectorise(e, L, sizeof(scalar_t)) && can_vectorise(out, L, sizeof(scalar_t));
+        if (!KSL_EMB_CUDA_STATIC_B(B, launch_backward_static, ge, ga, e, nrm, N, L, reduction, vec, out, stream)) {
+          at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T},
+                                      emb.options().dtype(at::toOpMathType(emb.scalar_type())));
+          acc_t* w = work.mutable_data_ptr<acc_t>();
+          coefficients_kernel<scalar_t>
+              <<<static_cast<unsigned>((N + 127) / 128), 128, 0, stream>>>(ge, ga, nrm, B, N, reduction, w);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(B));
+          backward_branch_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, w, B, N, L, out);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad;
 }
 

@@ -57,17 +57,19 @@ __device__ __forceinline__ void write_terms(const acc_t* nrm, int B, int64_t N, 
   const int P = emb::pair_count(B);
   for (int i = threadIdx.x; i < B * B; i += blockDim.x) {
     const int u = i / B, v = i % B;
-    ep_terms[static_cast<int64_t>(i) * N + n] = u < v ? static_cast<scalar_t>(nrm[emb::pair_index(u, v, B)]) : scalar_t(0);
+    ep_terms[static_cast<int64_t>(i) * N + n] =
+        u < v ? static_cast<scalar_t>(nrm[emb::pair_index(u, v, B)]) : scalar_t(0);
   }
-  for (int b = threadIdx.x; b < B; b += blockDim.x) ea_terms[static_cast<int64_t>(b) * N + n] = static_cast<scalar_t>(nrm[P + b]);
+  for (int b = threadIdx.x; b < B; b += blockDim.x)
+    ea_terms[static_cast<int64_t>(b) * N + n] = static_cast<scalar_t>(nrm[P + b]);
 }
 
 // mean / sum over the saved norms [N, T] of every sample, in the forward's last block (by ticket):
 // each thread a fixed set of samples, then a fixed-order block sum, so the scalars are deterministic.
 // The norms come from other blocks: read through L2 (__ldcg).
 template <typename scalar_t>
-__device__ void reduce_norms(const opmath_t<scalar_t>* norms, int B, int64_t N, bool mean, scalar_t* ep,
-                             scalar_t* ea, opmath_t<scalar_t>* shared /* [kWarps] */) {
+__device__ void reduce_norms(const opmath_t<scalar_t>* norms, int B, int64_t N, bool mean, scalar_t* ep, scalar_t* ea,
+                             opmath_t<scalar_t>* shared /* [kWarps] */) {
   using acc_t = opmath_t<scalar_t>;
   const int P = emb::pair_count(B), T = emb::term_count(B);
   acc_t sp = acc_t(0), sa = acc_t(0);
@@ -91,10 +93,10 @@ __device__ void reduce_norms(const opmath_t<scalar_t>* norms, int B, int64_t N, 
 
 template <typename scalar_t, int kB>
 __global__ void __launch_bounds__(kThreads)
-forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vectorised,
-               opmath_t<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
-               scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
-               scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
+    forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vectorised,
+                   opmath_t<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
+                   scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
+                   scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int T = emb::term_count(kB);
   const int64_t n = blockIdx.x;
@@ -156,7 +158,8 @@ forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vect
   if (ticket != nullptr) {
     KSL_SHARED(acc_t, shared, [kWarps]);
     KSL_SHARED(bool, last_block, );
-    if (cuda::last_block_arrived(ticket, gridDim.x, last_block)) reduce_norms(norms, kB, N, mean, ep_out, ea_out, shared);
+    if (cuda::last_block_arrived(ticket, gridDim.x, last_block))
+      reduce_norms(norms, kB, N, mean, ep_out, ea_out, shared);
   }
 }
 
@@ -166,10 +169,10 @@ forward_kernel(const scalar_t* __restrict__ emb, int64_t N, int64_t L, bool vect
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-forward_term_kernel(const scalar_t* __restrict__ emb, int B, int64_t N, int64_t L,
-                    opmath_t<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
-                    scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
-                    scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
+    forward_term_kernel(const scalar_t* __restrict__ emb, int B, int64_t N, int64_t L,
+                        opmath_t<scalar_t>* __restrict__ norms, scalar_t* __restrict__ ep_terms,
+                        scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
+                        scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = blockIdx.x;
   const int q = blockIdx.y, P = emb::pair_count(B), T = emb::term_count(B);
@@ -235,9 +238,9 @@ __device__ __forceinline__ acc_t term_grad(const scalar_t* grad_ep, const scalar
 
 template <typename scalar_t, int kB>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict__ grad_ea,
-                const scalar_t* __restrict__ emb, const opmath_t<scalar_t>* __restrict__ norms,
-                int64_t N, int64_t L, int64_t reduction, bool vectorised, scalar_t* __restrict__ grad) {
+    backward_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict__ grad_ea,
+                    const scalar_t* __restrict__ emb, const opmath_t<scalar_t>* __restrict__ norms, int64_t N,
+                    int64_t L, int64_t reduction, bool vectorised, scalar_t* __restrict__ grad) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int P = emb::pair_count(kB), T = emb::term_count(kB);
   const int64_t n = blockIdx.x;
@@ -272,7 +275,8 @@ backward_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict
 #pragma unroll
         for (int b = 0; b < kB; ++b) x[b] = static_cast<acc_t>(p[b].v[k]);
 #pragma unroll
-        for (int w = 0; w < kB; ++w) out[w].v[k] = static_cast<scalar_t>(emb::grad_element<kB, acc_t>(x, kB, w, mix, self));
+        for (int w = 0; w < kB; ++w)
+          out[w].v[k] = static_cast<scalar_t>(emb::grad_element<kB, acc_t>(x, kB, w, mix, self));
       }
 #pragma unroll
       for (int b = 0; b < kB; ++b) cuda::store16(reinterpret_cast<PackT*>(grad + (b * N + n) * L) + i, out[b]);
@@ -292,8 +296,8 @@ backward_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict
 // Any B: a thread per sample computes its coefficients into a workspace [N, B·B + B] ...
 template <typename scalar_t>
 __global__ void coefficients_kernel(const scalar_t* __restrict__ grad_ep, const scalar_t* __restrict__ grad_ea,
-                                    const opmath_t<scalar_t>* __restrict__ norms, int B, int64_t N,
-                                    int64_t reduction, opmath_t<scalar_t>* __restrict__ work) {
+                                    const opmath_t<scalar_t>* __restrict__ norms, int B, int64_t N, int64_t reduction,
+                                    opmath_t<scalar_t>* __restrict__ work) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;
@@ -309,8 +313,8 @@ __global__ void coefficients_kernel(const scalar_t* __restrict__ grad_ep, const 
 // in place.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-backward_branch_kernel(const scalar_t* __restrict__ emb, const opmath_t<scalar_t>* __restrict__ work, int B,
-                       int64_t N, int64_t L, scalar_t* __restrict__ grad) {
+    backward_branch_kernel(const scalar_t* __restrict__ emb, const opmath_t<scalar_t>* __restrict__ work, int B,
+                           int64_t N, int64_t L, scalar_t* __restrict__ grad) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = blockIdx.x;
   const int w = blockIdx.y, T = emb::term_count(B);

@@ -33,9 +33,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -68,8 +68,7 @@ void check_inputs(const at::Tensor& logits, double temperature, int64_t reductio
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(const at::Tensor& logits,
-                                                                               double temperature,
-                                                                               bool detach_target,
+                                                                               double temperature, bool detach_target,
                                                                                int64_t reduction, bool save_grad) {
   check_inputs(logits, temperature, reduction);
   c10::cuda::CUDAGuard guard(logits.device());
@@ -98,8 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(c
           z.const_data_ptr<scalar_t>(), N, K, static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(t2),
           static_cast<acc_t>(out_scale), static_cast<acc_t>(saved.grad_scale), saved.row_lse.mutable_data_ptr<acc_t>(),
           none ? pp.mutable_data_ptr<scalar_t>() : nullptr, none ? pa.mutable_data_ptr<scalar_t>() : nullptr,
-          none ? nullptr : row_terms.mutable_data_ptr<acc_t>(),
-          none ? nullptr : ksl::cuda::ticket_ptr(ticket),
+          none ? nullptr : row_terms.mutable_data_ptr<acc_t>(), none ? nullptr : ksl::cuda::ticket_ptr(ticket),
           none ? nullptr : pp.mutable_data_ptr<scalar_t>(), none ? nullptr : pa.mutable_data_ptr<scalar_t>(),
           saved.write_grad ? saved.grad_dir.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -150,13 +148,15 @@ at::Tensor prob_consensus_backward_saved_cuda(const std::optional<at::Tensor>& g
   // Enough blocks to fill an H100 several times over; larger tensors are strided over.
   const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 8192);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "prob_consensus_backward_saved_cuda", [&] {
-    prob_consensus_saved_backward_kernel<scalar_t, at::opmath_type<scalar_t>>
-        <<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-            gd.const_data_ptr<scalar_t>(), gpp ? gpp->const_data_ptr<scalar_t>() : nullptr,
-            gpa ? gpa->const_data_ptr<scalar_t>() : nullptr, int(gd.size(0)), numel, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gd.scalar_type(), "prob_consensus_backward_saved_cuda", [&] {
+        prob_consensus_saved_backward_kernel<scalar_t, at::opmath_type<scalar_t>>
+            <<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+                gd.const_data_ptr<scalar_t>(), gpp ? gpp->const_data_ptr<scalar_t>() : nullptr,
+                gpa ? gpa->const_data_ptr<scalar_t>() : nullptr, int(gd.size(0)), numel,
+                grad.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad;
 }
 

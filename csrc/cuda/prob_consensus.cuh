@@ -45,7 +45,7 @@ __device__ __forceinline__ void lse_push(acc_t& m, acc_t& s, acc_t x) {
 template <typename acc_t>
 __device__ __forceinline__ void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
   if (m2 == neg_inf<acc_t>()) {  // the other side saw nothing (or only −inf)
-    s = s + s2;                   // keeps a NaN s2
+    s = s + s2;                  // keeps a NaN s2
     return;
   }
   if (m == neg_inf<acc_t>()) {
@@ -124,8 +124,8 @@ __device__ void sample_logsumexp(const scalar_t* __restrict__ z, int64_t N, int6
 
 // The s, p, log a, a of one class k of sample n.
 template <typename scalar_t, typename acc_t, int kB>
-__device__ __forceinline__ void class_values(const scalar_t* __restrict__ z, int64_t N, int64_t K, int64_t n,
-                                             int64_t k, acc_t inv_t, const acc_t* lse, acc_t inv_bm1, acc_t log_bm1,
+__device__ __forceinline__ void class_values(const scalar_t* __restrict__ z, int64_t N, int64_t K, int64_t n, int64_t k,
+                                             acc_t inv_t, const acc_t* lse, acc_t inv_bm1, acc_t log_bm1,
                                              acc_t (&s)[kB], acc_t (&p)[kB], acc_t (&log_a)[kB], acc_t (&a)[kB]) {
 #pragma unroll
   for (int b = 0; b < kB; ++b) {
@@ -140,11 +140,13 @@ __device__ __forceinline__ void class_values(const scalar_t* __restrict__ z, int
 //   else row_terms [N, B² + B] (acc) and, in the last block, pp_out / pa_out scalars = T² · scale · Σ.
 //   grad_dir [B, N, K] (scalar_t) when not null.
 template <typename scalar_t, typename acc_t, int kB>
-__global__ void __launch_bounds__(kThreads) prob_consensus_forward_kernel(
-    const scalar_t* __restrict__ z, int64_t N, int64_t K, acc_t inv_t, acc_t t2, acc_t out_scale, acc_t grad_scale,
-    acc_t* __restrict__ row_lse, scalar_t* __restrict__ pp_none, scalar_t* __restrict__ pa_none,
-    acc_t* __restrict__ row_terms, unsigned int* __restrict__ ticket, scalar_t* __restrict__ pp_out,
-    scalar_t* __restrict__ pa_out, scalar_t* __restrict__ grad_dir) {
+__global__ void __launch_bounds__(kThreads)
+    prob_consensus_forward_kernel(const scalar_t* __restrict__ z, int64_t N, int64_t K, acc_t inv_t, acc_t t2,
+                                  acc_t out_scale, acc_t grad_scale, acc_t* __restrict__ row_lse,
+                                  scalar_t* __restrict__ pp_none, scalar_t* __restrict__ pa_none,
+                                  acc_t* __restrict__ row_terms, unsigned int* __restrict__ ticket,
+                                  scalar_t* __restrict__ pp_out, scalar_t* __restrict__ pa_out,
+                                  scalar_t* __restrict__ grad_dir) {
   constexpr int kTerms = kB * kB + kB;
   KSL_SHARED(acc_t, scratch, [(kWarps + 1) * kTerms]);
   KSL_SHARED(acc_t, lse, [kB]);
@@ -175,7 +177,8 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_forward_kernel(
   if (threadIdx.x < kB) row_lse[threadIdx.x * N + n] = lse[threadIdx.x];
   if (pp_none != nullptr) {  // reduction none: T² · the per-sample terms, zero diagonal included
     for (int i = threadIdx.x; i < kB * kB; i += blockDim.x) pp_none[i * N + n] = static_cast<scalar_t>(t2 * totals[i]);
-    for (int b = threadIdx.x; b < kB; b += blockDim.x) pa_none[b * N + n] = static_cast<scalar_t>(t2 * totals[kB * kB + b]);
+    for (int b = threadIdx.x; b < kB; b += blockDim.x)
+      pa_none[b * N + n] = static_cast<scalar_t>(t2 * totals[kB * kB + b]);
     return;
   }
   for (int i = threadIdx.x; i < kTerms; i += blockDim.x) row_terms[n * kTerms + i] = totals[i];
@@ -198,10 +201,10 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_forward_kernel(
 // gradients with the reduction's 1/N folded in (acc type). grad [B, N, K] = T · (student part +
 // target part when !detach_target), see csrc/common/prob_consensus.h for the formulas.
 template <typename scalar_t, typename acc_t, int kB>
-__global__ void __launch_bounds__(kThreads) prob_consensus_backward_kernel(
-    const scalar_t* __restrict__ z, const acc_t* __restrict__ row_lse, const acc_t* __restrict__ w_pp_all,
-    const acc_t* __restrict__ w_pa_all, int64_t N, int64_t K, acc_t inv_t, acc_t t, bool detach_target,
-    scalar_t* __restrict__ grad) {
+__global__ void __launch_bounds__(kThreads)
+    prob_consensus_backward_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ row_lse,
+                                   const acc_t* __restrict__ w_pp_all, const acc_t* __restrict__ w_pa_all, int64_t N,
+                                   int64_t K, acc_t inv_t, acc_t t, bool detach_target, scalar_t* __restrict__ grad) {
   constexpr int kDots = 2 * kB * kB;  // KL_cv, then <p^c, h^b>
   KSL_SHARED(acc_t, scratch, [(kWarps + 1) * kDots]);
   KSL_SHARED(acc_t, lse, [kB]);
@@ -251,9 +254,10 @@ __global__ void __launch_bounds__(kThreads) prob_consensus_backward_kernel(
 // pass. Every thread reads the two scalar upstream gradients on the device (no host sync) and
 // strides over the numel elements.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) prob_consensus_saved_backward_kernel(
-    const scalar_t* __restrict__ grad_dir, const scalar_t* __restrict__ g_pp, const scalar_t* __restrict__ g_pa,
-    int B, int64_t numel, scalar_t* __restrict__ grad) {
+__global__ void __launch_bounds__(kThreads)
+    prob_consensus_saved_backward_kernel(const scalar_t* __restrict__ grad_dir, const scalar_t* __restrict__ g_pp,
+                                         const scalar_t* __restrict__ g_pa, int B, int64_t numel,
+                                         scalar_t* __restrict__ grad) {
   const acc_t f = static_cast<acc_t>(ksl::prob::saved_grad_factor<scalar_t, acc_t>(g_pp, g_pa, B));
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {

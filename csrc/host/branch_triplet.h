@@ -26,7 +26,8 @@ namespace triplet {
 // winners, terms and squared distances stay a bounded multiple of N).
 constexpr int64_t kMaxBranches = 255;
 constexpr int64_t kMaxBranchPairs = 65535;
-static_assert(kMaxBranches * kMaxBranches <= kMaxBranchPairs && (kMaxBranches + 1) * (kMaxBranches + 1) > kMaxBranchPairs,
+static_assert(kMaxBranches * kMaxBranches <= kMaxBranchPairs &&
+                  (kMaxBranches + 1) * (kMaxBranches + 1) > kMaxBranchPairs,
               "kMaxBranches is the largest B whose B*B ordered branch pairs fit kMaxBranchPairs");
 
 // emb [B, N, L] of a floating dtype with 2 <= B <= kMaxBranches, N >= 1, L >= 1; reduction and
@@ -94,13 +95,13 @@ inline void check_index_values(const at::Tensor& pos_idx, const at::Tensor& neg_
 // The backward's saved winners pos_idx / neg_idx: int32 [B, B, N] on emb's device.
 inline void check_indices(const at::Tensor& idx, const char* name, const at::Tensor& emb) {
   const int64_t B = emb.size(0), N = emb.size(1);
-  TORCH_CHECK(idx.scalar_type() == at::kInt, "branch_triplet_backward: ", name,
-              " must be int32, got ", idx.scalar_type());
+  TORCH_CHECK(idx.scalar_type() == at::kInt, "branch_triplet_backward: ", name, " must be int32, got ",
+              idx.scalar_type());
   TORCH_CHECK(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == B && idx.size(2) == N,
-              "branch_triplet_backward: ", name, " must have shape [B, B, N] = [", B, ", ", B, ", ", N,
-              "], got ", idx.sizes());
-  TORCH_CHECK(idx.device() == emb.device(), "branch_triplet_backward: ", name,
-              " must be on emb's device ", emb.device(), ", got ", idx.device());
+              "branch_triplet_backward: ", name, " must have shape [B, B, N] = [", B, ", ", B, ", ", N, "], got ",
+              idx.sizes());
+  TORCH_CHECK(idx.device() == emb.device(), "branch_triplet_backward: ", name, " must be on emb's device ",
+              emb.device(), ", got ", idx.device());
 }
 
 // The backward's saved squared distances to the winners: [2, B, B, N] in emb's accumulation type
@@ -123,16 +124,16 @@ inline void check_hard_sq(const at::Tensor& hard_sq, const at::Tensor& emb) {
 inline void check_grad(const at::Tensor& g, const char* name, at::IntArrayRef none_shape, int64_t reduction,
                        const at::Tensor& emb) {
   if (reduction == kNone) {
-    TORCH_CHECK(g.sizes() == none_shape, "branch_triplet_backward: ", name, " must have shape ",
-                none_shape, " for reduction none, got ", g.sizes());
+    TORCH_CHECK(g.sizes() == none_shape, "branch_triplet_backward: ", name, " must have shape ", none_shape,
+                " for reduction none, got ", g.sizes());
   } else {
     TORCH_CHECK(g.numel() == 1, "branch_triplet_backward: ", name,
                 " must be a scalar for reduction mean/sum, got shape ", g.sizes());
   }
-  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "branch_triplet_backward: ", name,
-              " must be floating, got ", g.scalar_type());
-  TORCH_CHECK(g.device() == emb.device(), "branch_triplet_backward: ", name,
-              " must be on emb's device ", emb.device(), ", got ", g.device());
+  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "branch_triplet_backward: ", name, " must be floating, got ",
+              g.scalar_type());
+  TORCH_CHECK(g.device() == emb.device(), "branch_triplet_backward: ", name, " must be on emb's device ", emb.device(),
+              ", got ", g.device());
 }
 
 // Everything the backward's arguments must satisfy on every device.

@@ -63,11 +63,11 @@ inline ForwardOutputs allocate_forward(const at::Tensor& emb, int64_t reduction)
 inline void check_backward_tensors(const at::Tensor& grad_ep, const at::Tensor& grad_ea, const at::Tensor& norms,
                                    const at::Tensor& emb) {
   const auto dev = emb.device();
-  const std::pair<const char*, const at::Tensor*> others[] = {{"grad_ep", &grad_ep}, {"grad_ea", &grad_ea},
-                                                              {"norms", &norms}};
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"grad_ep", &grad_ep}, {"grad_ea", &grad_ea}, {"norms", &norms}};
   for (const auto& [name, t] : others) {
-    TORCH_CHECK(t->device() == dev, "embedding_consensus_backward: ", name, " must be on emb's device ", dev,
-                ", got ", t->device());
+    TORCH_CHECK(t->device() == dev, "embedding_consensus_backward: ", name, " must be on emb's device ", dev, ", got ",
+                t->device());
   }
   for (const auto& [name, t] : {others[0], others[1]}) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), "embedding_consensus_backward: ", name,

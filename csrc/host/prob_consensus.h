@@ -49,14 +49,29 @@ inline double reduction_scale(int64_t reduction, int64_t N) {
 template <typename F>
 void dispatch_branches(int64_t B, F&& f) {
   switch (B) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", B);
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 5:
+      f(std::integral_constant<int, 5>{});
+      break;
+    case 6:
+      f(std::integral_constant<int, 6>{});
+      break;
+    case 7:
+      f(std::integral_constant<int, 7>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    default:
+      TORCH_CHECK(false, "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", B);
   }
   static_assert(kMaxBranches == 8, "update dispatch_branches");
 }
@@ -95,21 +110,20 @@ struct SampleWeights {
 inline void check_backward_devices(const at::Tensor& grad_pp, const at::Tensor& grad_pa, const at::Tensor& row_lse,
                                    const at::Tensor& logits) {
   const auto dev = logits.device();
-  TORCH_CHECK(row_lse.device() == dev, "prob_consensus_backward: row_lse must be on the logits' device ", dev,
-              ", got ", row_lse.device());
-  TORCH_CHECK(grad_pp.device() == dev, "prob_consensus_backward: grad_pp must be on the logits' device ", dev,
-              ", got ", grad_pp.device());
-  TORCH_CHECK(grad_pa.device() == dev, "prob_consensus_backward: grad_pa must be on the logits' device ", dev,
-              ", got ", grad_pa.device());
+  TORCH_CHECK(row_lse.device() == dev, "prob_consensus_backward: row_lse must be on the logits' device ", dev, ", got ",
+              row_lse.device());
+  TORCH_CHECK(grad_pp.device() == dev, "prob_consensus_backward: grad_pp must be on the logits' device ", dev, ", got ",
+              grad_pp.device());
+  TORCH_CHECK(grad_pa.device() == dev, "prob_consensus_backward: grad_pa must be on the logits' device ", dev, ", got ",
+              grad_pa.device());
   TORCH_CHECK(at::isFloatingType(grad_pp.scalar_type()) && at::isFloatingType(grad_pa.scalar_type()),
               "prob_consensus_backward: grad_pp and grad_pa must be floating, got ", grad_pp.scalar_type(), " and ",
               grad_pa.scalar_type());
 }
 
 // Checks row_lse and the upstream gradients' shapes on the way.
-inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tensor& grad_pa,
-                                                          const at::Tensor& row_lse, int64_t B, int64_t N,
-                                                          at::ScalarType acc, int64_t reduction) {
+inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tensor& grad_pa, const at::Tensor& row_lse,
+                                      int64_t B, int64_t N, at::ScalarType acc, int64_t reduction) {
   TORCH_CHECK(row_lse.sizes() == at::IntArrayRef({B, N}) && row_lse.scalar_type() == acc,
               "prob_consensus_backward: row_lse must be [B, N] = [", B, ", ", N, "] of ", acc, ", got ",
               row_lse.sizes(), " ", row_lse.scalar_type());
@@ -128,7 +142,9 @@ inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tenso
 
 // An upstream gradient the saved-direction backward was given: nullptr when absent (None from Python,
 // or undefined: that loss output did not reach the loss).
-inline const at::Tensor* given(const std::optional<at::Tensor>& g) { return g.has_value() && g->defined() ? &*g : nullptr; }
+inline const at::Tensor* given(const std::optional<at::Tensor>& g) {
+  return g.has_value() && g->defined() ? &*g : nullptr;
+}
 
 // prob_consensus_backward_saved: grad_dir [B, N, K] as the forward wrote it, and each given upstream
 // gradient a scalar of grad_dir's dtype on grad_dir's device (the kernel reads them there, unsynced).
@@ -139,7 +155,8 @@ inline void check_saved_backward(const std::optional<at::Tensor>& grad_pp, const
               " branches, got shape ", grad_dir.sizes());
   const auto st = grad_dir.scalar_type();
   TORCH_CHECK(is_kernel_dtype(st), "prob_consensus_backward_saved: grad_dir must be ", kKernelDtypes, ", got ", st);
-  const std::pair<const char*, const at::Tensor*> upstream[] = {{"grad_pp", given(grad_pp)}, {"grad_pa", given(grad_pa)}};
+  const std::pair<const char*, const at::Tensor*> upstream[] = {{"grad_pp", given(grad_pp)},
+                                                                {"grad_pa", given(grad_pa)}};
   for (const auto& [name, g] : upstream) {
     if (g == nullptr) continue;
     TORCH_CHECK(g->device() == grad_dir.device(), "prob_consensus_backward_saved: ", name,

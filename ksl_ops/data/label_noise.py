@@ -22,7 +22,8 @@ def noisy_labels(labels: Sequence[int], num_classes: int, fraction: float, seed:
     """A copy of ``labels`` (training identities in ``[0, num_classes)``) with ``round(fraction * n)``
     entries replaced by a uniformly drawn *wrong* identity. Deterministic in ``seed``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"noisy_labels: num_classes must be an int >= 2 (a wrong label must exist), got {num_classes!r}")
+        raise ValueError("noisy_labels: num_classes must be an int >= 2 (a wrong label must exist), "
+                         f"got {num_classes!r}")
     fraction = float(fraction)
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"noisy_labels: fraction must be in [0, 1), got {fraction}")

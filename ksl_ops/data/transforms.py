@@ -235,7 +235,8 @@ class RandomPatch:
 
     def _box(self, H: int, W: int) -> Tuple[int, int]:
         area = H * W * (self.scale[0] + (self.scale[1] - self.scale[0]) * _rand(self.generator))
-        r = math.exp(math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * _rand(self.generator))
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        r = math.exp(lo + (hi - lo) * _rand(self.generator))
         return min(max(int(round(math.sqrt(area * r))), 1), H), min(max(int(round(math.sqrt(area / r))), 1), W)
 
     def _at(self, H: int, W: int, h: int, w: int) -> Tuple[int, int]:

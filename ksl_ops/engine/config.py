@@ -367,14 +367,17 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known}).validated()
 
     def describe(self) -> str:
-        short = " (shortened CPU schedule; the paper's is 350 epochs at 256x128, lr 0.0015)" if self.preset == "cpu" else ""
+        short = ""
+        if self.preset == "cpu":
+            short = " (shortened CPU schedule; the paper's is 350 epochs at 256x128, lr 0.0015)"
         recipe = (f"recipe {self.recipe} (neck {self.resolved('neck')}, "
                   f"KSL-E on {'L2-normalised' if self.resolved('normalize_e') else 'raw'} embeddings, "
                   f"triplets on {'L2-normalised' if self.resolved('normalize_triplet') else 'raw'} embeddings, "
                   f"KSL-P/KSL-E from epoch {(self.consensus_start or 0) + 1})")
         return (f"{self.backbone} | losses={self.losses} | {recipe} | input {self.height}x{self.width} | "
                 f"{self.epochs} epochs, triplet + PxK sampler from epoch {self.triplet_start + 1} | "
-                f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) wd={self.weight_decay:g} "
+                f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) "
+                f"wd={self.weight_decay:g} "
                 f"batch={self.batch_size}{short}"
                 + (f" | amp {self.amp}" if self.amp != "off" else "")
                 + (f" | label noise {self.label_noise:g} (redrawn every epoch)" if self.label_noise else ""))

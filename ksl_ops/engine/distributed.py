@@ -84,11 +84,11 @@ class DistEnv:
         """The batch each rank loads; the global batch must split into whole identities per rank."""
         if not self.enabled:
             return batch_size
-        if batch_size % (self.world_size * num_instances):
+        unit = self.world_size * num_instances
+        if batch_size % unit:
             raise ValueError(f"batch_size ({batch_size}, the global batch) must be a multiple of "
                              f"{self.world_size} ranks x num_instances ({num_instances}) so that every rank "
-                             f"gets whole identities; e.g. --batch-size "
-                             f"{max(1, round(batch_size / (self.world_size * num_instances))) * self.world_size * num_instances}")
+                             f"gets whole identities; e.g. --batch-size {max(1, round(batch_size / unit)) * unit}")
         return batch_size // self.world_size
 
     def wrap(self, model: torch.nn.Module, device: torch.device, sync_bn: bool = False):

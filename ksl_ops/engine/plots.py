@@ -81,7 +81,8 @@ def plot_training_curves(history: List[Dict[str, Any]], path, title: str = "",
         ax.legend(fontsize=8)
     if with_diag:
         ax = grid[1][0]
-        if _plot_diag(ax, history, "ce/", "cross-entropy", "CE per branch (dashed: uniform, log K)") and num_classes > 1:
+        has_ce = _plot_diag(ax, history, "ce/", "cross-entropy", "CE per branch (dashed: uniform, log K)")
+        if has_ce and num_classes > 1:
             ax.axhline(math.log(num_classes), color="grey", ls="--", lw=1)
         _plot_diag(grid[1][1], history, "emb_norm/", "mean L2 norm", "embedding norm per branch", log=True)
         ax = grid[1][2]

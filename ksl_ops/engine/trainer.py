@@ -35,8 +35,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import (CheckpointError, checkpoint_num_classes, describe_checkpoint, load_checkpoint,
-                         load_model_state, read_checkpoint, save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_num_classes,
+    describe_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, check_device_name
 from .diagnostics import head_bn_variance, step_diagnostics
 from .distributed import DistEnv, main_only
@@ -622,7 +629,8 @@ class Trainer:
         main = self.dist.is_main  # rank 0 alone evaluates and writes files; the others wait
         for epoch in range(self.start_epoch, cfg.epochs):
             if self.stop_after is not None and epoch >= self.stop_after:
-                self.log(f"stopping after epoch {epoch}/{cfg.epochs} as asked; --resume {self.output_dir / self.CHECKPOINT} continues")
+                self.log(f"stopping after epoch {epoch}/{cfg.epochs} as asked; "
+                         f"--resume {self.output_dir / self.CHECKPOINT} continues")
                 return {"config": cfg.to_dict(), "final": None, "stopped_after": epoch, "history": self.history}
             record = self.dist.reduce_record(self.train_epoch(epoch), self.device)
             last = epoch + 1 == cfg.epochs
@@ -664,11 +672,12 @@ class Trainer:
         return line
 
     def save(self, epoch: int) -> Path:
+        extra = {"num_classes": self.num_classes, "backend": self.backend}
+        if self.scaler.is_enabled():
+            extra["grad_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.output_dir / self.CHECKPOINT, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, epoch=epoch, config=self.cfg.to_dict(),
-                               metrics={"history": self.history},
-                               extra={"num_classes": self.num_classes, "backend": self.backend,
-                                      **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})})
+                               metrics={"history": self.history}, extra=extra)
 
     def _write_metrics(self, final: Optional[Dict[str, Any]] = None) -> None:
         obj = {"config": self.cfg.to_dict(), "history": self.history}

@@ -14,12 +14,12 @@ using namespace ksl::triplet;
 
 static int failures = 0;
 
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond);    \
-      ++failures;                                                      \
-    }                                                                  \
+#define EXPECT(cond)                                                \
+  do {                                                              \
+    if (!(cond)) {                                                  \
+      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                   \
+    }                                                               \
   } while (0)
 
 static bool near(double a, double b, double rel) {
@@ -44,11 +44,11 @@ static void test_winner_order() {
   EXPECT(!beats_max(1.0, -1, 0.0, 3));  // "none" never beats a winner
   EXPECT(beats_max(2.0, 5, 1.0, 3));
   EXPECT(!beats_max(1.0, 5, 2.0, 3));
-  EXPECT(beats_max(1.0, 2, 1.0, 3));   // tie: lower index
+  EXPECT(beats_max(1.0, 2, 1.0, 3));  // tie: lower index
   EXPECT(!beats_max(1.0, 4, 1.0, 3));
   EXPECT(beats_max(nan, 9, 1e300, 3));  // NaN first
   EXPECT(!beats_max(1e300, 1, nan, 3));
-  EXPECT(beats_max(nan, 1, nan, 3));    // first NaN
+  EXPECT(beats_max(nan, 1, nan, 3));  // first NaN
   EXPECT(!beats_max(nan, 4, nan, 3));
   EXPECT(beats_min(1.0, 5, 2.0, 3));
   EXPECT(!beats_min(2.0, 5, 1.0, 3));
@@ -162,7 +162,9 @@ int main() {
   test_term();
   test_batch_hard();
   test_store_anchor();
-  if (failures) std::printf("%d failure(s)\n", failures);
-  else std::printf("test_branch_triplet: ok\n");
+  if (failures)
+    std::printf("%d failure(s)\n", failures);
+  else
+    std::printf("test_branch_triplet: ok\n");
   return failures ? 1 : 0;
 }

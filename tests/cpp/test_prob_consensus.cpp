@@ -109,7 +109,8 @@ void test_sample(int B, int K, double T, bool detach, unsigned seed, double spre
   expect(std::fabs(loss - want) <= 1e-12 * (1 + std::fabs(want)), "sample loss", loss, want);
 
   std::vector<double> row_c(B);
-  for (int c = 0; c < B; ++c) row_c[c] = ksl::prob::target_row_constant(kl.data(), ph.data(), w_pp.data(), w_pa.data(), B, c);
+  for (int c = 0; c < B; ++c)
+    row_c[c] = ksl::prob::target_row_constant(kl.data(), ph.data(), w_pp.data(), w_pa.data(), B, c);
   const double h = 1e-5;
   for (int k = 0; k < K; ++k) {
     column(k);
@@ -121,8 +122,8 @@ void test_sample(int B, int K, double T, bool detach, unsigned seed, double spre
       auto zp = z, zm = z;
       zp[c][k] += h;
       zm[c][k] -= h;
-      const double fd = (naive_loss(zp, detach ? z : zp, T, w_pp, w_pa) - naive_loss(zm, detach ? z : zm, T, w_pp, w_pa)) /
-                        (2 * h);
+      const double fd =
+          (naive_loss(zp, detach ? z : zp, T, w_pp, w_pa) - naive_loss(zm, detach ? z : zm, T, w_pp, w_pa)) / (2 * h);
       expect(std::fabs(g - fd) <= 1e-6 * (1 + std::fabs(fd)), detach ? "student gradient" : "full gradient", g, fd);
     }
   }

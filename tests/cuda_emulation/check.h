@@ -22,23 +22,23 @@ inline void fail(const char* file, int line, const std::string& what) {
 }
 }  // namespace ksl_test
 
-#define CHECK(cond) \
-  do {              \
+#define CHECK(cond)                                         \
+  do {                                                      \
     if (!(cond)) ksl_test::fail(__FILE__, __LINE__, #cond); \
   } while (0)
-#define CHECK_MSG(cond, name, detail)                                                             \
-  do {                                                                                            \
+#define CHECK_MSG(cond, name, detail)                                                                \
+  do {                                                                                               \
     if (!(cond)) ksl_test::fail(__FILE__, __LINE__, std::string(name) + ": " + std::string(detail)); \
   } while (0)
-#define CHECK_EQ(a, b)                                                          \
-  do {                                                                          \
-    const auto va_ = (a);                                                       \
-    const auto vb_ = (b);                                                       \
-    if (!(va_ == vb_)) {                                                        \
-      std::ostringstream o_;                                                    \
-      o_ << #a << " == " << #b << " (" << va_ << " vs " << vb_ << ")";          \
-      ksl_test::fail(__FILE__, __LINE__, o_.str());                             \
-    }                                                                           \
+#define CHECK_EQ(a, b)                                                 \
+  do {                                                                 \
+    const auto va_ = (a);                                              \
+    const auto vb_ = (b);                                              \
+    if (!(va_ == vb_)) {                                               \
+      std::ostringstream o_;                                           \
+      o_ << #a << " == " << #b << " (" << va_ << " vs " << vb_ << ")"; \
+      ksl_test::fail(__FILE__, __LINE__, o_.str());                    \
+    }                                                                  \
   } while (0)
 
 inline int report(const char* name) {

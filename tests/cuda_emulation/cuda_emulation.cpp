@@ -16,8 +16,8 @@
 #endif
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -27,9 +27,12 @@ namespace ksl_emu {
 
 const char* order_name(Order o) {
   switch (o) {
-    case Order::kForward: return "forward";
-    case Order::kReverse: return "reverse";
-    case Order::kRandom: return "random";
+    case Order::kForward:
+      return "forward";
+    case Order::kReverse:
+      return "reverse";
+    case Order::kRandom:
+      return "random";
   }
   return "?";
 }
@@ -173,12 +176,18 @@ void start_fiber(ThreadState& t, char* stack, std::size_t bytes) {
 
 const char* op_name(WarpOp op) {
   switch (op) {
-    case WarpOp::kIdx: return "__shfl_sync";
-    case WarpOp::kUp: return "__shfl_up_sync";
-    case WarpOp::kDown: return "__shfl_down_sync";
-    case WarpOp::kXor: return "__shfl_xor_sync";
-    case WarpOp::kBallot: return "__ballot_sync";
-    case WarpOp::kSync: return "__syncwarp";
+    case WarpOp::kIdx:
+      return "__shfl_sync";
+    case WarpOp::kUp:
+      return "__shfl_up_sync";
+    case WarpOp::kDown:
+      return "__shfl_down_sync";
+    case WarpOp::kXor:
+      return "__shfl_xor_sync";
+    case WarpOp::kBallot:
+      return "__ballot_sync";
+    case WarpOp::kSync:
+      return "__syncwarp";
   }
   return "?";
 }
@@ -210,8 +219,8 @@ std::vector<int> resolve_warps(int n_threads) {
         if (!(mask >> j & 1u)) continue;
         if (j >= lanes) {
           std::ostringstream o;
-          o << op_name(t.op) << " by " << thread_name(t) << ": mask 0x" << std::hex << mask << std::dec << " names lane "
-            << j << ", which does not exist (block of " << n_threads << " threads)";
+          o << op_name(t.op) << " by " << thread_name(t) << ": mask 0x" << std::hex << mask << std::dec
+            << " names lane " << j << ", which does not exist (block of " << n_threads << " threads)";
           throw Error(o.str());
         }
         const ThreadState& u = g_threads[base + j];
@@ -239,11 +248,21 @@ std::vector<int> resolve_warps(int n_threads) {
         const int w = u.width, seg = (j / w) * w;
         int src = j;
         switch (u.op) {
-          case WarpOp::kIdx: src = seg + ((u.param % w) + w) % w; break;
-          case WarpOp::kUp: src = j - seg >= u.param ? j - u.param : j; break;
-          case WarpOp::kDown: src = j - seg + u.param < w ? j + u.param : j; break;
-          case WarpOp::kXor: src = j ^ u.param; src = (src < 0 || src >= seg + w) ? j : src; break;
-          default: break;
+          case WarpOp::kIdx:
+            src = seg + ((u.param % w) + w) % w;
+            break;
+          case WarpOp::kUp:
+            src = j - seg >= u.param ? j - u.param : j;
+            break;
+          case WarpOp::kDown:
+            src = j - seg + u.param < w ? j + u.param : j;
+            break;
+          case WarpOp::kXor:
+            src = j ^ u.param;
+            src = (src < 0 || src >= seg + w) ? j : src;
+            break;
+          default:
+            break;
         }
         if (u.op == WarpOp::kBallot) {
           std::uint64_t bits = 0;

@@ -96,8 +96,8 @@ T shuffle(detail::WarpOp op, unsigned int mask, T v, int param, int width) {
 
 inline void check_aligned(const void* p, std::size_t alignment, const char* what) {
   if (reinterpret_cast<std::uintptr_t>(p) % alignment != 0)
-    detail::fail(std::string(what) + ": address " + std::to_string(reinterpret_cast<std::uintptr_t>(p)) +
-                 " is not " + std::to_string(alignment) + "-byte aligned");
+    detail::fail(std::string(what) + ": address " + std::to_string(reinterpret_cast<std::uintptr_t>(p)) + " is not " +
+                 std::to_string(alignment) + "-byte aligned");
 }
 
 }  // namespace ksl_emu
@@ -156,6 +156,8 @@ inline T atomicAdd(T* address, T value) {
 }
 inline void __threadfence() { ++ksl_emu::counters().fences; }
 template <typename T>
-inline T __ldcg(const T* p) { return *p; }
+inline T __ldcg(const T* p) {
+  return *p;
+}
 inline float __fmul_rn(float a, float b) { return a * b; }  // the tests build with -ffp-contract=off
 inline double __dmul_rn(double a, double b) { return a * b; }

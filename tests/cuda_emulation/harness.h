@@ -22,44 +22,64 @@ namespace harness {
 
 template <typename T>
 const char* dtype_name() {
-  if constexpr (std::is_same_v<T, double>) return "float64";
-  else if constexpr (std::is_same_v<T, float>) return "float32";
-  else if constexpr (std::is_same_v<T, c10::Half>) return "float16";
-  else return "bfloat16";
+  if constexpr (std::is_same_v<T, double>)
+    return "float64";
+  else if constexpr (std::is_same_v<T, float>)
+    return "float32";
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return "float16";
+  else
+    return "bfloat16";
 }
 
 // Machine epsilon of a stored type (the spacing at 1).
 template <typename T>
 double eps() {
-  if constexpr (std::is_same_v<T, double>) return std::numeric_limits<double>::epsilon();
-  else if constexpr (std::is_same_v<T, float>) return std::numeric_limits<float>::epsilon();
-  else if constexpr (std::is_same_v<T, c10::Half>) return 0.0009765625;  // 2^-10
-  else return 0.0078125;                                                 // 2^-7
+  if constexpr (std::is_same_v<T, double>)
+    return std::numeric_limits<double>::epsilon();
+  else if constexpr (std::is_same_v<T, float>)
+    return std::numeric_limits<float>::epsilon();
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return 0.0009765625;  // 2^-10
+  else
+    return 0.0078125;  // 2^-7
 }
 
 // Spacing of the stored type's subnormals: a store that rounds a tiny value (a float16 gradient of
 // 1e-6) is off by up to half of it whatever its relative precision.
 template <typename T>
 double tiny() {
-  if constexpr (std::is_same_v<T, double>) return std::numeric_limits<double>::denorm_min();
-  else if constexpr (std::is_same_v<T, float>) return std::numeric_limits<float>::denorm_min();
-  else if constexpr (std::is_same_v<T, c10::Half>) return 5.9604644775390625e-08;  // 2^-24
-  else return 9.183549615799121e-41;                                               // 2^-133
+  if constexpr (std::is_same_v<T, double>)
+    return std::numeric_limits<double>::denorm_min();
+  else if constexpr (std::is_same_v<T, float>)
+    return std::numeric_limits<float>::denorm_min();
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return 5.9604644775390625e-08;  // 2^-24
+  else
+    return 9.183549615799121e-41;  // 2^-133
 }
 
 template <typename T>
-double to_double(T x) { return static_cast<double>(static_cast<float>(x)); }
+double to_double(T x) {
+  return static_cast<double>(static_cast<float>(x));
+}
 template <>
-inline double to_double<double>(double x) { return x; }
+inline double to_double<double>(double x) {
+  return x;
+}
 
 template <typename T>
 T from_double(double x) {
-  if constexpr (std::is_same_v<T, double>) return x;
-  else return static_cast<T>(static_cast<float>(x));
+  if constexpr (std::is_same_v<T, double>)
+    return x;
+  else
+    return static_cast<T>(static_cast<float>(x));
 }
 
 template <typename T>
-T nan_value() { return from_double<T>(std::numeric_limits<double>::quiet_NaN()); }
+T nan_value() {
+  return from_double<T>(std::numeric_limits<double>::quiet_NaN());
+}
 
 // The schedules the tests rotate through: each case runs under one, chosen by its index, so every
 // order meets every kind of case; a few cases run under all three and must agree bit for bit.

@@ -8,7 +8,8 @@ that kernel against the copy, runs it, and expects it to FAIL. A mutation the te
 script fail, so the list follows the kernels.
 
 Run by ctest as emulated_mutations; by hand:
-    python tests/cuda_emulation/mutations.py --torch-include "$(python -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')"
+    inc=$(python -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')
+    python tests/cuda_emulation/mutations.py --torch-include "$inc"
     python tests/cuda_emulation/mutations.py ... --only prob_ emb_    # a subset, by name prefixes
 """
 import argparse

@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/branch_triplet.cuh"
@@ -34,15 +34,16 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
   const double margin = 0.3;
   const ksl_emu::Schedule sched = harness::schedule_for(case_index);
   ksl_emu::set_schedule(sched);
-  const std::string where = std::string("branch_triplet ") + harness::dtype_name<scalar_t>() + " B=" +
-                            std::to_string(B) + " N=" + std::to_string(N) + " L=" + std::to_string(L) +
+  const std::string where = std::string("branch_triplet ") + harness::dtype_name<scalar_t>() +
+                            " B=" + std::to_string(B) + " N=" + std::to_string(N) + " L=" + std::to_string(L) +
                             (soft_margin ? " soft" : "") + " (" + harness::schedule_name(sched) + ")";
   std::mt19937_64 rng(4242 + case_index);
   std::normal_distribution<double> normal(0.0, 1.0);
   const size_t size = static_cast<size_t>(B) * N * L;
   std::vector<scalar_t> e(size);
   std::vector<double> ed(size);
-  for (size_t i = 0; i < size; ++i) e[i] = harness::from_double<scalar_t>(normal(rng)), ed[i] = harness::to_double(e[i]);
+  for (size_t i = 0; i < size; ++i)
+    e[i] = harness::from_double<scalar_t>(normal(rng)), ed[i] = harness::to_double(e[i]);
   std::vector<int64_t> labels(N);
   for (auto& y : labels) y = static_cast<int64_t>(rng() % static_cast<uint64_t>(std::max(1, N / 3)));
   if (N > 3) {
@@ -76,7 +77,8 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
         auto dist = [&](int n) {
           double sq = 0;
           for (int l = 0; l < L; ++l) {
-            const double d = ed[(static_cast<size_t>(u) * N + m) * L + l] - ed[(static_cast<size_t>(v) * N + n) * L + l];
+            const double d =
+                ed[(static_cast<size_t>(u) * N + m) * L + l] - ed[(static_cast<size_t>(v) * N + n) * L + l];
             sq += d * d;
           }
           return tr::distance(sq);
@@ -98,8 +100,8 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
     const int tile = kThreads * kAM;
     if (!harness::launch(w, dim3((N + tile - 1) / tile, B * B), dim3(kThreads, kThreads), [&] {
           triplet_forward_kernel<scalar_t, acc_t, kAM>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin),
-                                                       soft_margin, pos.data(), neg.data(), terms.data(), hard_sq.data(),
-                                                       nullptr, false, nullptr, nullptr);
+                                                       soft_margin, pos.data(), neg.data(), terms.data(),
+                                                       hard_sq.data(), nullptr, false, nullptr, nullptr);
         }))
       return false;
     long long wrong_idx = 0, wrong_sq = 0;
@@ -189,11 +191,14 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
           double up = none ? (u == v ? gs[u * N + m] : gc[o]) : (u == v ? gs[0] : gc[0]);
           if (reduction == ksl::kMean) up /= static_cast<double>(std::max(1LL, n_valid_want));
           // the relu / softplus slope from the gap as the kernel computes it
-          const acc_t gap = static_cast<acc_t>(terms[o]) == acc_t(0) && !soft_margin ? acc_t(-1) : acc_t(rdp[o] - rdn[o]);
-          const double g = up * tr::term_grad(soft_margin ? rdp[o] - rdn[o] : static_cast<double>(gap), margin, soft_margin);
+          const acc_t gap =
+              static_cast<acc_t>(terms[o]) == acc_t(0) && !soft_margin ? acc_t(-1) : acc_t(rdp[o] - rdn[o]);
+          const double g =
+              up * tr::term_grad(soft_margin ? rdp[o] - rdn[o] : static_cast<double>(gap), margin, soft_margin);
           const double cp = g / rdp[o], cn = g / rdn[o];
           for (int l = 0; l < L; ++l) {
-            const size_t a = (static_cast<size_t>(u) * N + m) * L + l, p = (static_cast<size_t>(v) * N + rpos[o]) * L + l,
+            const size_t a = (static_cast<size_t>(u) * N + m) * L + l,
+                         p = (static_cast<size_t>(v) * N + rpos[o]) * L + l,
                          q = (static_cast<size_t>(v) * N + rneg[o]) * L + l;
             const double dp = ed[a] - ed[p], dq = ed[a] - ed[q];
             want[a] += cp * dp - cn * dq, scale[a] += std::fabs(cp * dp) + std::fabs(cn * dq);
@@ -203,11 +208,14 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
         }
     for (int gather = 1; gather >= 0; --gather) {
       std::vector<acc_t> cp(E, acc_t(NAN)), cn(E, acc_t(NAN)), grad(size, acc_t(NAN));
-      const std::string w = where + " backward reduction " + std::to_string(reduction) + (gather ? " deterministic" : " atomic");
-      bool ok = harness::launch(w + " coef", dim3(1), dim3(kReduceThreads), [&] {
-                  triplet_coef_kernel<acc_t>(pos.data(), hard_sq.data(), gs.data(), gc.data(), B, N,
-                                             static_cast<acc_t>(margin), soft_margin, reduction, cp.data(), cn.data());
-                }) &&
+      const std::string w =
+          where + " backward reduction " + std::to_string(reduction) + (gather ? " deterministic" : " atomic");
+      bool ok = harness::launch(w + " coef", dim3(1), dim3(kReduceThreads),
+                                [&] {
+                                  triplet_coef_kernel<acc_t>(pos.data(), hard_sq.data(), gs.data(), gc.data(), B, N,
+                                                             static_cast<acc_t>(margin), soft_margin, reduction,
+                                                             cp.data(), cn.data());
+                                }) &&
                 harness::launch(w + " rows", dim3(B * N), dim3(kRowThreads), [&] {
                   triplet_rows_kernel<scalar_t, acc_t>(e.data(), pos.data(), neg.data(), cp.data(), cn.data(), B, N, L,
                                                        gather != 0, grad.data());
@@ -219,7 +227,8 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
         });
       if (!ok) return;
       Compare cg{w + " grad"};
-      for (size_t i = 0; i < size; ++i) cg(static_cast<long long>(i), grad[i], want[i], (64.0 + 2 * L) * eps_acc * scale[i]);
+      for (size_t i = 0; i < size; ++i)
+        cg(static_cast<long long>(i), grad[i], want[i], (64.0 + 2 * L) * eps_acc * scale[i]);
     }
   }
 }

@@ -85,8 +85,8 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
   const int P = emb::pair_count(B), T = emb::term_count(B);
   const ksl_emu::Schedule sched = harness::schedule_for(case_index);
   ksl_emu::set_schedule(sched);
-  const std::string where = std::string("embedding_consensus ") + harness::dtype_name<scalar_t>() + " B=" +
-                            std::to_string(B) + " N=" + std::to_string(N) + " L=" + std::to_string(L) +
+  const std::string where = std::string("embedding_consensus ") + harness::dtype_name<scalar_t>() +
+                            " B=" + std::to_string(B) + " N=" + std::to_string(N) + " L=" + std::to_string(L) +
                             (misaligned ? " misaligned" : "") + " (" + harness::schedule_name(sched) + ")";
   std::mt19937_64 rng(777 + case_index);
   std::normal_distribution<double> normal(0.0, 1.0);
@@ -169,9 +169,11 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
                                               L, reduction, vec_b, grad.data());
     if (B > emb::kMaxStaticBranches) {
       std::vector<acc_t> work(static_cast<size_t>(N) * (B * B + B + T), acc_t(NAN));
-      launched = harness::launch(where + " coefficients", dim3((N + 127) / 128), dim3(128), [&] {
-                   coefficients_kernel<scalar_t>(gep.data(), gea.data(), norms.data(), B, N, reduction, work.data());
-                 }) &&
+      launched = harness::launch(where + " coefficients", dim3((N + 127) / 128), dim3(128),
+                                 [&] {
+                                   coefficients_kernel<scalar_t>(gep.data(), gea.data(), norms.data(), B, N, reduction,
+                                                                 work.data());
+                                 }) &&
                  harness::launch(where + " backward (generic B)", dim3(N, B), dim3(kThreads), [&] {
                    backward_branch_kernel<scalar_t>(e.data(), work.data(), B, N, L, grad.data());
                  });
@@ -196,7 +198,8 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
         for (int w = 0; w < B; ++w) {
           const double want_g = emb::grad_element<0, double>(x.data(), B, w, mix.data(), self.data());
           double scale = 0;
-          for (int j = 0; j < B; ++j) scale += (std::fabs(mix[w * B + j]) + std::fabs(self[w])) * std::fabs(x[j] - x[w]);
+          for (int j = 0; j < B; ++j)
+            scale += (std::fabs(mix[w * B + j]) + std::fabs(self[w])) * std::fabs(x[j] - x[w]);
           const size_t i = (static_cast<size_t>(w) * N + n) * L + l;
           cg(static_cast<long long>(i), harness::to_double(grad[i]), want_g,
              64 * eps_acc * scale + 2 * eps_out * std::fabs(want_g) + harness::tiny<scalar_t>());

@@ -20,17 +20,27 @@ using harness::Compare;
 struct Reference {
   int B, N, K;
   double T;
-  std::vector<double> lse;                 // [B, N]
-  std::vector<double> pp, pa;              // [N, B, B], [N, B] unscaled KL sums
-  std::vector<double> pp_abs, pa_abs;      // Σ |summand|, for the tolerances
-  std::vector<double> s, p, log_a, a;      // [B, N, K]
-  std::vector<double> max_abs_s;           // [N]
+  std::vector<double> lse;             // [B, N]
+  std::vector<double> pp, pa;          // [N, B, B], [N, B] unscaled KL sums
+  std::vector<double> pp_abs, pa_abs;  // Σ |summand|, for the tolerances
+  std::vector<double> s, p, log_a, a;  // [B, N, K]
+  std::vector<double> max_abs_s;       // [N]
 };
 
 Reference reference(const std::vector<double>& z, int B, int N, int K, double T) {
-  Reference r{B, N, K, T, std::vector<double>(B * N), std::vector<double>(N * B * B), std::vector<double>(N * B),
-              std::vector<double>(N * B * B), std::vector<double>(N * B), std::vector<double>(B * N * K),
-              std::vector<double>(B * N * K), std::vector<double>(B * N * K), std::vector<double>(B * N * K),
+  Reference r{B,
+              N,
+              K,
+              T,
+              std::vector<double>(B * N),
+              std::vector<double>(N * B * B),
+              std::vector<double>(N * B),
+              std::vector<double>(N * B * B),
+              std::vector<double>(N * B),
+              std::vector<double>(B * N * K),
+              std::vector<double>(B * N * K),
+              std::vector<double>(B * N * K),
+              std::vector<double>(B * N * K),
               std::vector<double>(N)};
   const double inv_bm1 = 1.0 / (B - 1), log_bm1 = std::log(double(B - 1));
   for (int b = 0; b < B; ++b)
@@ -66,8 +76,8 @@ void run_case(int case_index, int N, int K, double T, double logit_scale) {
   using acc_t = ksl::opmath_t<scalar_t>;
   constexpr int B = kB;
   const double eps_acc = harness::eps<acc_t>(), eps_out = harness::eps<scalar_t>();
-  const std::string name = std::string("prob_consensus ") + harness::dtype_name<scalar_t>() + " B=" +
-                           std::to_string(B) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  const std::string name = std::string("prob_consensus ") + harness::dtype_name<scalar_t>() +
+                           " B=" + std::to_string(B) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
   std::mt19937_64 rng(1234 + case_index);
   std::normal_distribution<double> normal(0.0, logit_scale);
   std::vector<scalar_t> z(static_cast<size_t>(B) * N * K);
@@ -87,9 +97,9 @@ void run_case(int case_index, int N, int K, double T, double logit_scale) {
     std::vector<acc_t> row_lse(B * N, acc_t(NAN));
     std::vector<scalar_t> pp(B * B * N, harness::nan_value<scalar_t>()), pa(B * N, harness::nan_value<scalar_t>());
     if (!harness::launch(where + " forward none", dim3(N), dim3(kThreads), [&] {
-          prob_consensus_forward_kernel<scalar_t, acc_t, kB>(z.data(), N, K, inv_t, t2, acc_t(1), acc_t(0), row_lse.data(),
-                                                             pp.data(), pa.data(), nullptr, nullptr, nullptr, nullptr,
-                                                             nullptr);
+          prob_consensus_forward_kernel<scalar_t, acc_t, kB>(z.data(), N, K, inv_t, t2, acc_t(1), acc_t(0),
+                                                             row_lse.data(), pp.data(), pa.data(), nullptr, nullptr,
+                                                             nullptr, nullptr, nullptr);
         }))
       return;
     Compare lse{where + " row_lse"}, cpp{where + " pp (none)"}, cpa{where + " pa (none)"};
@@ -108,7 +118,8 @@ void run_case(int case_index, int N, int K, double T, double logit_scale) {
         }
         const double want = T * T * r.pa[n * B + u];
         cpa(u * N + n, harness::to_double(pa[u * N + n]), want,
-            64 * eps_acc * T * T * r.pa_abs[n * B + u] * (1 + r.max_abs_s[n]) + 2 * eps_out * std::fabs(want) + harness::tiny<scalar_t>());
+            64 * eps_acc * T * T * r.pa_abs[n * B + u] * (1 + r.max_abs_s[n]) + 2 * eps_out * std::fabs(want) +
+                harness::tiny<scalar_t>());
       }
   }
 
@@ -134,15 +145,18 @@ void run_case(int case_index, int N, int K, double T, double logit_scale) {
     }
     pp_want *= T * T * c, pa_want *= T * T * c;
     Compare red{where + (mean ? " mean" : " sum")};
-    red(0, harness::to_double(pp_out), pp_want, 64 * eps_acc * T * T * c * pp_abs * (1 + smax) + 2 * eps_out * std::fabs(pp_want) + harness::tiny<scalar_t>());
-    red(1, harness::to_double(pa_out), pa_want, 64 * eps_acc * T * T * c * pa_abs * (1 + smax) + 2 * eps_out * std::fabs(pa_want) + harness::tiny<scalar_t>());
+    red(0, harness::to_double(pp_out), pp_want,
+        64 * eps_acc * T * T * c * pp_abs * (1 + smax) + 2 * eps_out * std::fabs(pp_want) + harness::tiny<scalar_t>());
+    red(1, harness::to_double(pa_out), pa_want,
+        64 * eps_acc * T * T * c * pa_abs * (1 + smax) + 2 * eps_out * std::fabs(pa_want) + harness::tiny<scalar_t>());
     Compare gd{where + " grad_dir"};
     for (int b = 0; b < B; ++b)
       for (int n = 0; n < N; ++n)
         for (int k = 0; k < K; ++k) {
           const int i = (b * N + n) * K + k;
           const double want = T * c * (r.p[i] - r.a[i]);
-          gd(i, harness::to_double(grad_dir[i]), want, 64 * eps_acc * T * c * (1 + r.max_abs_s[n]) + 2 * eps_out * std::fabs(want) + harness::tiny<scalar_t>());
+          gd(i, harness::to_double(grad_dir[i]), want,
+             64 * eps_acc * T * c * (1 + r.max_abs_s[n]) + 2 * eps_out * std::fabs(want) + harness::tiny<scalar_t>());
         }
   }
 
@@ -192,7 +206,8 @@ void run_case(int case_index, int N, int K, double T, double logit_scale) {
           const double want = T * g;
           const double scale = T * wsum * (1 + r.max_abs_s[n]) * (1 + (detach ? 0.0 : p[c] * (kl_abs + 1) * B));
           const int i = (c * N + n) * K + k;
-          cg(i, harness::to_double(grad[i]), want, 64 * eps_acc * scale + 2 * eps_out * std::fabs(want) + harness::tiny<scalar_t>());
+          cg(i, harness::to_double(grad[i]), want,
+             64 * eps_acc * scale + 2 * eps_out * std::fabs(want) + harness::tiny<scalar_t>());
         }
       }
     }
@@ -216,8 +231,8 @@ void saved_backward_case(int case_index, int B, int64_t numel, int blocks) {
     const scalar_t* pa = (given & 2) ? &g_pa : nullptr;
     std::vector<scalar_t> grad(dir.size() + 1, harness::nan_value<scalar_t>());  // + a guard element
     const std::string where = std::string("prob_consensus saved backward ") + harness::dtype_name<scalar_t>() +
-                              " B=" + std::to_string(B) + " numel=" + std::to_string(numel) + " blocks=" +
-                              std::to_string(blocks) + " upstream " + std::to_string(given);
+                              " B=" + std::to_string(B) + " numel=" + std::to_string(numel) +
+                              " blocks=" + std::to_string(blocks) + " upstream " + std::to_string(given);
     if (!harness::launch(where, dim3(blocks), dim3(kThreads), [&] {
           prob_consensus_saved_backward_kernel<scalar_t, acc_t>(dir.data(), pp, pa, B, numel, grad.data());
         }))
@@ -254,7 +269,8 @@ void same_bits_under_every_schedule(int N, int K) {
       return;
     if (i == 0) first = out;
     CHECK_MSG(std::memcmp(first.data(), out.data(), out.size() * sizeof(scalar_t)) == 0,
-              "prob_consensus forward: same bits under every schedule", harness::schedule_name(harness::schedule_for(i)));
+              "prob_consensus forward: same bits under every schedule",
+              harness::schedule_name(harness::schedule_for(i)));
   }
 }
 

@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda/compat.cuh"
 #include "check.h"
+#include "cuda/compat.cuh"
 
 namespace {
 
@@ -60,9 +60,8 @@ void shuffles() {
 }
 
 void errors() {
-  expect_error("lane outside its mask", "not in its mask", [] {
-    ksl_emu::launch(dim3(1), dim3(32), [] { (void)__shfl_down_sync(0xffffu, 1.0f, 1); });
-  });
+  expect_error("lane outside its mask", "not in its mask",
+               [] { ksl_emu::launch(dim3(1), dim3(32), [] { (void)__shfl_down_sync(0xffffu, 1.0f, 1); }); });
   expect_error("masks disagree", "disagree", [] {
     ksl_emu::launch(dim3(1), dim3(32), [] {
       (void)__shfl_down_sync(threadIdx.x == 0 ? 0xffffffffu : 0xfffffffeu | (threadIdx.x == 0), 1.0f, 1);
@@ -89,10 +88,11 @@ void errors() {
       }
     });
   });
-  expect_error("bad width", "power of two", [] {
-    ksl_emu::launch(dim3(1), dim3(32), [] { (void)__shfl_xor_sync(0xffffffffu, 1, 1, 12); });
-  });
-  struct alignas(16) P { float v[4]; };
+  expect_error("bad width", "power of two",
+               [] { ksl_emu::launch(dim3(1), dim3(32), [] { (void)__shfl_xor_sync(0xffffffffu, 1, 1, 12); }); });
+  struct alignas(16) P {
+    float v[4];
+  };
   std::vector<float> buf(16);
   expect_error("misaligned 16-byte load", "not 16-byte aligned", [&] {
     ksl_emu::launch(dim3(1), dim3(1), [&] {
