@@ -157,7 +157,7 @@ def plot_weight_distributions(blocks_by_model: Mapping[str, Mapping[str, torch.T
 # ---------------------------------------------------------------------------------------------
 
 def tsne_transform(height: int, width: int, generator: torch.Generator,
-                   padding: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                   padding: Optional[int] = None) -> Callable[[Any], torch.Tensor]:
     """The test-time augmentation of Figure 7: random flip, pad-and-crop, patch and erasing, each drawn
     from ``generator``; p = 0.5 each, as in training."""
     from .data.transforms import (

@@ -46,8 +46,9 @@ TripletFn = Callable[[torch.Tensor, torch.Tensor, Optional[float], Reduction], T
 
 __all__ = ["gather_batch", "branch_triplet", "world_size", "rank"]
 
-# torch 2.13 renamed the tensor forms of these collectives (and its gloo reduce-scatters); the older
-# names still work back to 2.4, where gloo has no reduce-scatter.
+# The tensor forms of these collectives are all_gather_single and reduce_scatter_single from torch 2.13
+# on (gloo reduce-scatters there too); torch 2.11 and 2.12 (in the supported range) have
+# all_gather_into_tensor, and gloo there has no reduce-scatter.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None)
 
@@ -90,7 +91,7 @@ class _GatherBatch(torch.autograd.Function):
             _reduce_scatter_single(local, per_rank.flatten(0, 1), group=ctx.group)
         elif dist.get_backend(ctx.group) != dist.Backend.GLOO:
             dist.reduce_scatter_tensor(local, per_rank.flatten(0, 1), group=ctx.group)
-        else:  # older gloo has no reduce-scatter: sum everything, keep this rank's part
+        else:  # gloo before torch 2.13 has no reduce-scatter: sum everything, keep this rank's part
             dist.all_reduce(per_rank, group=ctx.group)
             local = per_rank[ctx.rank]
         return local, None
