@@ -59,14 +59,14 @@ class KSLLoss(nn.Module):
     - `recipe="ksl-ops"` (default, the recipe of `ksl train`): KSL-E and the triplets on L2-normalised
       embeddings, KSL-P/KSL-E from `triplet_start_epoch` on (with the triplets).
     - `recipe="paper"`: the paper's text taken literally: raw embeddings, every consensus term from
-      the first epoch. From scratch this collapses training (README, "The KSL recipe").
+      the first epoch. From scratch this collapses training (docs/recipe.md).
 
     Each option below overrides the recipe when given (None: the recipe's value):
 
     - `normalize_e`: feed KSL-E unit-length (L2-normalised) embeddings. On raw embeddings eq. 8-10 can
       be lowered by shrinking every embedding towards 0, and with weight 1 on six distance terms that
-      gradient dominates cross-entropy when training from scratch (see the README's KSL recipe
-      section for the measurements). Retrieval compares embeddings by cosine distance, so the
+      gradient dominates cross-entropy when training from scratch (docs/recipe.md has the
+      measurements). Retrieval compares embeddings by cosine distance, so the
       normalised distance is the one that matters at test time.
     - `normalize_triplet`: feed the triplets (per-branch and KSL-H) unit-length embeddings.
     - `consensus_start_epoch`: KSL-P and KSL-E are added from this 0-based epoch on; "triplet" means

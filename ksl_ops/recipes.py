@@ -16,7 +16,7 @@ The ops always compute the paper's equations; a recipe only chooses
 
 "paper" is the paper's text taken literally. From scratch it collapses training here: on raw
 embeddings the six unit-weight distance terms of KSL-E/KSL-H are lowered by shrinking every embedding
-towards 0, and that gradient dominates cross-entropy (README, "The KSL recipe": validation R1 22.9
+towards 0, and that gradient dominates cross-entropy (docs/recipe.md: validation R1 22.9
 against 66.7 for AUX). "ksl-ops" is the recipe chosen by measurement on a validation split, the default
 of both `KSLLoss` and `ksl train`. Any option given explicitly overrides the recipe's value.
 """
