@@ -41,7 +41,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -547,7 +547,8 @@ def is_rendered(root: StrPath, num_train_ids: int = 48, num_test_ids: int = 48, 
             and isinstance(manifest.get("counts"), dict) and _complete(root, manifest))
 
 
-def synthetic_preview(root: StrPath, out_png: StrPath, num_ids: int = 8, split: str = "bounding_box_train",
+def synthetic_preview(root: StrPath, out_png: StrPath, num_ids: int = 8,
+                      split: Literal["bounding_box_train", "query", "bounding_box_test"] = "bounding_box_train",
                       per_cam: int = 2) -> Path:
     """Save a contact sheet: one row per identity, ``per_cam`` images from each camera.
 
