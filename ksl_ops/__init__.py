@@ -9,6 +9,8 @@
     tri = ksl_ops.BatchHardTripletLoss(margin=0.3)        # torchreid's TripletLoss call: tri(features, pids)
     # module forms of the ops: ProbConsensusLoss, EmbeddingConsensusLoss, BranchTripletLoss
 """
+from typing import TYPE_CHECKING, Any
+
 from . import _ext
 from ._version import __version__
 from .functional import branch_triplet, embedding_consensus, prob_consensus
@@ -21,6 +23,9 @@ from .losses import (
     ProbConsensusLoss,
 )
 from .recipes import RECIPES
+
+if TYPE_CHECKING:  # loaded on first use by __getattr__ below; named here for the type checker
+    from . import data, engine, models
 
 __all__ = [
     "__version__",
@@ -48,7 +53,7 @@ def backend() -> str:
     return "cpu+cuda" if _ext.has_cuda_kernels() else "cpu"
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # The training pieces import heavier modules; load them on first use.
     if name in ("models", "data", "engine"):
         import importlib

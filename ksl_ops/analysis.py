@@ -21,11 +21,16 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+from ._typing import StrPath
+
+if TYPE_CHECKING:
+    from .data import ReIDDataset
 
 __all__ = ["block_conv_weights", "weight_report", "plot_weight_distributions", "augmented_test_images",
            "embed", "tsne_2d", "separation", "plot_tsne", "analyze_weights", "analyze_tsne", "DEAD_THRESHOLD"]
@@ -36,7 +41,7 @@ __all__ = ["block_conv_weights", "weight_report", "plot_weight_distributions", "
 DEAD_THRESHOLD = 1e-3
 
 
-def _main_network(model: nn.Module) -> nn.Module:
+def _main_network(model: nn.Module) -> Any:
     base = getattr(model, "base", model)  # IsomorphicNet: the main branch (the network kept for inference)
     for attr in ("stem", "stages", "head"):
         if not hasattr(base, attr):
@@ -89,7 +94,7 @@ def weight_report(blocks_by_model: Mapping[str, Mapping[str, torch.Tensor]],
     return report
 
 
-def _pyplot():
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -98,7 +103,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> Path:
+def _save(fig: Any, path: StrPath) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -113,7 +118,7 @@ def _subsample(w: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
     return w[:: max(1, w.numel() // n)]  # torch.quantile takes at most 16M values
 
 
-def plot_weight_distributions(blocks_by_model: Mapping[str, Mapping[str, torch.Tensor]], path,
+def plot_weight_distributions(blocks_by_model: Mapping[str, Mapping[str, torch.Tensor]], path: StrPath,
                               threshold: float = DEAD_THRESHOLD, bins: int = 121, title: str = "") -> Path:
     """One panel per block, each model's weight histogram overlaid (log counts, so a spike at zero and
     the tails both show); the legend gives each model's share of |w| < threshold in that block."""
@@ -151,7 +156,8 @@ def plot_weight_distributions(blocks_by_model: Mapping[str, Mapping[str, torch.T
 # t-SNE under augmentation (Figure 7)
 # ---------------------------------------------------------------------------------------------
 
-def tsne_transform(height: int, width: int, generator: torch.Generator, padding: Optional[int] = None):
+def tsne_transform(height: int, width: int, generator: torch.Generator,
+                   padding: Optional[int] = None) -> Callable[[Any], torch.Tensor]:
     """The test-time augmentation of Figure 7: random flip, pad-and-crop, patch and erasing, each drawn
     from ``generator``; p = 0.5 each, as in training."""
     from .data.transforms import (
@@ -173,7 +179,7 @@ def tsne_transform(height: int, width: int, generator: torch.Generator, padding:
                     RandomPatch(0.5, min_pool=1, generator=generator), RandomErasing(0.5, generator=generator)])
 
 
-def augmented_test_images(dataset, height: int, width: int, identities: int = 20, draws: int = 2,
+def augmented_test_images(dataset: ReIDDataset, height: int, width: int, identities: int = 20, draws: int = 2,
                           seed: int = 0, max_images_per_id: Optional[int] = None) -> Tuple[torch.Tensor, np.ndarray]:
     """``identities`` test identities drawn at random (query ∪ gallery), each of their images augmented
     ``draws`` times. Returns (images [M, 3, H, W], identity of each image [M]). The same seed gives the
@@ -218,7 +224,7 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torc
     return torch.nn.functional.normalize(torch.cat(feats), dim=1)
 
 
-def separation(features: torch.Tensor, pids) -> Dict[str, float]:
+def separation(features: torch.Tensor, pids: Union[np.ndarray, Sequence[int]]) -> Dict[str, float]:
     """How well identities stay apart under the augmentation, in the embedding space itself (t-SNE's
     picture is qualitative): the mean cosine distance within an identity, across identities, their
     ratio (lower = tighter identities), and the leave-one-out 1-NN identity accuracy."""
@@ -249,7 +255,7 @@ def tsne_2d(features: torch.Tensor, seed: int = 0, perplexity: Optional[float] =
     return TSNE(n_components=2, perplexity=perp, metric="cosine", init="pca", random_state=int(seed)).fit_transform(x)
 
 
-def plot_tsne(panels: Sequence[Tuple[str, np.ndarray, np.ndarray, Optional[Dict[str, float]]]], path,
+def plot_tsne(panels: Sequence[Tuple[str, np.ndarray, np.ndarray, Optional[Dict[str, float]]]], path: StrPath,
               title: str = "") -> Path:
     """Side-by-side scatter plots, one per (label, xy, pids, separation stats), coloured by identity
     (the same identity has the same colour in every panel)."""
@@ -289,8 +295,9 @@ def _labels_for(checkpoints: Sequence, labels: Optional[Sequence[str]]) -> List[
     return list(labels)
 
 
-def analyze_weights(checkpoints: Sequence, out, labels: Optional[Sequence[str]] = None,
-                    threshold: float = DEAD_THRESHOLD, with_init: bool = False, log=print) -> Dict[str, Dict]:
+def analyze_weights(checkpoints: Sequence[StrPath], out: StrPath, labels: Optional[Sequence[str]] = None,
+                    threshold: float = DEAD_THRESHOLD, with_init: bool = False,
+                    log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Figure 5 for ``ksl train`` checkpoints: writes the histogram PNG ``out`` and returns
     :func:`weight_report` (also written next to it as JSON by the command line). ``with_init`` adds the
     untrained network of the first checkpoint's config and seed, as a reference: a Gaussian start already
@@ -310,8 +317,9 @@ def analyze_weights(checkpoints: Sequence, out, labels: Optional[Sequence[str]] 
     return {"threshold": threshold, "checkpoints": dict(zip(labels, map(str, checkpoints))), "models": report}
 
 
-def analyze_tsne(checkpoints: Sequence, out, labels: Optional[Sequence[str]] = None, identities: int = 20,
-                 draws: int = 2, seed: int = 0, data_root: Optional[str] = None, log=print) -> Dict[str, Dict]:
+def analyze_tsne(checkpoints: Sequence[StrPath], out: StrPath, labels: Optional[Sequence[str]] = None,
+                 identities: int = 20, draws: int = 2, seed: int = 0, data_root: Optional[str] = None,
+                 log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Figure 7 for ``ksl train`` checkpoints: the same augmented test images (same identities, same
     draws) through each model, t-SNE of each, side by side in ``out``; returns the separation stats."""
     from .engine.trainer import load_dataset, load_trained_model, use_data_root

@@ -31,28 +31,37 @@ the triplet is a small share of a step.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ._typing import Reduction
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+# A per-anchor triplet function: (e_all, labels_all, margin, "none") -> (self_terms, cross_terms).
+TripletFn = Callable[[torch.Tensor, torch.Tensor, Optional[float], Reduction], Tuple[torch.Tensor, torch.Tensor]]
+
 __all__ = ["gather_batch", "branch_triplet", "world_size", "rank"]
 
-# torch 2.13 renamed the tensor forms of these collectives (and its gloo reduce-scatters); the older
-# names still work back to 2.4, where gloo has no reduce-scatter.
+# The tensor forms of these collectives are all_gather_single and reduce_scatter_single from torch 2.13
+# on (gloo reduce-scatters there too); torch 2.11 and 2.12 (in the supported range) have
+# all_gather_into_tensor, and gloo there has no reduce-scatter.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None)
 
 
-def world_size(group) -> int:
+def world_size(group: Optional[ProcessGroup]) -> int:
     return dist.get_world_size(group=group)
 
 
-def rank(group) -> int:
+def rank(group: Optional[ProcessGroup]) -> int:
     return dist.get_rank(group=group)
 
 
-def _check_group(group) -> None:
+def _check_group(group: Optional[ProcessGroup]) -> None:
     if not dist.is_available():
         raise RuntimeError("process_group was given but this torch build has no torch.distributed")
     if not dist.is_initialized():
@@ -68,12 +77,12 @@ class _GatherBatch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group):
+    def forward(ctx: Any, x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
         ctx.group, ctx.world, ctx.rank = group, world_size(group), rank(group)
         return _all_gather_dim1(x, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
         W = ctx.world
         n = grad.size(1) // W
         per_rank = grad.unflatten(1, (W, n)).movedim(1, 0).contiguous()  # [W, B, n, ...]
@@ -82,13 +91,13 @@ class _GatherBatch(torch.autograd.Function):
             _reduce_scatter_single(local, per_rank.flatten(0, 1), group=ctx.group)
         elif dist.get_backend(ctx.group) != dist.Backend.GLOO:
             dist.reduce_scatter_tensor(local, per_rank.flatten(0, 1), group=ctx.group)
-        else:  # older gloo has no reduce-scatter: sum everything, keep this rank's part
+        else:  # gloo before torch 2.13 has no reduce-scatter: sum everything, keep this rank's part
             dist.all_reduce(per_rank, group=ctx.group)
             local = per_rank[ctx.rank]
         return local, None
 
 
-def gather_batch(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+def gather_batch(x: torch.Tensor, group: Optional[ProcessGroup], dim: int = 1) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in rank order: dim=1 for branches [B, n, ...]
     (differentiable when `x` requires grad), dim=0 for labels [n] (no gradient)."""
     _check_group(group)
@@ -103,7 +112,7 @@ def gather_batch(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     return _all_gather_dim1(x, group)
 
 
-def _all_gather_dim1(x: torch.Tensor, group) -> torch.Tensor:
+def _all_gather_dim1(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     x = x.contiguous()
     W = world_size(group)
     out = x.new_empty((W * x.size(0),) + tuple(x.shape[1:]))  # ranks stacked along dim 0
@@ -119,7 +128,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "meta")
 
 
-def _describe(e: torch.Tensor) -> list:
+def _describe(e: torch.Tensor) -> List[int]:
     kind = _DEVICE_TYPES.index(e.device.type) if e.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES)
     return list(e.shape) + [_DTYPES.index(e.dtype), kind]
 
@@ -128,7 +137,7 @@ def _device_type_name(kind: int) -> str:
     return _DEVICE_TYPES[kind] if kind < len(_DEVICE_TYPES) else "another device type"
 
 
-def _collective_device(group, e: torch.Tensor) -> torch.device:
+def _collective_device(group: Optional[ProcessGroup], e: torch.Tensor) -> torch.device:
     """Where the description is all-gathered: on the CPU for gloo (which every rank can reach whatever
     device its embeddings are on), on the current GPU for nccl, else on the embeddings' device."""
     backend = str(dist.get_backend(group)).lower()
@@ -139,7 +148,7 @@ def _collective_device(group, e: torch.Tensor) -> torch.device:
     return e.device
 
 
-def _check_same_shapes(e: torch.Tensor, group) -> None:
+def _check_same_shapes(e: torch.Tensor, group: Optional[ProcessGroup]) -> None:
     """Ranks must agree on [B, n, L], dtype and device: a mismatched all-gather aborts the process
     (gloo: SIGABRT) or hangs (nccl). One tiny all-gather and a host read, after which every rank
     raises the same error; skipped where values cannot be read (torch.compile, CUDA-graph capture)."""
@@ -168,8 +177,8 @@ def _valid_anchor_count(labels: torch.Tensor) -> torch.Tensor:
     return ((n_same >= 2) & (n_same < labels.numel())).sum()
 
 
-def branch_triplet(e: torch.Tensor, labels: torch.Tensor, margin: Optional[float], reduction: str,
-                   group, triplet_fn):
+def branch_triplet(e: torch.Tensor, labels: torch.Tensor, margin: Optional[float], reduction: Reduction,
+                   group: Optional[ProcessGroup], triplet_fn: TripletFn) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cross-rank branch_triplet on validated inputs: e [B, n, L], labels [n].
 
     `triplet_fn(e_all, labels_all, margin, "none")` computes the per-anchor terms of a whole batch

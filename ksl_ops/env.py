@@ -12,9 +12,13 @@ import platform
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Tuple
+from types import ModuleType
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+# The report: sections of (key, value) rows, each section with its title.
+Sections = List[Tuple[str, List[Tuple[str, str]]]]
 
 __all__ = ["collect", "format_report", "main"]
 
@@ -63,13 +67,14 @@ def _package_version(name: str) -> str:
     return str(getattr(module, "__version__", "installed"))
 
 
-def collect() -> List[Tuple[str, List[Tuple[str, str]]]]:
+def collect() -> Sections:
     """The report as sections of (key, value) rows."""
     import ksl_ops
     from ksl_ops import _ext
 
+    info: Optional[ModuleType]
     try:
-        from ksl_ops import _build_info as info
+        info = importlib.import_module("ksl_ops._build_info")
     except ImportError:
         info = None
 
@@ -119,7 +124,7 @@ def collect() -> List[Tuple[str, List[Tuple[str, str]]]]:
     return sections
 
 
-def format_report(sections=None) -> str:
+def format_report(sections: Optional[Sections] = None) -> str:
     sections = collect() if sections is None else sections
     lines: List[str] = []
     for title, rows in sections:
@@ -129,12 +134,12 @@ def format_report(sections=None) -> str:
     return "\n".join(lines)
 
 
-def as_dict(sections=None) -> Dict[str, Dict[str, str]]:
+def as_dict(sections: Optional[Sections] = None) -> Dict[str, Dict[str, str]]:
     sections = collect() if sections is None else sections
     return {title: dict(rows) for title, rows in sections}
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
     import json
 

@@ -4,12 +4,13 @@ drop-in for torchreid's TripletLoss."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._typing import Backend, Recipe, Reduction
 from .functional import (
     TensorOrBranches,
     _check_backend,
@@ -21,6 +22,9 @@ from .functional import (
     prob_consensus,
 )
 from .recipes import DEFAULT_RECIPE, check_recipe, recipe_value
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 @dataclass
@@ -55,14 +59,14 @@ class KSLLoss(nn.Module):
     - `recipe="ksl-ops"` (default, the recipe of `ksl train`): KSL-E and the triplets on L2-normalised
       embeddings, KSL-P/KSL-E from `triplet_start_epoch` on (with the triplets).
     - `recipe="paper"`: the paper's text taken literally: raw embeddings, every consensus term from
-      the first epoch. From scratch this collapses training (README, "The KSL recipe").
+      the first epoch. From scratch this collapses training (docs/recipe.md).
 
     Each option below overrides the recipe when given (None: the recipe's value):
 
     - `normalize_e`: feed KSL-E unit-length (L2-normalised) embeddings. On raw embeddings eq. 8-10 can
       be lowered by shrinking every embedding towards 0, and with weight 1 on six distance terms that
-      gradient dominates cross-entropy when training from scratch (see the README's KSL recipe
-      section for the measurements). Retrieval compares embeddings by cosine distance, so the
+      gradient dominates cross-entropy when training from scratch (docs/recipe.md has the
+      measurements). Retrieval compares embeddings by cosine distance, so the
       normalised distance is the one that matters at test time.
     - `normalize_triplet`: feed the triplets (per-branch and KSL-H) unit-length embeddings.
     - `consensus_start_epoch`: KSL-P and KSL-E are added from this 0-based epoch on; "triplet" means
@@ -96,12 +100,13 @@ class KSLLoss(nn.Module):
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.1, margin: Optional[float] = 0.3,
                  temperature: float = 1.0, use_p: bool = True, use_e: bool = True, use_h: bool = True,
-                 triplet_start_epoch: int = 150, backend: str = "fused", process_group=None, *,
+                 triplet_start_epoch: int = 150, backend: Backend = "fused",
+                 process_group: Optional[ProcessGroup] = None, *,
                  use_pp: Optional[bool] = None, use_pa: Optional[bool] = None,
                  use_ep: Optional[bool] = None, use_ea: Optional[bool] = None,
-                 recipe: str = DEFAULT_RECIPE, normalize_e: Optional[bool] = None,
+                 recipe: Recipe = DEFAULT_RECIPE, normalize_e: Optional[bool] = None,
                  normalize_triplet: Optional[bool] = None,
-                 consensus_start_epoch: Optional[Union[int, str]] = None):
+                 consensus_start_epoch: Optional[Union[int, str]] = None) -> None:
         super().__init__()
         self.recipe = check_recipe(recipe)
         normalize_e = recipe_value(recipe, "normalize_e", normalize_e)
@@ -182,28 +187,28 @@ class KSLLoss(nn.Module):
         # Σ_b mean_n CE(z^b_n, y_n) as one call over the B·N rows.
         terms["ce"] = B * F.cross_entropy(z.reshape(B * N, K), labels.repeat(B),
                                           label_smoothing=self.label_smoothing)
-        kw = dict(backend=self.backend)
         if self.triplet_active(epoch):
             et = F.normalize(e, dim=-1) if self.normalize_triplet else e
-            group = dict(process_group=self.process_group)
             if B == 1:
                 # branch_triplet needs two branches; two copies of one branch give each term twice.
-                aux_t, _ = branch_triplet(et.expand(2, N, et.size(2)), labels, self.margin, **kw, **group)
+                aux_t, _ = branch_triplet(et.expand(2, N, et.size(2)), labels, self.margin, backend=self.backend,
+                                          process_group=self.process_group)
                 terms["triplet"] = aux_t / 2
             else:
-                aux_t, ksl_h = branch_triplet(et, labels, self.margin, **kw, **group)
+                aux_t, ksl_h = branch_triplet(et, labels, self.margin, backend=self.backend,
+                                              process_group=self.process_group)
                 terms["triplet"] = aux_t
                 if self.use_h:
                     terms["ksl_h"] = ksl_h
         if B > 1 and self.consensus_active(epoch):
             if self.use_p:
-                pp, pa = prob_consensus(z, self.temperature, True, **kw)
+                pp, pa = prob_consensus(z, self.temperature, True, backend=self.backend)
                 if self.use_pp:
                     terms["ksl_pp"] = pp
                 if self.use_pa:
                     terms["ksl_pa"] = pa
             if self.use_e:
-                ep, ea = embedding_consensus(F.normalize(e, dim=-1) if self.normalize_e else e, **kw)
+                ep, ea = embedding_consensus(F.normalize(e, dim=-1) if self.normalize_e else e, backend=self.backend)
                 if self.use_ep:
                     terms["ksl_ep"] = ep
                 if self.use_ea:
@@ -212,7 +217,7 @@ class KSLLoss(nn.Module):
         return KSLOutput(total, terms)
 
 
-def _check_labels(labels, n: int, name: str) -> None:
+def _check_labels(labels: object, n: int, name: str) -> None:
     """ValueError naming `name` unless `labels` is an int64 tensor of shape [n]."""
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
         raise ValueError(f"{name} must be an int64 tensor of shape [N] = [{n}], got "
@@ -291,8 +296,8 @@ class BatchHardTripletLoss(nn.Module):
     terms); `backend="reference"` runs the pure-PyTorch reference instead of the fused op.
     """
 
-    def __init__(self, margin: Optional[float] = 0.3, *, normalize: bool = False, reduction: str = "mean",
-                 process_group=None, backend: str = "fused"):
+    def __init__(self, margin: Optional[float] = 0.3, *, normalize: bool = False, reduction: Reduction = "mean",
+                 process_group: Optional[ProcessGroup] = None, backend: Backend = "fused") -> None:
         super().__init__()
         if margin is not None:
             margin = _check_positive_number(margin, "margin", allow_zero=True)
@@ -336,8 +341,8 @@ class ProbConsensusLoss(nn.Module):
     B tensors [N, K]) and returns what the function returns, (pp, pa).
     """
 
-    def __init__(self, temperature: float = 1.0, detach_target: bool = True, reduction: str = "mean",
-                 backend: str = "fused"):
+    def __init__(self, temperature: float = 1.0, detach_target: bool = True, reduction: Reduction = "mean",
+                 backend: Backend = "fused") -> None:
         super().__init__()
         self.temperature = _check_positive_number(temperature, "temperature")
         self.detach_target = bool(detach_target)
@@ -349,7 +354,7 @@ class ProbConsensusLoss(nn.Module):
         return (f"temperature={self.temperature}, detach_target={self.detach_target}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
-    def forward(self, logits: TensorOrBranches):
+    def forward(self, logits: TensorOrBranches) -> Tuple[torch.Tensor, torch.Tensor]:
         return prob_consensus(logits, self.temperature, self.detach_target, self.reduction, self.backend)
 
 
@@ -361,7 +366,7 @@ class EmbeddingConsensusLoss(nn.Module):
     takes [B, N, L] (or a list of B tensors [N, L]) and returns (ep, ea).
     """
 
-    def __init__(self, reduction: str = "mean", backend: str = "fused", *, normalize: bool = False):
+    def __init__(self, reduction: Reduction = "mean", backend: Backend = "fused", *, normalize: bool = False) -> None:
         super().__init__()
         _reduction_code(reduction)
         self.reduction = reduction
@@ -371,7 +376,7 @@ class EmbeddingConsensusLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, backend={self.backend!r}, normalize={self.normalize}"
 
-    def forward(self, embeddings: TensorOrBranches):
+    def forward(self, embeddings: TensorOrBranches) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.normalize:
             embeddings = F.normalize(_stack_branches(embeddings, "embeddings", "[B, N, L]"), dim=-1)
         return embedding_consensus(embeddings, self.reduction, self.backend)
@@ -388,8 +393,8 @@ class BranchTripletLoss(nn.Module):
     `BatchHardTripletLoss`.
     """
 
-    def __init__(self, margin: Optional[float] = 0.3, reduction: str = "mean", backend: str = "fused",
-                 process_group=None, *, normalize: bool = False):
+    def __init__(self, margin: Optional[float] = 0.3, reduction: Reduction = "mean", backend: Backend = "fused",
+                 process_group: Optional[ProcessGroup] = None, *, normalize: bool = False) -> None:
         super().__init__()
         if margin is not None:
             margin = _check_positive_number(margin, "margin", allow_zero=True)
@@ -404,7 +409,7 @@ class BranchTripletLoss(nn.Module):
         return (f"margin={self.margin}, reduction={self.reduction!r}, backend={self.backend!r}, "
                 f"normalize={self.normalize}" + (", process_group=set" if self.process_group is not None else ""))
 
-    def forward(self, embeddings: TensorOrBranches, labels: torch.Tensor):
+    def forward(self, embeddings: TensorOrBranches, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.normalize:
             embeddings = F.normalize(_stack_branches(embeddings, "embeddings", "[B, N, L]"), dim=-1)
         return branch_triplet(embeddings, labels, self.margin, self.reduction, self.backend, self.process_group)

@@ -16,7 +16,7 @@ The ops always compute the paper's equations; a recipe only chooses
 
 "paper" is the paper's text taken literally. From scratch it collapses training here: on raw
 embeddings the six unit-weight distance terms of KSL-E/KSL-H are lowered by shrinking every embedding
-towards 0, and that gradient dominates cross-entropy (README, "The KSL recipe": validation R1 22.9
+towards 0, and that gradient dominates cross-entropy (docs/recipe.md: validation R1 22.9
 against 66.7 for AUX). "ksl-ops" is the recipe chosen by measurement on a validation split, the default
 of both `KSLLoss` and `ksl train`. Any option given explicitly overrides the recipe's value.
 """
@@ -24,21 +24,23 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from ._typing import Recipe
+
 __all__ = ["RECIPES", "DEFAULT_RECIPE", "RECIPE_FIELDS", "LOSS_RECIPE_FIELDS", "check_recipe", "recipe_value"]
 
-RECIPES: Dict[str, Dict[str, Any]] = {
+RECIPES: Dict[Recipe, Dict[str, Any]] = {
     "paper": dict(neck="fc", normalize_e=False, normalize_triplet=False, consensus_start_epoch=None),
     "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=True, consensus_start_epoch="triplet"),
 }
 
-DEFAULT_RECIPE = "ksl-ops"
+DEFAULT_RECIPE: Recipe = "ksl-ops"
 
 # Every field of a recipe, and those that KSLLoss reads (the neck belongs to the model).
 RECIPE_FIELDS = ("neck", "normalize_e", "normalize_triplet", "consensus_start_epoch")
 LOSS_RECIPE_FIELDS = ("normalize_e", "normalize_triplet", "consensus_start_epoch")
 
 
-def check_recipe(recipe: Any) -> str:
+def check_recipe(recipe: object) -> Recipe:
     """`recipe` if it names a recipe, else a ValueError naming the choices."""
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {list(RECIPES)}, got {recipe!r}")

@@ -53,6 +53,14 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """The tiny synthetic set (_helpers.SYNTH), rendered once per test module."""
+    from _helpers import render_tiny_synth
+
+    return render_tiny_synth(tmp_path_factory)
+
+
 @pytest.fixture
 def capture_cuda_graph():
     """Returns capture(step): runs `step()` twice on a side stream (the warm-up CUDA graphs need),

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 import ksl_ops
 from ksl_ops.cli import main as ksl_main
-from ksl_ops.data import render_synthetic
 from ksl_ops.engine import CheckpointError, TrainConfig, Trainer
 from ksl_ops.engine.trainer import resolve_amp
 from ksl_ops.functional import _reference
@@ -35,6 +34,7 @@ from ksl_ops.functional import _reference
 R = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _helpers import compiled_step_vs_eager, tiny_config  # noqa: E402
 from amp_curves import TinyReID, curve, lockstep, rel_diff, term_excess, window_rel_diff  # noqa: E402
 
 LOW = [torch.bfloat16, torch.float16]
@@ -139,26 +139,7 @@ def test_ksl_loss_autocast_single_branch_and_lists():
 def test_ksl_loss_under_autocast_compiles_fullgraph():
     """The contract's autocast check and switch trace into one graph (torch.compile, fullgraph), and
     the compiled step gives what eager gives."""
-    torch.manual_seed(0)
-    B, N, K, L = 3, 8, 5, 16
-    heads = torch.nn.ModuleList(torch.nn.Linear(12, L + K) for _ in range(B))
-    crit = ksl_ops.KSLLoss(K, triplet_start_epoch=0)
-    x = torch.randn(N, 12)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
-
-    def loss(x, labels):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs = [h(x) for h in heads]
-            return crit([o[:, L:] for o in outs], [o[:, :L] for o in outs], labels, epoch=1).total
-
-    def run(fn):
-        heads.zero_grad()
-        total = fn(x, labels)
-        total.backward()
-        return total.detach(), [p.grad.clone() for p in heads.parameters()]
-
-    want_total, want_grads = run(loss)
-    got_total, got_grads = run(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    (want_total, want_grads), (got_total, got_grads) = compiled_step_vs_eager(torch.bfloat16)
     assert want_total.dtype == got_total.dtype == torch.float32
     torch.testing.assert_close(got_total, want_total)
     for g, w in zip(got_grads, want_grads):
@@ -254,22 +235,9 @@ def test_bf16_autocast_training_tracks_float32(recipe, seed):
 # The trainer and `ksl train --amp`
 # ------------------------------------------------------------------------------------------------
 
-SYNTH = dict(num_train_ids=6, num_test_ids=4, num_cams=2, images_per_cam=3)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_amp") / "synthetic"
-    render_synthetic(root, height=32, width=16, **SYNTH)
-    return root
-
-
 def _tiny_config(root, out, **kw):
-    base = dict(data_root=str(root), synthetic=dict(SYNTH), height=32, width=16, batch_size=8, num_instances=2,
-                epochs=1, max_iters_per_epoch=3, workers=0, backend="fused", output_dir=str(out),
-                progress="off", seed=3, eval_batch_size=16, triplet_start_epoch=0)
-    base.update(kw)
-    return TrainConfig.from_preset("cpu", **base)
+    return tiny_config(root, out, **{"epochs": 1, "max_iters_per_epoch": 3, "backend": "fused",
+                                     "triplet_start_epoch": 0, **kw})
 
 
 def _record_losses(trainer):

@@ -10,27 +10,25 @@ from hypothesis import strategies as st
 
 from ksl_ops import analysis
 from ksl_ops.cli import main as ksl_main
-from ksl_ops.data import RandomPatch, build_dataset, render_synthetic
+from ksl_ops.data import RandomPatch, build_dataset
 from ksl_ops.data.label_noise import noisy_labels
 from ksl_ops.engine import TrainConfig, Trainer
 from ksl_ops.models import build_backbone, with_isomorphic_branches
 
-SYNTH = dict(num_train_ids=6, num_test_ids=5, num_cams=2, images_per_cam=3)
+from _helpers import SYNTH as TINY_SYNTH
+from _helpers import render_tiny_synth, tiny_config
+
+SYNTH = dict(TINY_SYNTH, num_test_ids=5)
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "synthetic"
-    render_synthetic(root, height=32, width=16, **SYNTH)
-    return root
+    return render_tiny_synth(tmp_path_factory, **SYNTH)
 
 
 def _tiny_config(root, out, **kw):
-    base = dict(data_root=str(root), synthetic=dict(SYNTH), height=32, width=16, batch_size=8, num_instances=2,
-                epochs=2, max_iters_per_epoch=2, workers=0, backend="reference", output_dir=str(out),
-                progress="off", seed=3, eval_batch_size=16, backbone="shufflenetv2")
-    base.update(kw)
-    return TrainConfig.from_preset("cpu", **base)
+    return tiny_config(root, out, SYNTH, **{"epochs": 2, "max_iters_per_epoch": 2, "backend": "reference",
+                                            "backbone": "shufflenetv2", **kw})
 
 
 @pytest.fixture(scope="module")

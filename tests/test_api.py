@@ -1,4 +1,4 @@
-"""The public surface of DESIGN.md §4: names, version, backend report, common argument checks."""
+"""The public surface of docs/design.md §4: names, version, backend report, common argument checks."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""branch_triplet: the fused op against the reference (reference/triplet.py), DESIGN.md §3.3.
+"""branch_triplet: the fused op against the reference (reference/triplet.py), docs/design.md §3.3.
 
 Sizes are small enough for a 2-core CPU; the same tests run on CUDA through the `device` fixture.
 """

@@ -129,7 +129,7 @@ def test_format1_checkpoint_loads_and_restores_rng(tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(model2.state_dict()[k], v, rtol=0, atol=0)
     assert opt2.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
-    # In memory it is format 2 now: plain data only, the NumPy key as a list of ints.
+    # Loaded, it is format 2: plain data only, the NumPy key as a list of ints.
     assert state["format"] == "ksl_ops.checkpoint/2" and isinstance(state["rng"]["numpy"]["key"], list)
     assert state["upgraded_from"] == "ksl_ops.checkpoint/1"
     assert ckpt.describe_checkpoint(state) == ("cmsnet, losses ksl, 3 classes, epoch 2, input 64x32 "

@@ -228,7 +228,7 @@ def _expect(results, name):
     assert not errors, "\n".join(errors)
 
 
-# Mismatches that used to kill a rank (gloo aborts on an all-gather of unequal dtypes) or hang it. They
+# Mismatches that would kill a rank (gloo aborts on an all-gather of unequal dtypes) or hang it. They
 # run in their own spawn, so that a crash fails these tests only, as a failure naming the crash.
 
 

@@ -92,7 +92,7 @@ def test_no_grad_and_inference_mode_forward():
 
 
 def test_prob_consensus_op_refuses_no_samples():
-    # The CPU op used to return NaN here (mean over N = 0) where CUDA raised.
+    # No samples: the CPU op refuses them as the CUDA op does (a mean over N = 0 would be NaN).
     for reduction in (0, 1, 2):
         with pytest.raises(RuntimeError, match=r"N = 0"):
             OPS.prob_consensus(torch.randn(3, 0, 5), 1.0, True, reduction, False)

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import ksl_ops
 from ksl_ops.functional import _reference
 
+from _helpers import compiled_step_vs_eager
+
 R = _reference()  # the installed ksl_ops.reference, or reference/ in a source checkout
 
 BACKENDS = ["fused", "reference"]
@@ -125,25 +127,7 @@ def test_parts_are_lazy_floats():
 def test_compiled_training_step_matches_eager():
     """torch.compile(fullgraph=True) traces the whole KSL loss of a step (three branches, every term);
     AOT autograd compiles its backward, which runs through the registered backward ops."""
-    torch.manual_seed(0)
-    B, N, K, L = 3, 8, 5, 16
-    heads = torch.nn.ModuleList(torch.nn.Linear(12, L + K) for _ in range(B))
-    crit = ksl_ops.KSLLoss(K, triplet_start_epoch=0)
-    x = torch.randn(N, 12)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
-
-    def loss(x, labels):
-        outs = [h(x) for h in heads]
-        return crit([o[:, L:] for o in outs], [o[:, :L] for o in outs], labels, epoch=1).total
-
-    def run(fn):
-        heads.zero_grad()
-        total = fn(x, labels)
-        total.backward()
-        return total.detach(), [p.grad.clone() for p in heads.parameters()]
-
-    want_total, want_grads = run(loss)
-    got_total, got_grads = run(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    (want_total, want_grads), (got_total, got_grads) = compiled_step_vs_eager()
     torch.testing.assert_close(got_total, want_total)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)

@@ -138,8 +138,8 @@ def test_branch_triplet_at_the_branch_limit_matches_reference():
 
 
 def test_mixed_devices_are_refused_by_every_op():
-    # A call with a meta tensor among CPU ones is dispatched to the meta (fake) kernel, which returned
-    # uninitialised CPU tensors (a loss of -3.97e31); now every op refuses it by name.
+    # A call with a meta tensor among CPU ones is dispatched to the meta (fake) kernel, which would return
+    # uninitialised CPU tensors (a loss of -3.97e31); every op refuses it by name.
     results = run_cases("""
         M = "meta"
         e = torch.randn(3, 4, 5, requires_grad=True)

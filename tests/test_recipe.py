@@ -3,17 +3,19 @@ validation split, per-epoch diagnostics, and the stability property the recipe e
 every KSL term on mid-training does not send cross-entropy back towards its uniform value)."""
 import copy
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ksl_ops
+from ksl_ops._typing import Recipe
 from ksl_ops.data import ReIDDataset, split_validation
 from ksl_ops.engine import TrainConfig
 from ksl_ops.engine.config import LOSS_PRESETS, RECIPES
 from ksl_ops.engine.diagnostics import head_bn_variance, step_diagnostics
-from ksl_ops.models import NECKS, ReIDBackbone, ReIDHead, build_backbone, with_isomorphic_branches
+from ksl_ops.models import NECKS, Neck, ReIDBackbone, ReIDHead, build_backbone, with_isomorphic_branches
 from ksl_ops.models.head import ConvBNAct
 
 
@@ -26,6 +28,13 @@ def _inputs(B=3, N=8, K=5, L=6, seed=0):
 
 
 # -- neck --------------------------------------------------------------------------------------
+
+def test_literal_types_name_every_choice():
+    # The type checker's closed sets (ksl_ops._typing.Recipe, ksl_ops.models.Neck) and the run-time
+    # tables name the same choices, in the same order.
+    assert typing.get_args(Recipe) == tuple(RECIPES)
+    assert typing.get_args(Neck) == NECKS
+
 
 @pytest.mark.parametrize("neck", NECKS)
 def test_neck_selects_the_embedding(neck):

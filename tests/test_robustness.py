@@ -22,20 +22,14 @@ import torch
 from PIL import Image
 
 from ksl_ops.cli import main as ksl_main
-from ksl_ops.data import build_dataset, render_synthetic
+from ksl_ops.data import build_dataset
 from ksl_ops.engine import TrainConfig, Trainer
 from ksl_ops.engine import checkpoint as ckpt
 from ksl_ops.engine.checkpoint import CheckpointError
 
+from _helpers import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYNTH = dict(num_train_ids=6, num_test_ids=4, num_cams=2, images_per_cam=3)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "synthetic"
-    render_synthetic(root, height=32, width=16, **SYNTH)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +41,8 @@ def run(synth_root, tmp_path_factory):
 
 
 def _config(root, out, **kw):
-    base = dict(data_root=str(root), synthetic=dict(SYNTH), height=32, width=16, batch_size=8, num_instances=2,
-                epochs=1, max_iters_per_epoch=1, workers=0, backend="reference", output_dir=str(out),
-                progress="off", seed=3, eval_batch_size=16, losses="ksl-h")
-    base.update(kw)
-    return TrainConfig.from_preset("cpu", **base)
+    return tiny_config(root, out, **{"epochs": 1, "max_iters_per_epoch": 1, "backend": "reference", "losses": "ksl-h",
+                                     **kw})
 
 
 def _train_argv(root, out, *extra):

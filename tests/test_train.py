@@ -10,28 +10,16 @@ import pytest
 import torch
 
 from ksl_ops.cli import main as ksl_main
-from ksl_ops.data import render_synthetic
 from ksl_ops.engine import TrainConfig, Trainer
+
+from _helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny set: 6 train ids x 2 cameras x 3 images (36 train images), 4 test ids; 32x16 pixels.
-SYNTH = dict(num_train_ids=6, num_test_ids=4, num_cams=2, images_per_cam=3)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "synthetic"
-    render_synthetic(root, height=32, width=16, **SYNTH)
-    return root
 
 
 def _tiny_config(root, out, **kw):
-    base = dict(data_root=str(root), synthetic=dict(SYNTH), height=32, width=16, batch_size=8, num_instances=2,
-                epochs=2, max_iters_per_epoch=2, workers=0, backend="reference", output_dir=str(out),
-                progress="off", seed=3, eval_batch_size=16)
-    base.update(kw)
-    return TrainConfig.from_preset("cpu", **base)
+    return tiny_config(root, out, **{"epochs": 2, "max_iters_per_epoch": 2, "backend": "reference", **kw})
 
 
 def test_config_scales_triplet_start_and_presets():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from .._typing import StrPath
 from .base import ReIDDataset, relabel_train, split_validation
 from .cuhk03 import load_cuhk03
 from .dukemtmc import load_dukemtmc
@@ -37,7 +38,7 @@ from .transforms import (
 SYNTHETIC_NAMES = ("synthetic", "synthetic-reid", "synthetic_reid")
 
 
-def load_synthetic(root) -> ReIDDataset:
+def load_synthetic(root: StrPath) -> ReIDDataset:
     """The synthetic set, parsed by the Market-1501 parser.
 
     ``root`` is a folder rendered by :func:`render_synthetic` or its parent. If no rendered set is
@@ -65,7 +66,7 @@ _ALIASES = {"market": "market1501", "duke": "dukemtmc", "dukemtmcreid": "dukemtm
             "msmt": "msmt17"}
 
 
-def dataset_key(name) -> Optional[str]:
+def dataset_key(name: object) -> Optional[str]:
     """The :data:`DATASETS` key a dataset name means (case, '-' and '_' do not matter; short aliases
     such as "market" or "duke" are accepted), None if it means none."""
     if not isinstance(name, str):
@@ -75,7 +76,7 @@ def dataset_key(name) -> Optional[str]:
     return key if key in DATASETS else None
 
 
-def build_dataset(name: str, root) -> ReIDDataset:
+def build_dataset(name: str, root: StrPath) -> ReIDDataset:
     """Parse dataset ``name`` (one of :data:`DATASETS`) found at ``root``."""
     key = dataset_key(name)
     if key is None:

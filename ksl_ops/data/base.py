@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
+from .._typing import StrPath
+
 Item = Tuple[str, int, int]  # (image path, pid, camid)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -42,7 +44,8 @@ class ReIDDataset:
     and ``num_train_cams`` the number of distinct cameras seen in training.
     """
 
-    def __init__(self, name: str, root, train: List[Item], query: List[Item], gallery: List[Item]):
+    def __init__(self, name: str, root: StrPath, train: List[Item], query: List[Item],
+                 gallery: List[Item]) -> None:
         self.name = str(name)
         self.root = str(root)
         self.train = list(train)
@@ -119,7 +122,7 @@ def split_validation(dataset: ReIDDataset, num_val_ids: int, seed: int = 0) -> R
     return ReIDDataset(f"{dataset.name}-val{num_val_ids}", dataset.root, train, query, gallery)
 
 
-def locate_dataset_dir(root, dataset: str, required: Sequence[str], standard_names: Sequence[str],
+def locate_dataset_dir(root: StrPath, dataset: str, required: Sequence[str], standard_names: Sequence[str],
                        suffix: str = "") -> Path:
     """Find the dataset folder: ``root`` itself or ``root/<standard name>`` (one or two levels).
 
@@ -202,7 +205,7 @@ def parse_named_folder(folder: Path, dataset: str, pattern: re.Pattern, example:
     return items
 
 
-def parse_bbox_layout(root, dataset: str, standard_names: Sequence[str], pattern: re.Pattern,
+def parse_bbox_layout(root: StrPath, dataset: str, standard_names: Sequence[str], pattern: re.Pattern,
                       example: str, suffix: str = "") -> ReIDDataset:
     """The Market-1501 style layout: ``bounding_box_train``, ``query``, ``bounding_box_test``."""
     folder = locate_dataset_dir(

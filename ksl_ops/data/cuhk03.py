@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Literal
 
+from .._typing import StrPath
 from .base import ReIDDataset, parse_bbox_layout
 
 CUHK03_NAMES = ("cuhk03-np", "CUHK03-NP", "cuhk03_np", "cuhk03np", "cuhk03", "CUHK03")
@@ -28,7 +30,7 @@ PROTOCOL_TRAIN_IDS = 767
 PROTOCOL_TEST_IDS = 700
 
 
-def load_cuhk03(root, subset: str = "detected") -> ReIDDataset:
+def load_cuhk03(root: StrPath, subset: Literal["detected", "labeled"] = "detected") -> ReIDDataset:
     """Parse CUHK03-NP (``subset`` = "detected" or "labeled") with the 767/700 split."""
     if subset not in ("detected", "labeled"):
         raise ValueError(f"cuhk03: subset must be 'detected' or 'labeled', got {subset!r}")

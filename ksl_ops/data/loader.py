@@ -6,12 +6,12 @@ relabelled pids (the classifier targets); query and gallery batches use the data
 from __future__ import annotations
 
 import random
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .base import Item, ReIDDataset
 from .samplers import RandomIdentitySampler, RandomSampler
@@ -28,7 +28,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Tuple[Any, int, int]:
         path, pid, camid = self.items[index]
         try:
             with Image.open(path) as im:
@@ -48,7 +48,7 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
-def _check_common(dataset, height, width, batch_size, workers) -> None:
+def _check_common(dataset: object, height: int, width: int, batch_size: int, workers: int) -> None:
     if not isinstance(dataset, ReIDDataset):
         raise TypeError(f"dataset must be a ReIDDataset (see build_dataset), got {type(dataset).__name__}")
     if int(height) < 1 or int(width) < 1:
@@ -60,7 +60,8 @@ def _check_common(dataset, height, width, batch_size, workers) -> None:
 
 
 def build_train_loader(dataset: ReIDDataset, height: int, width: int, batch_size: int,
-                       sampler: str = "random", num_instances: int = 4, workers: int = 2, seed: int = 0,
+                       sampler: Literal["random", "pk"] = "random", num_instances: int = 4, workers: int = 2,
+                       seed: int = 0,
                        persistent_workers: bool = False, pin_memory: Optional[bool] = None,
                        transform: Optional[Callable] = None, num_replicas: int = 1, rank: int = 0) -> DataLoader:
     """Training loader over ``dataset.train`` with the training transforms.
@@ -76,6 +77,7 @@ def build_train_loader(dataset: ReIDDataset, height: int, width: int, batch_size
     (the global batch is W times it).
     """
     _check_common(dataset, height, width, batch_size, workers)
+    smp: Sampler[int]
     if num_replicas != 1 and sampler in ("random", "pk"):
         from .distributed_samplers import DistributedRandomIdentitySampler, DistributedRandomSampler
 
@@ -116,7 +118,7 @@ def build_test_loaders(dataset: ReIDDataset, height: int, width: int, batch_size
     tf = transform if transform is not None else build_transforms(height, width, train=False)
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
-    def make(items):
+    def make(items: Sequence[Item]) -> DataLoader:
         return DataLoader(ImageDataset(items, tf), batch_size=int(batch_size), shuffle=False,
                           num_workers=int(workers), drop_last=False, pin_memory=pin)
 

@@ -10,7 +10,9 @@ Layout (``root`` may be this folder or its parent)::
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
+from .._typing import StrPath
 from .base import ReIDDataset, parse_bbox_layout
 
 MARKET_NAMES = ("Market-1501-v15.09.15", "Market-1501", "market1501", "Market1501", "market")
@@ -19,6 +21,7 @@ MARKET_PATTERN = re.compile(
 )
 
 
-def load_market1501(root, name: str = "market1501", standard_names=MARKET_NAMES) -> ReIDDataset:
+def load_market1501(root: StrPath, name: str = "market1501",
+                    standard_names: Sequence[str] = MARKET_NAMES) -> ReIDDataset:
     """Parse a Market-1501 folder (also used for the synthetic set, which is written in this layout)."""
     return parse_bbox_layout(root, name, standard_names, MARKET_PATTERN, "0002_c1s1_000451_03.jpg")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
+from .._typing import StrPath
 from .base import Item, ReIDDataset, locate_dataset_dir, parse_int, relabel_train
 
 MSMT17_NAMES = ("MSMT17_V1", "MSMT17_V2", "MSMT17", "msmt17", "msmt17_v1", "msmt17_v2")
@@ -81,9 +82,9 @@ def _read_list(list_file: Path, image_dir: Path) -> List[Item]:
     return items
 
 
-def load_msmt17(root) -> ReIDDataset:
+def load_msmt17(root: StrPath) -> ReIDDataset:
     """Parse an MSMT17 (V1 or V2) folder; train = list_train + list_val, as is customary."""
-    first_error = None
+    first_error: Optional[FileNotFoundError] = None
     for train_dir, test_dir in LAYOUTS:
         try:
             folder = locate_dataset_dir(root, "msmt17", (train_dir, test_dir), MSMT17_NAMES)
@@ -91,6 +92,7 @@ def load_msmt17(root) -> ReIDDataset:
         except FileNotFoundError as exc:
             first_error = first_error or exc
     else:
+        assert first_error is not None  # LAYOUTS is not empty
         raise first_error
     train = _read_list(folder / "list_train.txt", folder / train_dir)
     val_list = folder / "list_val.txt"

@@ -8,13 +8,13 @@ loop that never calls it still gets a new order every epoch.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 
-def _as_pids(pids) -> List[int]:
+def _as_pids(pids: Iterable[Any]) -> List[int]:
     """Accept pids as ints or as dataset items ``(path, pid, camid)``."""
     out = []
     for p in pids:
@@ -80,7 +80,7 @@ class RandomIdentitySampler(_EpochMixin, Sampler):
     ``pids``: the pid of every dataset index (ints, or the dataset's ``(path, pid, camid)`` items).
     """
 
-    def __init__(self, pids: Sequence, batch_size: int, num_instances: int, seed: int = 0):
+    def __init__(self, pids: Sequence[Any], batch_size: int, num_instances: int, seed: int = 0):
         pids = _as_pids(pids)
         if int(num_instances) < 1:
             raise ValueError(f"RandomIdentitySampler: num_instances must be >= 1, got {num_instances}")
@@ -117,8 +117,8 @@ class RandomIdentitySampler(_EpochMixin, Sampler):
         """The batches (lists of dataset indices) of one epoch drawn from ``rng``."""
         K, P, T = self.num_instances, self.num_pids_per_batch, self.num_batches
         chunks_of: List[List[List[int]]] = []
-        for idxs in self.index_of.values():
-            idxs = np.asarray(idxs)
+        for pid_idxs in self.index_of.values():
+            idxs = np.asarray(pid_idxs)
             if len(idxs) < K:
                 idxs = np.concatenate([idxs, rng.choice(idxs, K - len(idxs), replace=True)])
             idxs = rng.permutation(idxs)

@@ -41,10 +41,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .._typing import StrPath
 
 RENDER_VERSION = 1  # bump when the drawing changes, so old folders get re-rendered
 MANIFEST = "manifest.json"
@@ -95,7 +97,8 @@ HAIR_P = [0.35, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05]
 
 
 def _jitter_colour(rng: np.random.Generator, c: RGB, amount: float) -> RGB:
-    return tuple(int(np.clip(v + rng.normal(0, amount), 0, 255)) for v in c)
+    r, g, b = (int(np.clip(v + rng.normal(0, amount), 0, 255)) for v in c)
+    return r, g, b
 
 
 def identity_attributes(seed: int, pid: int) -> Dict:
@@ -147,7 +150,8 @@ def camera_attributes(seed: int, cam: int) -> Dict:
 # --------------------------------------------------------------------------------------------
 # drawing
 # --------------------------------------------------------------------------------------------
-def _limb(draw: ImageDraw.ImageDraw, p0, p1, w0: float, w1: float, fill: RGB) -> None:
+def _limb(draw: ImageDraw.ImageDraw, p0: Tuple[float, float], p1: Tuple[float, float], w0: float, w1: float,
+          fill: RGB) -> None:
     """A tapered segment with round ends (upper arm, shin, ...)."""
     dx, dy = p1[0] - p0[0], p1[1] - p0[1]
     n = math.hypot(dx, dy) or 1.0
@@ -353,11 +357,11 @@ def render_image(seed: int, pid: int, cam: int, index: int, height: int, width: 
     if rng.random() < cama["occlusion"]:
         _draw_occluder(img, rng)
 
-    img = img.resize((width, height), Image.BILINEAR, reducing_gap=None)
+    img = img.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
     res = cama["resolution"] * rng.uniform(0.9, 1.1)
     if res < 0.95:  # low-resolution camera: lose detail, keep the size
         small = (max(8, int(round(width * res))), max(8, int(round(height * res))))
-        img = img.resize(small, Image.BILINEAR).resize((width, height), Image.BILINEAR)
+        img = img.resize(small, Image.Resampling.BILINEAR).resize((width, height), Image.Resampling.BILINEAR)
     blur = cama["blur"] + rng.uniform(0.0, 0.3)
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
@@ -389,7 +393,7 @@ def _plan(cfg: Dict) -> Dict[str, List[Tuple[int, int, int]]]:
     """(pid, cam 1-based, index) of every image, per split."""
     n_tr, n_te, n_cam, n_img = (cfg["num_train_ids"], cfg["num_test_ids"], cfg["num_cams"],
                                cfg["images_per_cam"])
-    plan = {s: [] for s in SPLITS}
+    plan: Dict[str, List[Tuple[int, int, int]]] = {s: [] for s in SPLITS}
     for pid in range(1, n_tr + 1):
         for cam in range(1, n_cam + 1):
             plan["bounding_box_train"] += [(pid, cam, i) for i in range(n_img)]
@@ -466,7 +470,7 @@ def _complete(root: Path, manifest: Dict) -> bool:
     return True
 
 
-def render_synthetic(root, num_train_ids: int = 48, num_test_ids: int = 48, num_cams: int = 4,
+def render_synthetic(root: StrPath, num_train_ids: int = 48, num_test_ids: int = 48, num_cams: int = 4,
                      images_per_cam: int = 4, height: int = 128, width: int = 64, seed: int = 0) -> Path:
     """Render (idempotently) the synthetic Re-ID set into ``root`` and return ``root`` as a Path.
 
@@ -523,7 +527,8 @@ def render_synthetic(root, num_train_ids: int = 48, num_test_ids: int = 48, num_
     return root
 
 
-def is_rendered(root, num_train_ids: int = 48, num_test_ids: int = 48, num_cams: int = 4, images_per_cam: int = 4,
+def is_rendered(root: StrPath, num_train_ids: int = 48, num_test_ids: int = 48, num_cams: int = 4,
+                images_per_cam: int = 4,
                 height: int = 128, width: int = 64, seed: int = 0) -> bool:
     """Whether ``root`` holds a complete set rendered with exactly these settings (the arguments of
     render_synthetic), so that render_synthetic would write nothing there. Only reads."""
@@ -542,7 +547,8 @@ def is_rendered(root, num_train_ids: int = 48, num_test_ids: int = 48, num_cams:
             and isinstance(manifest.get("counts"), dict) and _complete(root, manifest))
 
 
-def synthetic_preview(root, out_png, num_ids: int = 8, split: str = "bounding_box_train",
+def synthetic_preview(root: StrPath, out_png: StrPath, num_ids: int = 8,
+                      split: Literal["bounding_box_train", "query", "bounding_box_test"] = "bounding_box_train",
                       per_cam: int = 2) -> Path:
     """Save a contact sheet: one row per identity, ``per_cam`` images from each camera.
 

@@ -12,7 +12,7 @@ generator is seeded from the loader's seeded generator, so a run is reproducible
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def _rand(generator: Optional[torch.Generator]) -> float:
     return float(torch.rand((), generator=generator))
 
 
-def _check_box_args(name: str, p: float, scale, ratio) -> None:
+def _check_box_args(name: str, p: float, scale: Sequence[float], ratio: Sequence[float]) -> None:
     """The arguments of a transform that draws a random rectangle with probability p."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}: p must be in [0, 1], got {p}")
@@ -46,10 +46,10 @@ def _check_box_args(name: str, p: float, scale, ratio) -> None:
 class Compose:
     """Apply transforms in order."""
 
-    def __init__(self, transforms: Sequence[Callable]):
+    def __init__(self, transforms: Sequence[Callable[[Any], Any]]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, x):
+    def __call__(self, x: Any) -> Any:
         for t in self.transforms:
             x = t(x)
         return x
@@ -177,8 +177,8 @@ class RandomErasing:
     """
 
     def __init__(self, p: float = 0.5, scale: Tuple[float, float] = (0.02, 0.4),
-                 ratio: Tuple[float, float] = (0.3, 3.3), value=0.0, attempts: int = 10,
-                 generator: Optional[torch.Generator] = None):
+                 ratio: Tuple[float, float] = (0.3, 3.3), value: Union[float, Sequence[float], str] = 0.0,
+                 attempts: int = 10, generator: Optional[torch.Generator] = None) -> None:
         _check_box_args("RandomErasing", p, scale, ratio)
         self.p, self.scale, self.ratio, self.value = float(p), tuple(scale), tuple(ratio), value
         self.attempts, self.generator = int(attempts), generator

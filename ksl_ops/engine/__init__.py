@@ -4,9 +4,15 @@
     r = evaluate_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50)  # {"cmc", "mAP"}
     d = re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3)
 """
+from typing import TYPE_CHECKING, Any
+
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, read_checkpoint, save_checkpoint
 from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .rerank import re_ranking
+
+if TYPE_CHECKING:  # loaded on first use by __getattr__ below; named here for the type checker
+    from .config import LOSS_PRESETS, TrainConfig
+    from .trainer import Trainer, evaluate_checkpoint, train
 
 __all__ = [
     "evaluate_reid",
@@ -26,7 +32,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # The trainer pulls in the models, data and losses; load it only when asked for.
     if name in ("TrainConfig", "LOSS_PRESETS"):
         from . import config

@@ -22,7 +22,6 @@ would let a file build arbitrary arrays. Resuming a format-1 run writes format 2
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import pickle
@@ -31,16 +30,29 @@ import re
 import secrets
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch.optim import Optimizer
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "atomic_save", "remove_stale_temp_files",
            "save_checkpoint", "read_checkpoint", "load_checkpoint", "load_model_state", "check_compatible",
            "checkpoint_num_classes", "describe_checkpoint", "rng_state", "set_rng_state"]
 
 PathLike = Union[str, os.PathLike]
+
+# Where torch.load puts tensors: a device (or its name), or a function of (storage, location).
+MapLocation = Union[str, torch.device, Callable[..., Any], None]
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores, e.g. an LR scheduler: a state_dict and load_state_dict."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None: ...
+
 
 FORMAT = "ksl_ops.checkpoint"
 FORMAT_VERSION = 2
@@ -179,7 +191,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None, epoch: int,
+def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: Optional[Optimizer] = None,
+                    scheduler: Optional[Stateful] = None, epoch: int,
                     config: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None,
                     extra: Optional[Dict[str, Any]] = None) -> Path:
     """Write a checkpoint after `epoch` (number of epochs completed) atomically to `path`.
@@ -212,12 +225,12 @@ _NOT_V1_KEY = "not the numpy RNG key of a format-1 ksl_ops checkpoint"
 class _V1Dtype:
     """Stands in for numpy.dtype while a file is read: only the uint32 of the MT19937 key."""
 
-    def __init__(self, code, align=False, copy=True):
+    def __init__(self, code: object, align: bool = False, copy: bool = True) -> None:
         if code != "u4":
             raise pickle.UnpicklingError(f"numpy dtype {code!r}: {_NOT_V1_KEY}")
         self.byteorder = "<"
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: object) -> None:
         # numpy's dtype state: (version, byteorder, subarray, names, fields, elsize, alignment, flags)
         if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "=", "|"):
             raise pickle.UnpicklingError(f"a numpy dtype state: {_NOT_V1_KEY}")
@@ -228,7 +241,7 @@ class _V1Dtype:
 class _V1UInt32Array:
     """Stands in for numpy.ndarray while a file is read: a 1-D uint32 array from raw bytes."""
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: object) -> None:
         # numpy's ndarray state: (version, shape, dtype, is_fortran, raw data)
         if not isinstance(state, tuple) or len(state) != 5:
             raise pickle.UnpicklingError(f"a numpy array state: {_NOT_V1_KEY}")
@@ -239,14 +252,14 @@ class _V1UInt32Array:
         self.values = np.frombuffer(raw, dtype=np.dtype(dtype.byteorder + "u4")).astype(np.uint32).tolist()
 
 
-def _v1_reconstruct(subtype, shape, typecode):
+def _v1_reconstruct(subtype: object, shape: Sequence[int], typecode: object) -> _V1UInt32Array:
     if subtype is not _V1UInt32Array or tuple(shape) != (0,):
         raise pickle.UnpicklingError(f"numpy _reconstruct: {_NOT_V1_KEY}")
     return _V1UInt32Array()
 
 
 # Pickled by numpy 2 as numpy._core..., by numpy 1 as numpy.core...
-_V1_GLOBALS = [
+_V1_GLOBALS: List[Union[Callable[..., Any], Tuple[Callable[..., Any], str]]] = [
     (_v1_reconstruct, "numpy._core.multiarray._reconstruct"),
     (_v1_reconstruct, "numpy.core.multiarray._reconstruct"),
     (_V1UInt32Array, "numpy.ndarray"),
@@ -254,11 +267,9 @@ _V1_GLOBALS = [
 ]
 
 
-def _allow_format1():
-    # torch.serialization.safe_globals (torch >= 2.5) scopes the allow-list to this one load. On an
-    # older torch format-1 files are refused like any other file holding NumPy objects.
-    scoped = getattr(torch.serialization, "safe_globals", None)
-    return scoped(_V1_GLOBALS) if scoped is not None else contextlib.nullcontext()
+def _allow_format1() -> ContextManager[None]:
+    # torch.serialization.safe_globals scopes the allow-list to this one load.
+    return torch.serialization.safe_globals(_V1_GLOBALS)
 
 
 def _upgrade_from_v1(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
@@ -385,7 +396,7 @@ def _check_tensor(t: torch.Tensor, path: Path, where: str) -> None:
                               f"a model never writes")
 
 
-def _check_rng(rng: Any, path: Path) -> None:
+def _check_rng(rng: Any, path: PathLike) -> None:
     """CheckpointError unless `rng` is an RNG state that set_rng_state can restore, tried on scratch
     generators first, so that a bad state is refused whole and no generator is left half-restored."""
     def bad(what: str) -> CheckpointError:
@@ -450,7 +461,7 @@ def _check_classifier(state: Dict[str, Any], path: Path) -> None:
                                   f"{_short(rows[0])} has {rows[1]} rows")
 
 
-def read_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
+def read_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> Dict[str, Any]:
     """Read and check a checkpoint without running any code from it; returns its dict (format 2).
 
     Raises CheckpointError (a ValueError) naming the file and the problem for a missing file, a
@@ -557,7 +568,7 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: PathLi
         raise CheckpointError(f"{path} does not fit this {type(model).__name__}: {exc}") from exc
 
 
-def _check_optimizer_state(optimizer, path: PathLike) -> None:
+def _check_optimizer_state(optimizer: Optimizer, path: PathLike) -> None:
     """CheckpointError unless every per-parameter buffer of the loaded optimizer state has its
     parameter's shape and a floating dtype (a step count may be a scalar), and every numeric
     hyper-parameter of its groups is finite."""
@@ -591,8 +602,9 @@ def _check_optimizer_state(optimizer, path: PathLike) -> None:
                                           f"parameter {p.dtype} {list(p.shape)}")
 
 
-def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, optimizer=None, scheduler=None,
-                    map_location="cpu", restore_rng: bool = False, backbone: Optional[str] = None,
+def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None,
+                    optimizer: Optional[Optimizer] = None, scheduler: Optional[Stateful] = None,
+                    map_location: MapLocation = "cpu", restore_rng: bool = False, backbone: Optional[str] = None,
                     num_classes: Optional[int] = None) -> Dict[str, Any]:
     """Read a checkpoint; load its states into the given model/optimizer/scheduler; return the dict.
 

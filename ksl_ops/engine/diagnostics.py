@@ -16,17 +16,20 @@ Per epoch (:func:`head_bn_variance`):
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..losses import KSLLoss
 
 __all__ = ["step_diagnostics", "head_bn_variance"]
 
 
 @torch.no_grad()
 def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor], labels: torch.Tensor,
-                     criterion, epoch: int) -> Dict[str, torch.Tensor]:
+                     criterion: KSLLoss, epoch: int) -> Dict[str, torch.Tensor]:
     """Per-branch CE and embedding norm, and the share of active triplet anchors, as 0-d tensors."""
     out: Dict[str, torch.Tensor] = {}
     for i, (z, e) in enumerate(zip(logits, embeddings)):
@@ -44,7 +47,7 @@ def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor],
         if e.size(0) == 1:
             e = e.expand(2, -1, -1)
         self_t, cross_t = branch_triplet(e, labels, criterion.margin, reduction="none", backend=criterion.backend)
-        # Invalid anchors' terms are 0 (DESIGN §3.3), so counting terms > 0 needs no mask, only the count.
+        # Invalid anchors' terms are 0 (docs/design.md §3.3), so counting terms > 0 needs no mask, only the count.
         n_valid = _valid_anchor_count(labels).clamp_min(1).to(self_t.dtype)
         B = e.size(0)
         out["triplet_active/self"] = (self_t > 0).sum().to(self_t.dtype) / (B * n_valid)
@@ -57,7 +60,7 @@ def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor],
 @torch.no_grad()
 def head_bn_variance(model: torch.nn.Module) -> Dict[str, float]:
     """Mean running variance of the head BN of every branch (main branch first)."""
-    heads = []
+    heads: List[Any] = []
     base = getattr(model, "base", model)
     if hasattr(base, "head"):
         heads.append(base.head)

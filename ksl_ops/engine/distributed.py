@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,12 +53,12 @@ class DistEnv:
         return self.rank == 0
 
     @property
-    def group(self):
+    def group(self) -> Optional[dist.ProcessGroup]:
         """The process group for KSLLoss (None when not distributed)."""
         return dist.group.WORLD if self.enabled else None
 
     @classmethod
-    def setup(cls, device: torch.device):
+    def setup(cls, device: torch.device) -> Tuple[DistEnv, torch.device]:
         """Join the process group torchrun set up the environment for; returns (env, device).
 
         On CUDA each process uses the GPU of its LOCAL_RANK."""
@@ -91,7 +91,8 @@ class DistEnv:
                              f"gets whole identities; e.g. --batch-size {max(1, round(batch_size / unit)) * unit}")
         return batch_size // self.world_size
 
-    def wrap(self, model: torch.nn.Module, device: torch.device, sync_bn: bool = False):
+    def wrap(self, model: torch.nn.Module, device: torch.device, sync_bn: bool = False
+             ) -> Tuple[torch.nn.Module, torch.nn.Module]:
         """(model, train_model): the model whose state is saved and evaluated (BatchNorm converted to
         SyncBatchNorm if asked) and what the training step calls (DDP around it when distributed)."""
         if sync_bn and self.enabled:
@@ -111,7 +112,7 @@ class DistEnv:
         return (seed + 1_000_003 * self.rank) % (2 ** 31)
 
     @contextlib.contextmanager
-    def main_first(self):
+    def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. rendering the synthetic set), then the others."""
         if self.enabled and not self.is_main:
             self.barrier()
@@ -134,11 +135,11 @@ class DistEnv:
         dist.all_reduce(sums)
         slowest = torch.tensor([record["time_s"]], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        sums, slowest = sums.tolist(), float(slowest)
+        total, time_s = sums.tolist(), float(slowest)
         out = dict(record)
-        out["loss"] = {k: sums[i] / self.world_size for i, k in enumerate(keys)}
-        out["time_s"] = slowest
-        out["images_per_s"] = sums[-1] / max(slowest, 1e-9)
+        out["loss"] = {k: total[i] / self.world_size for i, k in enumerate(keys)}
+        out["time_s"] = time_s
+        out["images_per_s"] = total[-1] / max(time_s, 1e-9)
         out["world_size"] = self.world_size
         return out
 
@@ -148,7 +149,7 @@ class DistEnv:
             self.owns_group = False
 
 
-def main_only(env: Optional[DistEnv], fn):
+def main_only(env: Optional[DistEnv], fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn` on rank 0, a no-op elsewhere (for log callbacks)."""
     if env is None or env.is_main:
         return fn

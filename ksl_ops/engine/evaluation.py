@@ -14,10 +14,13 @@ into existing scripts.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Tuple
+from typing import Any, Dict, Iterable, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+# An array argument: a NumPy array, a torch tensor or a sequence of numbers.
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Any]]
 
 __all__ = ["evaluate_reid", "extract_features", "cosine_distance"]
 
@@ -27,7 +30,7 @@ __all__ = ["evaluate_reid", "extract_features", "cosine_distance"]
 _EVAL_BLOCK_ELEMENTS = 1 << 22
 
 
-def _as_numpy(x, name: str, ndim: int) -> np.ndarray:
+def _as_numpy(x: object, name: str, ndim: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -36,7 +39,8 @@ def _as_numpy(x, name: str, ndim: int) -> np.ndarray:
     return x
 
 
-def evaluate_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> Dict[str, object]:
+def evaluate_reid(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
+                  max_rank: int = 50) -> Dict[str, object]:
     """Single-query CMC and mAP with the Market-1501 protocol.
 
     Args:
@@ -116,7 +120,8 @@ def evaluate_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, loader, device="cpu") -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def extract_features(model: torch.nn.Module, loader: Iterable[Any],
+                     device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Main-branch embeddings of every image in `loader`.
 
     The model is put in eval mode (a plain backbone or an IsomorphicNet: both return the 512-D
@@ -144,7 +149,7 @@ def extract_features(model: torch.nn.Module, loader, device="cpu") -> Tuple[torc
     return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)
 
 
-def cosine_distance(qf, gf) -> np.ndarray:
+def cosine_distance(qf: ArrayLike, gf: ArrayLike) -> np.ndarray:
     """1 − cos(q, g) for every query/gallery pair: float32 NumPy array [num_q, num_g], in [0, 2]."""
     qf = torch.as_tensor(qf).float()
     gf = torch.as_tensor(gf).float()

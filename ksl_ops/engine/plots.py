@@ -5,8 +5,10 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .._typing import StrPath
 
-def _pyplot():
+
+def _pyplot() -> Any:
     import matplotlib
 
     # Force the file-only backend before pyplot is imported anywhere in this process.
@@ -16,7 +18,8 @@ def _pyplot():
     return plt
 
 
-def _plot_diag(ax, history: List[Dict[str, Any]], prefix: str, ylabel: str, title: str, log: bool = False):
+def _plot_diag(ax: Any, history: List[Dict[str, Any]], prefix: str, ylabel: str, title: str,
+               log: bool = False) -> List[str]:
     keys = sorted({k for h in history for k in h.get("diag", {}) if k.startswith(prefix)})
     for key in keys:
         pts = [(h["epoch"], h["diag"][key]) for h in history if key in h.get("diag", {})]
@@ -31,7 +34,7 @@ def _plot_diag(ax, history: List[Dict[str, Any]], prefix: str, ylabel: str, titl
     return keys
 
 
-def plot_training_curves(history: List[Dict[str, Any]], path, title: str = "",
+def plot_training_curves(history: List[Dict[str, Any]], path: StrPath, title: str = "",
                          num_classes: int = 0) -> Path:
     """Loss parts, learning rate and evaluation R1/mAP per epoch, plus (when the records have
     "diag", see diagnostics.py) per-branch CE against its uniform value log K, embedding norms, head

@@ -23,10 +23,16 @@ dense besides the returned q × g matrix itself.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+# A distance matrix as the caller holds it: a NumPy array or a torch tensor.
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# A sparse matrix in compressed rows: (indptr, indices, values).
+CSR = Tuple[np.ndarray, np.ndarray, np.ndarray]
 
 __all__ = ["re_ranking"]
 
@@ -34,7 +40,7 @@ __all__ = ["re_ranking"]
 _DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
 
-def _as_float_array(x, name: str, shape: Tuple[int, int]) -> np.ndarray:
+def _as_float_array(x: ArrayLike, name: str, shape: Optional[Tuple[int, int]]) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -52,7 +58,7 @@ def _as_float_array(x, name: str, shape: Tuple[int, int]) -> np.ndarray:
 class _Distances:
     """Row access to the row-normalised squared distance over all q+g images, without building it."""
 
-    def __init__(self, q_g, q_q, g_g):
+    def __init__(self, q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray) -> None:
         self.q_g, self.q_q, self.g_g = q_g, q_q, g_g
         self.num_q, self.num_g = q_g.shape
         self.n = self.num_q + self.num_g
@@ -142,7 +148,7 @@ def _dedupe_rows(cols: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return rows, s[keep]
 
 
-def _k_reciprocal_weights(dist: _Distances, ranks: np.ndarray, k1: int, budget: int):
+def _k_reciprocal_weights(dist: _Distances, ranks: np.ndarray, k1: int, budget: int) -> CSR:
     """Sparse V of step 3 (before query expansion), CSR (indptr, indices, values)."""
     n = dist.n
     k = min(k1 + 1, n)
@@ -179,7 +185,8 @@ def _k_reciprocal_weights(dist: _Distances, ranks: np.ndarray, k1: int, budget: 
     return indptr, np.concatenate(all_cols), np.concatenate(all_vals)
 
 
-def _gather_csr(indptr, indices, values, rows: np.ndarray):
+def _gather_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(owner position in `rows`, column, value) of all entries of the given CSR rows."""
     starts = indptr[rows]
     counts = indptr[rows + 1] - starts
@@ -189,7 +196,7 @@ def _gather_csr(indptr, indices, values, rows: np.ndarray):
     return owner, indices[offsets], values[offsets]
 
 
-def _query_expansion(csr, ranks: np.ndarray, k2: int, n: int, budget: int):
+def _query_expansion(csr: CSR, ranks: np.ndarray, k2: int, n: int, budget: int) -> CSR:
     """V_qe[i] = mean of V[j] over the k2 nearest images j of i (step 3, local query expansion)."""
     indptr, indices, values = csr
     new_ptr = np.zeros(n + 1, dtype=np.int64)
@@ -211,8 +218,8 @@ def _query_expansion(csr, ranks: np.ndarray, k2: int, n: int, budget: int):
     return new_ptr, np.concatenate(cols_out), np.concatenate(vals_out)
 
 
-def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               block_size: int = None) -> np.ndarray:
+def re_ranking(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: ArrayLike, k1: int = 20, k2: int = 6,
+               lambda_value: float = 0.3, block_size: Optional[int] = None) -> np.ndarray:
     """k-reciprocal re-ranked query-gallery distances.
 
     Args:

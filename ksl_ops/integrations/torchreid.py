@@ -25,17 +25,23 @@ torchreid is imported when :class:`ImageKSLEngine` is first used, not when ``ksl
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
+
+from .._typing import Backend
+
+if TYPE_CHECKING:
+    from ..losses import KSLLoss
 
 # ImageKSLEngine is built by the module __getattr__ on first use (it subclasses torchreid's Engine).
 __all__ = ["ImageKSLEngine", "torchreid_module"]  # noqa: F822
 
-_CLASS = None
+_CLASS: Optional[type] = None
 
 
-def torchreid_module(name: str):
+def torchreid_module(name: str) -> ModuleType:
     """``torchreid.<name>`` in upstream's layout or ``torchreid.reid.<name>`` in the registry's 0.2.5."""
     errors = []
     for prefix in ("torchreid.reid.", "torchreid."):
@@ -47,20 +53,21 @@ def torchreid_module(name: str):
                       "torchvision that matches your torch); " + "; ".join(errors))
 
 
-def default_loss(num_classes: int, backend: Optional[str] = None):
+def default_loss(num_classes: int, backend: Optional[Backend] = None) -> KSLLoss:
     """The KSL objective the engine uses when none is given: every term from the first step (as
     torchreid's triplet engine runs its triplet), with the project's recipe (KSL-E and the triplets
     on L2-normalised embeddings). Pass your own :class:`ksl_ops.KSLLoss` for a from-scratch schedule
     (``triplet_start_epoch``, ``consensus_start_epoch``) or the paper's literal recipe."""
     from .. import KSLLoss, _ext
+
     return KSLLoss(num_classes, backend=backend or ("fused" if _ext.available() else "reference"),
                    normalize_e=True, normalize_triplet=True, triplet_start_epoch=0, consensus_start_epoch=None)
 
 
-def _build_class():
+def _build_class() -> type:
     engine_mod = torchreid_module("engine")
     metrics = torchreid_module("metrics")
-    Engine = engine_mod.Engine
+    Engine: Any = engine_mod.Engine
 
     class ImageKSLEngine(Engine):
         """torchreid ``Engine`` whose step is one KSL step (eq. 1) over every branch of ``model``.
@@ -86,8 +93,9 @@ def _build_class():
         Rank-1 and mAP (fractions) and the epoch they were measured at.
         """
 
-        def __init__(self, datamanager, model, optimizer, scheduler=None, loss=None, use_gpu: bool = True,
-                     pk_loader=None, pk_start_epoch: Optional[int] = None):
+        def __init__(self, datamanager: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any = None, loss: Optional[KSLLoss] = None, use_gpu: bool = True,
+                     pk_loader: Optional[Iterable[Any]] = None, pk_start_epoch: Optional[int] = None) -> None:
             super().__init__(datamanager, use_gpu)
             self.model = model
             self.optimizer = optimizer
@@ -100,12 +108,12 @@ def _build_class():
                                    else getattr(self.criterion, "triplet_start_epoch", 0))
             self.results: Dict[str, Dict[str, Any]] = {}
 
-        def train(self, *args, **kwargs):
+        def train(self, *args: Any, **kwargs: Any) -> Any:
             use_pk = self.pk_loader is not None and self.epoch >= self.pk_start_epoch
-            self.train_loader = self.pk_loader if use_pk else self.first_loader
+            self.train_loader: Any = self.pk_loader if use_pk else self.first_loader
             return super().train(*args, **kwargs)
 
-        def branch_outputs(self, imgs):
+        def branch_outputs(self, imgs: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
             """[(logits, embedding)] * B from the model's train forward."""
             outs = self.model(imgs)
             if isinstance(outs, tuple) and len(outs) == 2 and all(isinstance(t, torch.Tensor) for t in outs):
@@ -117,7 +125,7 @@ def _build_class():
                     f"(a torchreid model built with loss='triplet'); got {type(outs).__name__}")
             return outs
 
-        def forward_backward(self, data):
+        def forward_backward(self, data: Any) -> Dict[str, float]:
             imgs, pids = self.parse_data_for_train(data)
             if self.use_gpu:
                 imgs, pids = imgs.cuda(), pids.cuda()
@@ -131,7 +139,7 @@ def _build_class():
             summary["acc"] = metrics.accuracy(outs[0][0].detach(), pids)[0].item()
             return summary
 
-        def _evaluate(self, dataset_name="", *args, **kwargs):
+        def _evaluate(self, dataset_name: str = "", *args: Any, **kwargs: Any) -> Tuple[float, float]:
             rank1, mAP = super()._evaluate(dataset_name, *args, **kwargs)
             self.results[dataset_name] = {"rank1": float(rank1), "mAP": float(mAP), "epoch": int(self.epoch)}
             return rank1, mAP
@@ -140,7 +148,7 @@ def _build_class():
     return ImageKSLEngine
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     global _CLASS
     if name == "ImageKSLEngine":
         if _CLASS is None:

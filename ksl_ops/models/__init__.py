@@ -15,7 +15,7 @@ from torch import nn
 
 from .cmsnet import CMSNet
 from .flops import count_flops, count_params
-from .head import FEATURE_DIM, NECKS, ReIDBackbone, ReIDHead, init_weights
+from .head import FEATURE_DIM, NECKS, Neck, ReIDBackbone, ReIDHead, init_weights
 from .isomorphic import AuxiliaryBranch, IsomorphicNet, TracedIsomorphicNet, with_isomorphic_branches
 from .mobilenetv2 import MobileNetV2
 from .shufflenetv2 import ShuffleNetV2
@@ -37,6 +37,7 @@ __all__ = [
     "init_weights",
     "FEATURE_DIM",
     "NECKS",
+    "Neck",
 ]
 
 BACKBONES = {
@@ -46,7 +47,7 @@ BACKBONES = {
 }
 
 
-def build_backbone(name: str, num_classes: int = 751, neck: str = "fc") -> nn.Module:
+def build_backbone(name: str, num_classes: int = 751, neck: Neck = "fc") -> nn.Module:
     """A freshly initialised backbone with the Re-ID head; ``name`` in :data:`BACKBONES`.
 
     ``neck`` says which head tensor is the embedding (:data:`ksl_ops.models.NECKS`): ``"fc"`` (the

@@ -50,10 +50,12 @@ KSL taps (paper Figure 4): the inputs of ``conv3`` and ``conv4``.
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import nn
 
-from .head import ConvBNAct, ReIDBackbone, ReIDHead, _check_num_classes
+from .head import ConvBNAct, Neck, ReIDBackbone, ReIDHead, _check_num_classes
 
 __all__ = ["CMSNet", "CMSBlock", "ScaleSelection"]
 
@@ -140,7 +142,7 @@ class _Transition(nn.Sequential):
 
 
 def _stage(in_channels: int, out_channels: int, blocks: int, transition: bool) -> nn.Sequential:
-    layers = [CMSBlock(in_channels, out_channels)]
+    layers: List[nn.Module] = [CMSBlock(in_channels, out_channels)]
     layers += [CMSBlock(out_channels, out_channels) for _ in range(blocks - 1)]
     if transition:
         layers.append(_Transition(out_channels))
@@ -157,7 +159,7 @@ class CMSNet(ReIDBackbone):
     channels = (64, 256, 384, 512)
     blocks = (2, 2, 2)
 
-    def __init__(self, num_classes: int = 751, neck: str = "fc"):
+    def __init__(self, num_classes: int = 751, neck: Neck = "fc") -> None:
         num_classes = _check_num_classes(num_classes)
         c = self.channels
         stem = nn.Sequential(

@@ -9,6 +9,7 @@ module actually runs (in eval mode: the main branch up to the 512-D embedding, n
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -49,11 +50,11 @@ def count_flops(model: nn.Module, height: int = 256, width: int = 128) -> int:
 
     total = 0
 
-    def hook(m, inputs, out):
+    def hook(m: nn.Module, inputs: Tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
         if isinstance(m, nn.Linear):
             total += _linear_macs(m, out)
-        else:
+        elif isinstance(m, nn.modules.conv._ConvNd):  # the hook is registered on these two kinds only
             total += _conv_macs(m, out)
 
     modes = {m: m.training for m in model.modules()}

@@ -7,12 +7,13 @@ any named stage without knowing which network it is looking at.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ConvBNAct", "ReIDHead", "NECKS", "check_neck", "ReIDBackbone", "init_weights", "FEATURE_DIM"]
+__all__ = ["ConvBNAct", "ReIDHead", "NECKS", "Neck", "HeadOutput", "check_neck", "ReIDBackbone", "init_weights",
+           "FEATURE_DIM"]
 
 #: Width of the embedding the KSL losses and retrieval use (paper §4.2: "512-D embedding features
 #: from the fully-connected layer").
@@ -48,10 +49,14 @@ class ConvBNAct(nn.Sequential):
 #: - ``"bnneck"``: the BN output (the classifier's input) is the embedding: its scale is the BN's affine
 #:   weight, not the FC's output scale.
 #: - ``"osnet"``: ReLU(BN(FC)) is the embedding and the classifier input, as torchreid's OSNet head.
-NECKS = ("fc", "bnneck", "osnet")
+Neck = Literal["fc", "bnneck", "osnet"]
+NECKS: Tuple[Neck, ...] = ("fc", "bnneck", "osnet")
+
+# What a head (and a ReIDBackbone) returns: the embedding in eval mode, (logits, embedding) in training.
+HeadOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
-def check_neck(neck) -> str:
+def check_neck(neck: object) -> Neck:
     if neck not in NECKS:
         raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
     return neck
@@ -70,7 +75,7 @@ class ReIDHead(nn.Module):
     """
 
     def __init__(self, conv: nn.Module, conv_channels: int, num_classes: int,
-                 feature_dim: int = FEATURE_DIM, neck: str = "fc"):
+                 feature_dim: int = FEATURE_DIM, neck: Neck = "fc") -> None:
         super().__init__()
         self.neck = check_neck(neck)
         self.conv = conv
@@ -82,7 +87,7 @@ class ReIDHead(nn.Module):
     def extra_repr(self) -> str:
         return f"neck={self.neck!r}"
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> HeadOutput:
         x = self.pool(self.conv(x)).flatten(1)
         emb = self.fc(x)
         if self.neck == "fc":
@@ -122,7 +127,7 @@ def init_weights(module: nn.Module) -> nn.Module:
     return module
 
 
-def _check_num_classes(num_classes) -> int:
+def _check_num_classes(num_classes: object) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return num_classes
@@ -158,7 +163,7 @@ class ReIDBackbone(nn.Module):
         """Initialise ``module`` (this network or a copy of some of its parts) from scratch."""
         return init_weights(module)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> HeadOutput:
         x = self.stem(x)
         for stage in self.stages.values():
             x = stage(x)

@@ -26,12 +26,18 @@ model (the very same module, so its parameters, count, FLOPs and outputs are the
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Set, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from .head import init_weights
+
+# How a branch's weights start: fresh ("reinit"), a copy of the main branch's ("copy"), or a callable(branch).
+Init = Union[Literal["reinit", "copy"], Callable[[nn.Module], object]]
+
+# A net's output: the main branch's embedding in eval mode, (logits, embedding) per branch in train mode.
+BranchOutputs = Union[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]
 
 __all__ = ["IsomorphicNet", "TracedIsomorphicNet", "AuxiliaryBranch", "with_isomorphic_branches"]
 
@@ -45,7 +51,7 @@ class AuxiliaryBranch(nn.Module):
         self.stages = stages
         self.head = head
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Any:
         for stage in self.stages.values():
             x = stage(x)
         return self.head(x)
@@ -58,7 +64,7 @@ class IsomorphicNet(nn.Module):
     the order the taps were given. Eval mode: ``net(x) -> emb`` of the main branch.
     """
 
-    def __init__(self, model: nn.Module, taps: Iterable[str] | str | None = None, init="reinit"):
+    def __init__(self, model: nn.Module, taps: Iterable[str] | str | None = None, init: Init = "reinit") -> None:
         super().__init__()
         _check_init(init)
         for attr in ("stem", "stages", "head"):
@@ -86,14 +92,14 @@ class IsomorphicNet(nn.Module):
             raise ValueError(f"taps must be distinct, {dupes!r} given more than once "
                              f"(valid stage names: {stage_names})")
 
-        self.base = model
+        self.base: Any = model
         self.taps = taps
         reinit = init if callable(init) else getattr(model, "init_weights", init_weights)
         branches = []
         for tap in taps:
             later = stage_names[stage_names.index(tap):]
-            stages = nn.ModuleDict((name, copy.deepcopy(model.stages[name])) for name in later)
-            branch = AuxiliaryBranch(tap, stages, copy.deepcopy(model.head))
+            stages = nn.ModuleDict({name: copy.deepcopy(model.stages[name]) for name in later})
+            branch = AuxiliaryBranch(tap, stages, copy.deepcopy(cast(nn.Module, model.head)))
             if init != "copy":
                 reinit(branch)
             branches.append(branch)
@@ -116,18 +122,18 @@ class IsomorphicNet(nn.Module):
         """The plain base model (shares every parameter with this net; no branch attached)."""
         return self.base
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> BranchOutputs:
         if not self.training:
             return self.base(x)
         base = self.base
         x = base.stem(x)
-        tapped = {}
+        tapped: Dict[str, torch.Tensor] = {}
         for name, stage in base.stages.items():
             tapped[name] = x  # the input of this stage: what a branch tapping here consumes
             x = stage(x)
         outputs = [base.head(x)]
         for branch in self.branches:
-            outputs.append(branch(tapped[branch.tap]))
+            outputs.append(branch(tapped[cast(AuxiliaryBranch, branch).tap]))
         return outputs
 
 
@@ -140,7 +146,7 @@ class IsomorphicNet(nn.Module):
 _INITS = ("reinit", "copy")
 
 
-def _check_init(init) -> None:
+def _check_init(init: object) -> None:
     if not (callable(init) or (isinstance(init, str) and init in _INITS)):
         raise ValueError(f"init must be 'reinit', 'copy' or a callable(branch) -> None, got {init!r}")
 
@@ -156,10 +162,10 @@ class _Replay(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.name = name
-        self._outputs = None
+        self._outputs: Optional[List[Any]] = None
         self._cursor = 0
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         outs = self._outputs
         if outs is None or self._cursor >= len(outs):
             raise RuntimeError(
@@ -173,7 +179,7 @@ class _Replay(nn.Module):
         return f"replays {self.name!r} of the main branch"
 
 
-def _first_tensor(x):
+def _first_tensor(x: object) -> Optional[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, (list, tuple)):
@@ -186,7 +192,7 @@ def _first_tensor(x):
     return None
 
 
-def _pair(out, model: nn.Module):
+def _pair(out: object, model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """(logits, embedding) from a train-mode forward's output, or a TypeError that says what to build."""
     if (isinstance(out, (tuple, list)) and len(out) == 2
             and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in out)):
@@ -206,20 +212,20 @@ class _Trace:
     The model's state is left as it was: buffers (BN statistics), train/eval modes and the RNG.
     """
 
-    def __init__(self, model: nn.Module, x, taps):
-        self.calls: dict = {}      # name -> [(pre index, post index)], in call order
-        self.tap_out: dict = {}    # tap -> its output (to check it reaches the head)
+    def __init__(self, model: nn.Module, x: torch.Tensor, taps: Set[str]) -> None:
+        self.calls: Dict[str, List[Tuple[int, int]]] = {}      # name -> [(pre index, post index)], in call order
+        self.tap_out: Dict[str, Any] = {}  # tap -> its output (to check it reaches the head)
         modes = [(m, m.training) for m in model.modules()]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         counter = [0]
-        open_calls: dict = {}
+        open_calls: Dict[str, List[int]] = {}
         handles = []
 
-        def pre(mod, args, name):
+        def pre(mod: nn.Module, args: Any, name: str) -> None:
             open_calls.setdefault(name, []).append(counter[0])
             counter[0] += 1
 
-        def post(mod, args, out, name):
+        def post(mod: nn.Module, args: Any, out: Any, name: str) -> None:
             self.calls.setdefault(name, []).append((open_calls[name].pop(), counter[0]))
             counter[0] += 1
             if name in taps and name not in self.tap_out:
@@ -235,13 +241,13 @@ class _Trace:
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.enable_grad():
                 x = x.detach().clone().requires_grad_(True)
                 out = model(x)
-                self.logits, self.emb = _pair(out, model)
+                logits, emb = _pair(out, model)
                 self.reaches = {}
                 for tap, t_out in self.tap_out.items():
                     t = _first_tensor(t_out)
                     ok = t is not None and t.requires_grad
-                    if ok:
-                        for target in (self.logits, self.emb):
+                    if t is not None and ok:
+                        for target in (logits, emb):
                             g = torch.autograd.grad(target.sum(), t, retain_graph=True, allow_unused=True)[0]
                             ok = ok and g is not None
                     self.reaches[tap] = ok
@@ -253,9 +259,8 @@ class _Trace:
                     b.copy_(saved)
             for m, mode in modes:
                 m.training = mode
-        self.num_classes = int(self.logits.shape[-1])
-        self.feature_dim = int(self.emb.shape[-1])
-        self.logits = self.emb = None
+        self.num_classes = int(logits.shape[-1])
+        self.feature_dim = int(emb.shape[-1])
         self.tap_out = {}
         # the top-level-ish modules, in the order forward first calls them (for error messages)
         order = sorted(self.calls, key=lambda n: self.calls[n][0][0])
@@ -291,7 +296,8 @@ class TracedIsomorphicNet(nn.Module):
     FLOPs); :meth:`main_branch` returns ``model`` itself.
     """
 
-    def __init__(self, model: nn.Module, taps: Iterable[str] | str, init="reinit", example_input=None):
+    def __init__(self, model: nn.Module, taps: Iterable[str] | str, init: Init = "reinit",
+                 example_input: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         _check_init(init)
         if isinstance(taps, str):
@@ -344,22 +350,24 @@ class TracedIsomorphicNet(nn.Module):
         self._replay_names = sorted({n for names in replays for n in names})
 
     @staticmethod
-    def _build_branch(model, modules, trace, tap):
+    def _build_branch(model: nn.Module, modules: Dict[str, nn.Module], trace: _Trace,
+                      tap: str) -> Tuple[nn.Module, List[str], List[torch.Tensor]]:
         """A deep copy of ``model`` holding its own copies of ``tap`` and what runs after it."""
         start = trace.calls[tap][0][0]
-        memo: dict = {}
-        replayed, shared = [], []
+        memo: Dict[int, Any] = {}
+        replayed: List[str] = []
+        shared: List[torch.Tensor] = []
 
-        def has_state(m):
+        def has_state(m: nn.Module) -> bool:
             return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
 
-        def share_direct(m):
+        def share_direct(m: nn.Module) -> None:
             for v in list(m._parameters.values()) + list(m._buffers.values()):
                 if v is not None:
                     memo[id(v)] = v
                     shared.append(v)
 
-        def visit(name, m):
+        def visit(name: str, m: nn.Module) -> None:
             prefix = name + "." if name else ""
             for child_name, child in m.named_children():
                 full = prefix + child_name
@@ -413,11 +421,11 @@ class TracedIsomorphicNet(nn.Module):
         """The model itself (shares every parameter with this net; no branch attached)."""
         return self.base
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> BranchOutputs:
         if not self.training:
             return self.base(x, *args, **kwargs)
-        recorded = {n: [] for n in self._replay_names}
-        tap_inputs: dict = {}
+        recorded: Dict[str, List[Any]] = {n: [] for n in self._replay_names}
+        tap_inputs: Dict[str, Any] = {}
         handles = []
         try:
             for n in self._replay_names:
@@ -448,7 +456,7 @@ class TracedIsomorphicNet(nn.Module):
         return outputs
 
 
-def _reinit(branch: nn.Module, shared) -> None:
+def _reinit(branch: nn.Module, shared: List[torch.Tensor]) -> None:
     """Fresh weights for a branch's own modules: the model's ``_init_params()`` (torchreid's models)
     if it has one, else ``reset_parameters()`` of every module that has it. Tensors the branch shares
     with the main branch are left as they were."""
@@ -467,13 +475,13 @@ def _reinit(branch: nn.Module, shared) -> None:
             t.copy_(value)
 
 
-def _is_ksl_backbone(model) -> bool:
+def _is_ksl_backbone(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("stem", "stages", "head")) and isinstance(
         getattr(model, "stages", None), nn.ModuleDict)
 
 
-def with_isomorphic_branches(model: nn.Module, taps: Iterable[str] | str | None = None, init="reinit",
-                             example_input=None) -> nn.Module:
+def with_isomorphic_branches(model: nn.Module, taps: Iterable[str] | str | None = None, init: Init = "reinit",
+                             example_input: Optional[torch.Tensor] = None) -> nn.Module:
     """Attach one isomorphic auxiliary branch per tap to ``model``; a branch starts at a tap's input.
 
     - This package's backbones (``ksl_ops.models.build_backbone``): ``taps`` are stage names, ``None``
@@ -493,7 +501,8 @@ def with_isomorphic_branches(model: nn.Module, taps: Iterable[str] | str | None 
     _check_init(init)
     if _is_ksl_backbone(model):
         tap_list = [taps] if isinstance(taps, str) else (None if taps is None else list(taps))
-        if tap_list is None or all(isinstance(t, str) and t in model.stages for t in tap_list) \
+        stages: Any = model.stages
+        if tap_list is None or all(isinstance(t, str) and t in stages for t in tap_list) \
                 or not all(isinstance(t, str) and "." in t for t in tap_list):
             return IsomorphicNet(model, taps, init=init)
     if taps is None:

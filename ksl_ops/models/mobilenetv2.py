@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .head import ConvBNAct, ReIDBackbone, ReIDHead, _check_num_classes
+from .head import ConvBNAct, Neck, ReIDBackbone, ReIDHead, _check_num_classes
 
 __all__ = ["MobileNetV2", "InvertedResidual"]
 
@@ -71,7 +71,7 @@ class MobileNetV2(ReIDBackbone):
     Default taps: ``["bottleneck4", "bottleneck6"]`` (KSL paper §4.3).
     """
 
-    def __init__(self, num_classes: int = 751, neck: str = "fc"):
+    def __init__(self, num_classes: int = 751, neck: Neck = "fc") -> None:
         num_classes = _check_num_classes(num_classes)
         stem = ConvBNAct(3, 32, 3, stride=2, act=nn.ReLU6)
         stages = []

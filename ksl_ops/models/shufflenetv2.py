@@ -6,10 +6,12 @@ Output stride 32. KSL taps: the inputs of ``stage3`` and ``stage4``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from .head import ConvBNAct, ReIDBackbone, ReIDHead, _check_num_classes
+from .head import ConvBNAct, Neck, ReIDBackbone, ReIDHead, _check_num_classes
 
 __all__ = ["ShuffleNetV2", "ShuffleUnit", "channel_shuffle"]
 
@@ -46,6 +48,7 @@ class ShuffleUnit(nn.Module):
             ConvBNAct(half, half, 3, stride=stride, groups=half, act=None),
             ConvBNAct(half, half, 1),
         )
+        self.shortcut: Optional[nn.Sequential]
         if stride == 2:
             self.shortcut = nn.Sequential(
                 ConvBNAct(in_channels, in_channels, 3, stride=2, groups=in_channels, act=None),
@@ -66,7 +69,7 @@ class ShuffleUnit(nn.Module):
 class ShuffleNetV2(ReIDBackbone):
     """ShuffleNetV2 x1.0 with the Re-ID head. Default taps: ``["stage3", "stage4"]``."""
 
-    def __init__(self, num_classes: int = 751, neck: str = "fc"):
+    def __init__(self, num_classes: int = 751, neck: Neck = "fc") -> None:
         num_classes = _check_num_classes(num_classes)
         c = _STAGE_CHANNELS
         stem = nn.Sequential(
