@@ -44,7 +44,7 @@ def step_diagnostics(logits: List[torch.Tensor], embeddings: List[torch.Tensor],
         if e.size(0) == 1:
             e = e.expand(2, -1, -1)
         self_t, cross_t = branch_triplet(e, labels, criterion.margin, reduction="none", backend=criterion.backend)
-        # Invalid anchors' terms are 0 (DESIGN §3.3), so counting terms > 0 needs no mask, only the count.
+        # Invalid anchors' terms are 0 (docs/design.md §3.3), so counting terms > 0 needs no mask, only the count.
         n_valid = _valid_anchor_count(labels).clamp_min(1).to(self_t.dtype)
         B = e.size(0)
         out["triplet_active/self"] = (self_t > 0).sum().to(self_t.dtype) / (B * n_valid)
