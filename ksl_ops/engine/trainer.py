@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -449,7 +450,7 @@ class Trainer:
         self._loss_sums: Dict[str, Any] = {}
         self._loss_counts: Dict[str, int] = {}
         self._loaders: Dict[str, Any] = {}
-        self._test_loaders = None
+        self._test_loaders: Optional[Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]] = None
         self._check_batches()
         self.hooks: List[HookBase] = []
         self.register_hooks(*(default_hooks(self.cfg) if hooks is None else hooks))
@@ -526,7 +527,8 @@ class Trainer:
             gen.manual_seed(self.dist.rank_seed(_epoch_seed(self.cfg.seed, epoch)))
         return loader
 
-    def test_loaders(self):
+    def test_loaders(self) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+        """(query loader, gallery loader) of the evaluation, built once."""
         if self._test_loaders is None:
             from ..data import build_test_loaders
 
@@ -535,7 +537,7 @@ class Trainer:
         return self._test_loaders
 
     # -- resume --------------------------------------------------------------------------------
-    def resume(self, path) -> int:
+    def resume(self, path: Union[str, "os.PathLike[str]"]) -> int:
         """Load model, optimizer, schedule, history and RNG from a checkpoint; returns the next epoch."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, map_location=self.device,
                                 restore_rng=True, backbone=self.cfg.backbone, num_classes=self.num_classes)
@@ -561,13 +563,13 @@ class Trainer:
         return self.start_epoch
 
     # -- the step ------------------------------------------------------------------------------
-    def autocast(self):
+    def autocast(self) -> ContextManager[Any]:
         """The autocast context of a training step's forward (a no-op without --amp)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _sync(self):
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
