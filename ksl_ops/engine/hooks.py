@@ -157,7 +157,7 @@ class NaNGuard(HookBase):
         assert out is not None
         if (t.iter % self.every == 0 or t.iter == t.iters - 1) and not bool(torch.isfinite(out.loss.total.detach())):
             raise FloatingPointError(
-                f"the loss became {float(out.loss.total)} at epoch {t.epoch + 1}, iteration {t.iter + 1} "
+                f"the loss became {float(out.loss.total.detach())} at epoch {t.epoch + 1}, iteration {t.iter + 1} "
                 f"(parts: {out.loss.parts}); lower --lr (now {t.cfg.lr}) or check the data")
 
 
