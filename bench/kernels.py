@@ -1,4 +1,4 @@
-"""Kernel micro-benchmarks of the three KSL loss ops (DESIGN.md §7).
+"""Kernel micro-benchmarks of the three KSL loss ops (docs/design.md §7).
 
 For every op, size and available device it times, forward only and forward + backward, side by side
 in one process: the fused op; the readable pure-PyTorch reference, eager and torch.compile'd; the

@@ -1,4 +1,4 @@
-"""Full-training benchmark of KSL (DESIGN.md §7): three backbones, fused vs reference losses.
+"""Full-training benchmark of KSL (docs/design.md §7): three backbones, fused vs reference losses.
 
     python bench/train.py --quick                   # smoke run (a minute on a CPU)
     python bench/train.py                            # backbones + fused/reference, synthetic set

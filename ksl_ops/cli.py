@@ -14,21 +14,9 @@ import json
 import sys
 from typing import List, Optional
 
+from .train_cli import finite_float
+
 __all__ = ["main"]
-
-
-def _reference_train():
-    # reference/ installs as ksl_ops.reference; in a source checkout used without installing it is
-    # the top-level package `reference` (the repository root is on sys.path).
-    try:
-        from .reference import train
-    except ImportError:
-        from reference import train  # type: ignore[no-redef]
-    return train
-
-
-def _finite_float(text: str) -> float:
-    return _reference_train().finite_float(text)
 
 
 def _cmd_eval(argv: List[str]) -> int:
@@ -124,7 +112,7 @@ def _cmd_analyze(argv: List[str]) -> int:
     w = sub.add_parser("weights", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="histograms of each block's convolution weights, overlaid; share of near-zero weights")
     w.add_argument("--out", default="weights.png", help="PNG to write")
-    w.add_argument("--threshold", type=_finite_float, default=None, help="|w| below this counts as dead (default 1e-3)")
+    w.add_argument("--threshold", type=finite_float, default=None, help="|w| below this counts as dead (default 1e-3)")
     w.add_argument("--with-init", action="store_true",
                    help="add the untrained network (first checkpoint's config and seed) as a reference")
     t = sub.add_parser("tsne", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -169,6 +157,7 @@ def _cmd_analyze(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The `ksl` command (the console entry point): dispatch to a subcommand; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": "train a network with KSL and evaluate it (default: synthetic set, ShuffleNetV2, CPU schedule)",
@@ -190,7 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = p.parse_known_args(argv[:1])
     rest = argv[1:]
     if args.command == "train":
-        return _reference_train().main(rest, prog="ksl train")
+        from .train_cli import main as train_main
+
+        return train_main(rest, prog="ksl train")
     if args.command == "eval":
         return _cmd_eval(rest)
     if args.command == "analyze":

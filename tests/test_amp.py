@@ -461,9 +461,7 @@ def test_cli_train_amp(synth_root, tmp_path, capsys):
                      "--progress", "off"]) == 0
     assert "amp fp16" in capsys.readouterr().out
     # The parser: default off, `--amp` alone auto, a bad mode refused.
-    from ksl_ops.cli import _reference_train
-
-    train = _reference_train()
+    from ksl_ops import train_cli as train
     amp = lambda *flags: train.config_from_args(train.build_parser().parse_args(common[1:] + list(flags))).amp  # noqa: E731
     assert (amp(), amp("--amp"), amp("--amp", "fp16"), amp("--amp", "off")) == ("off", "auto", "fp16", "off")
     with pytest.raises(SystemExit) as e:

@@ -13,6 +13,7 @@ from ksl_ops.cli import main as ksl_main
 from ksl_ops.data import RandomPatch, build_dataset
 from ksl_ops.data.label_noise import noisy_labels
 from ksl_ops.engine import TrainConfig, Trainer
+from ksl_ops.engine.hooks import LabelNoise
 from ksl_ops.models import build_backbone, with_isomorphic_branches
 
 from _helpers import SYNTH as TINY_SYNTH
@@ -85,25 +86,22 @@ def test_config_rejects_bad_label_noise():
 
 def test_training_with_label_noise_redraws_the_wrong_labels_every_epoch(synth_root, tmp_path):
     trainer = Trainer(_tiny_config(synth_root, tmp_path, label_noise=0.25, epochs=3), log=lambda s: None)
+    noise = next(h for h in trainer.hooks if isinstance(h, LabelNoise))
     clean = [pid for _, pid, _ in trainer.dataset.train]
     seen = []
     for epoch in range(3):
-        loader = trainer.train_loader(epoch)
-        share = trainer._apply_label_noise(loader, epoch)
-        labels = [pid for _, pid, _ in loader.dataset.items]
-        assert share == pytest.approx(round(0.25 * len(clean)) / len(clean))
+        labels = noise.labels(epoch)
         assert sum(a != b for a, b in zip(labels, clean)) == round(0.25 * len(clean))
-        assert [p for p, _, _ in loader.dataset.items] == [p for p, _, _ in trainer.dataset.train]  # same images
         seen.append(labels)
     assert seen[0] != seen[1] != seen[2]
-    assert trainer.dataset.train[0][1] == clean[0]  # the dataset itself is left clean
     record = trainer.train_epoch(0)
-    assert record["label_noise"] == pytest.approx(share)
+    assert record["label_noise"] == pytest.approx(round(0.25 * len(clean)) / len(clean))
+    # The dataset and the loader's items stay clean: only the labels of each batch change (the hook).
+    assert [pid for _, pid, _ in trainer.dataset.train] == clean
+    assert trainer.train_loader(0).dataset.items == trainer.dataset.train
     # Same (seed, epoch), same noise: a second trainer (another row of a paired comparison) agrees.
     other = Trainer(_tiny_config(synth_root, tmp_path / "o", label_noise=0.25, losses="aux"), log=lambda s: None)
-    loader = other.train_loader(1)
-    other._apply_label_noise(loader, 1)
-    assert [pid for _, pid, _ in loader.dataset.items] == seen[1]
+    assert next(h for h in other.hooks if isinstance(h, LabelNoise)).labels(1) == seen[1]
 
 
 def test_no_label_noise_leaves_the_labels_alone(synth_root, tmp_path):

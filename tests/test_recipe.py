@@ -200,10 +200,8 @@ def test_bad_recipe_names_the_choices():
 
 def test_one_recipe_table_for_loss_config_and_cli():
     from ksl_ops import recipes
-    from ksl_ops.cli import _reference_train
     from ksl_ops.engine import config
-
-    build_parser = _reference_train().build_parser
+    from ksl_ops.train_cli import build_parser
 
     assert config.RECIPES is recipes.RECIPES is ksl_ops.RECIPES
     assert TrainConfig().recipe == recipes.DEFAULT_RECIPE == "ksl-ops"

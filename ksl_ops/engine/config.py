@@ -12,11 +12,11 @@ LR, triplets + P×K from the same 150/350 of the schedule) and changes only the 
 (2.5× the training images/s of CMSNet on a CPU, and the backbone of the README's ablation tables),
 64×32 inputs, 16 epochs on a 64-identity synthetic set (~380 SGD steps), and a larger learning rate
 (0.01 with a 1-epoch linear warm-up), because 0.0015 is tuned for 350 epochs and barely moves a
-from-scratch network in a few hundred steps. Larger rates were tried and fail with all KSL terms on:
-at SGD 0.02 and above the cross-entropy climbs above its uniform value and at 0.05 the network
-collapses to input-independent embeddings (every consensus term ~0, cross-entropy = log K), because
-the unnormalised embedding-distance terms (eq. 8-10) dominate the early gradients. The "paper"
-preset trains CMSNet, the paper's own backbone.
+from-scratch network in a few hundred steps. 0.01 is also about the largest rate that trains with all
+KSL terms on: at SGD 0.02 and above the cross-entropy climbs above its uniform value, and at 0.05 the
+network collapses to input-independent embeddings (every consensus term ~0, cross-entropy = log K),
+because the unnormalised embedding-distance terms (eq. 8-10) dominate the early gradients. The
+"paper" preset trains CMSNet, the paper's own backbone.
 
 What the KSL losses are fed, and when, is the *recipe* (ksl_ops.recipes, `--recipe`): "ksl-ops", the
 default, L2-normalises the embeddings of KSL-E and of the triplets and starts KSL-P/KSL-E with the

@@ -4,6 +4,11 @@
     trainer = Trainer(cfg)
     result = trainer.fit()          # trains, evaluates, writes output_dir/{last.ckpt,metrics.json,curves.png}
 
+The loop runs the step (`Trainer.run_step`) and, around it, hooks (ksl_ops.engine.hooks,
+docs/training-hooks.md): the learning-rate schedule, label noise, the NaN guard, diagnostics,
+evaluation, progress, the checkpoint and metrics.json/curves.png are each a hook that
+`Trainer(cfg, hooks=...)`, `register_hooks` and `remove_hooks` can leave out, replace or add to.
+
 A step: the network's B branches give (logits, embeddings); KSLLoss turns them into eq. 1; SGD steps.
 The loss is differentiated in two phases -- first the loss alone w.r.t. the network outputs, then
 the network with those gradients -- which gives exactly the gradients of one backward pass, and lets
@@ -23,14 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,14 +48,15 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, check_device_name
-from .diagnostics import head_bn_variance, step_diagnostics
 from .distributed import DistEnv, main_only
 from .evaluation import cosine_distance, evaluate_reid, extract_features
+from .hooks import HookBase, default_hooks
 from .outputs import prepare_output_dir
 from .rerank import re_ranking
 
-__all__ = ["Trainer", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device", "resolve_amp",
-           "AMP_DTYPES", "load_dataset", "build_model", "load_trained_model", "config_from_checkpoint", "use_data_root"]
+__all__ = ["Trainer", "TrainBatch", "StepOutput", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device",
+           "resolve_amp", "AMP_DTYPES", "load_dataset", "build_model", "load_trained_model", "config_from_checkpoint",
+           "use_data_root"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,46 +325,88 @@ def _holds_tensor(obj: Any) -> bool:
     return False
 
 
-def _progress_enabled(mode: str) -> bool:
-    if mode == "on":
-        return True
-    if mode == "off":
-        return False
-    # Bars only for a person watching a terminal: not in CI logs, not in pipes.
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 # ---------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class TrainBatch:
+    """The batch of a step: images and labels on the training device, and each image's index in
+    ``dataset.train`` (on the CPU). A ``before_step`` hook may replace ``labels`` (LabelNoise does)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+class StepOutput(NamedTuple):
+    """What a step computed: the KSLLoss output (``loss.total``, ``loss.terms``, ``loss.parts``), the
+    network outputs of every branch (main branch first; not detached) and the seconds spent in the
+    loss's forward and backward (0 unless ``cfg.time_losses``)."""
+
+    loss: Any
+    logits: List[torch.Tensor]
+    embeddings: List[torch.Tensor]
+    loss_time_s: float
+
+
+class _IndexedImages(torch.utils.data.Dataset):
+    """A training ImageDataset whose samples also carry their index: (image, pid, camid, index)."""
+
+    def __init__(self, images: Any):
+        self.images = images
+
+    @property
+    def items(self) -> List[Any]:
+        return self.images.items
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return (*self.images[index], index)
+
+
+def _with_indices(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    """The same loader (sampler, batch size, workers, seeding, generator) over _IndexedImages."""
+    return torch.utils.data.DataLoader(
+        _IndexedImages(loader.dataset), batch_size=loader.batch_size, sampler=loader.sampler,
+        num_workers=loader.num_workers, drop_last=loader.drop_last, pin_memory=loader.pin_memory,
+        persistent_workers=loader.persistent_workers, worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator)
+
+
+# The entries of an epoch record in the order metrics.json lists them, whichever hooks add them;
+# entries not named here follow, in the order they were added.
+_RECORD_ORDER = ("epoch", "lr", "sampler", "iters", "label_noise", "grad_scale", "time_s", "images_per_s", "loss",
+                 "diag", "loss_time_s", "loss_time_share")
+
+
 class Trainer:
-    """Builds data, model, KSL loss, optimizer and schedule from a TrainConfig and runs them."""
+    """Builds data, model, KSL loss, optimizer and schedule from a TrainConfig and runs the training
+    loop: the step (:meth:`run_step`) and, around it, hooks (ksl_ops.engine.hooks).
+
+    ``hooks``: None registers :func:`~ksl_ops.engine.hooks.default_hooks` of the config (what
+    ``ksl train`` runs); a sequence registers exactly those hooks, in that order.
+
+    The state the hooks read and change, besides ``cfg``, ``model``, ``optimizer``, ``scheduler``,
+    ``scaler``, ``criterion``, ``dataset``, ``num_classes``, ``device``, ``dist``, ``log`` and
+    ``output_dir``:
+
+    - ``epoch`` (0-based), ``iter`` (0-based step within the epoch), ``iters`` (steps this epoch),
+      ``loader`` (this epoch's train loader);
+    - ``batch`` (TrainBatch) before and after a step, ``step_output`` (StepOutput) after it;
+    - ``record``: the epoch's record (a dict that becomes an entry of metrics.json's history);
+    - ``history``: the records of the epochs done; ``final``: the final evaluation, once run;
+    - ``stop_after``: stop (checkpointed) after this many epochs of the schedule; ``--resume`` continues.
+    """
 
     CHECKPOINT = "last.ckpt"
     METRICS = "metrics.json"
     CURVES = "curves.png"
 
-    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print, dataset=None):
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print, dataset: Any = None,
+                 hooks: Optional[Sequence[HookBase]] = None):
         from ..losses import KSLLoss
 
         self.cfg = cfg.validated()
@@ -394,10 +440,52 @@ class Trainer:
         self.scheduler = WarmupCosineLR(self.optimizer, cfg.epochs, cfg.warmup_epochs, cfg.min_lr_ratio)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
-        self.stop_after: Optional[int] = None  # stop (checkpointed) after this many epochs; resume later
+        self.stop_after: Optional[int] = None
+        self.final: Optional[Dict[str, Any]] = None
+        self.epoch, self.iter, self.iters = 0, 0, 0
+        self.loader: Any = None
+        self.batch: Optional[TrainBatch] = None
+        self.step_output: Optional[StepOutput] = None
+        self.record: Dict[str, Any] = {}
+        self._loss_sums: Dict[str, Any] = {}
+        self._loss_counts: Dict[str, int] = {}
         self._loaders: Dict[str, Any] = {}
-        self._test_loaders = None
+        self._test_loaders: Optional[Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]] = None
         self._check_batches()
+        self.hooks: List[HookBase] = []
+        self.register_hooks(*(default_hooks(self.cfg) if hooks is None else hooks))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def register_hooks(self, *hooks: HookBase, before: Optional[type] = None) -> None:
+        """Add hooks, in the order given: at the end (at every event they run after the hooks already
+        registered), or with ``before`` (a hook class) just before the first registered hook of that
+        class (ValueError if there is none)."""
+        for h in hooks:
+            if not isinstance(h, HookBase):
+                raise TypeError(f"a hook must be a ksl_ops.engine.hooks.HookBase, got {type(h).__name__}")
+        at = len(self.hooks)
+        if before is not None:
+            at = next((i for i, h in enumerate(self.hooks) if isinstance(h, before)), -1)
+            if at < 0:
+                raise ValueError(f"no {before.__name__} hook is registered to insert before; the hooks are "
+                                 f"{[type(h).__name__ for h in self.hooks]}")
+        for h in hooks:
+            h.trainer = self
+        self.hooks[at:at] = hooks
+
+    def remove_hooks(self, kind: type) -> List[HookBase]:
+        """Take out every registered hook that is an instance of ``kind``; returns them (ValueError if
+        there is none)."""
+        removed = [h for h in self.hooks if isinstance(h, kind)]
+        if not removed:
+            raise ValueError(f"no {kind.__name__} hook is registered; the hooks are "
+                             f"{[type(h).__name__ for h in self.hooks]}")
+        self.hooks = [h for h in self.hooks if not isinstance(h, kind)]
+        return removed
+
+    def _call_hooks(self, event: str) -> None:
+        for h in self.hooks:
+            getattr(h, event)()
 
     def _check_batches(self) -> None:
         """Build the train loader of each sampler the schedule uses and check it yields a batch, so that
@@ -414,7 +502,9 @@ class Trainer:
         """The random sampler before the triplets start, P×K from then on (paper §4.2)."""
         return "pk" if epoch >= self.cfg.triplet_start else "random"
 
-    def train_loader(self, epoch: int):
+    def train_loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        """The train loader of ``epoch``, set to that epoch's order; its batches are
+        (images, pids, camids, indices into dataset.train)."""
         from ..data import build_train_loader
 
         kind = self.sampler_for(epoch)
@@ -424,10 +514,10 @@ class Trainer:
             cfg = self.cfg
             tf = build_transforms(cfg.height, cfg.width, train=True, padding=crop_padding(cfg.height))
             batch = self.dist.per_rank_batch(cfg.batch_size, cfg.num_instances)
-            self._loaders[kind] = build_train_loader(self.dataset, cfg.height, cfg.width, batch,
-                                                     sampler=kind, num_instances=cfg.num_instances,
-                                                     workers=cfg.workers, seed=cfg.seed, transform=tf,
-                                                     num_replicas=self.dist.world_size, rank=self.dist.rank)
+            self._loaders[kind] = _with_indices(build_train_loader(
+                self.dataset, cfg.height, cfg.width, batch, sampler=kind, num_instances=cfg.num_instances,
+                workers=cfg.workers, seed=cfg.seed, transform=tf, num_replicas=self.dist.world_size,
+                rank=self.dist.rank))
         loader = self._loaders[kind]
         # Make the epoch's order a function of (seed, epoch) only, whatever came before.
         if hasattr(loader.sampler, "set_epoch"):
@@ -437,22 +527,8 @@ class Trainer:
             gen.manual_seed(self.dist.rank_seed(_epoch_seed(self.cfg.seed, epoch)))
         return loader
 
-    def _apply_label_noise(self, loader, epoch: int) -> Optional[float]:
-        """With cfg.label_noise > 0, give this epoch's share of training images a wrong identity (drawn
-        anew each epoch from (seed, epoch), the same on every rank; Figure 6); returns the realised share."""
-        if not self.cfg.label_noise:
-            return None
-        from ..data.label_noise import noisy_labels
-
-        clean = self.dataset.train
-        noisy = noisy_labels([pid for _, pid, _ in clean], self.num_classes, self.cfg.label_noise,
-                             seed=_epoch_seed(self.cfg.seed, epoch) ^ 0x5EED)
-        # The loader's sampler keeps grouping by the true identities (P×K draws K images of one person);
-        # only the targets the losses see change, as when an annotator mislabels an image.
-        loader.dataset.items = [(path, y, cam) for (path, _, cam), y in zip(clean, noisy)]
-        return sum(y != pid for y, (_, pid, _) in zip(noisy, clean)) / max(len(clean), 1)
-
-    def test_loaders(self):
+    def test_loaders(self) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+        """(query loader, gallery loader) of the evaluation, built once."""
         if self._test_loaders is None:
             from ..data import build_test_loaders
 
@@ -461,7 +537,7 @@ class Trainer:
         return self._test_loaders
 
     # -- resume --------------------------------------------------------------------------------
-    def resume(self, path) -> int:
+    def resume(self, path: Union[str, "os.PathLike[str]"]) -> int:
         """Load model, optimizer, schedule, history and RNG from a checkpoint; returns the next epoch."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, map_location=self.device,
                                 restore_rng=True, backbone=self.cfg.backbone, num_classes=self.num_classes)
@@ -486,23 +562,76 @@ class Trainer:
         self.log(f"resumed from {path} after epoch {self.start_epoch}/{self.cfg.epochs}")
         return self.start_epoch
 
-    # -- one epoch -----------------------------------------------------------------------------
-    def autocast(self):
+    # -- the step ------------------------------------------------------------------------------
+    def autocast(self) -> ContextManager[Any]:
         """The autocast context of a training step's forward (a no-op without --amp)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _sync(self):
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def run_step(self) -> StepOutput:
+        """One optimisation step on ``self.batch``: forward and loss (under autocast with --amp),
+        backward, optimizer step (fp16: through the gradient scaler)."""
+        batch = self.batch
+        assert batch is not None
+        with self.autocast():
+            outs = self.train_model(batch.images)
+        if isinstance(outs, tuple) and len(outs) == 2 and isinstance(outs[0], torch.Tensor):
+            outs = [outs]  # a plain backbone: one branch
+        logits = [o[0] for o in outs]
+        embs = [o[1] for o in outs]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, loss_time = self._loss_backward(logits, embs, batch.labels)
+        # optimizer.step() (fp16: on the unscaled gradients, skipped if any is inf/NaN; then the scale
+        # adapts). Without a scaler these two lines are optimizer.step().
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return StepOutput(loss, logits, embs, loss_time)
+
+    def _loss_backward(self, logits: List[torch.Tensor], embs: List[torch.Tensor], labels: torch.Tensor):
+        """The loss and its backward through the network (the backward outside autocast, as torch.amp
+        prescribes); returns (KSLLoss output, seconds in the loss's forward + backward)."""
+        if not self.cfg.time_losses:
+            with self.autocast():
+                out = self.criterion(logits, embs, labels, epoch=self.epoch)
+            self.scaler.scale(out.total).backward()
+            return out, 0.0
+        # Phase 1: the loss alone, from detached copies of the network outputs.
+        leaves = [t.detach().requires_grad_() for t in logits + embs]
+        self._sync()
+        t0 = time.perf_counter()
+        with self.autocast():
+            out = self.criterion(leaves[: len(logits)], leaves[len(logits):], labels, epoch=self.epoch)
+        grads = torch.autograd.grad(self.scaler.scale(out.total), leaves, allow_unused=True)
+        self._sync()
+        dt = time.perf_counter() - t0
+        # Phase 2: the network, fed the loss's gradients (outputs the loss did not use get none).
+        pairs = [(t, g) for t, g in zip(logits + embs, grads) if g is not None]
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return out, dt
+
+    def running_loss(self) -> Dict[str, float]:
+        """The mean of each loss part over this epoch's steps so far (a host sync on a GPU)."""
+        return {k: float(v) / self._loss_counts[k] for k, v in self._loss_sums.items()}
+
+    def _add_loss(self, out: Any) -> None:
+        for name, value in out.terms.items():
+            self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach()
+            self._loss_counts[name] = self._loss_counts.get(name, 0) + 1
+        self._loss_sums["total"] = self._loss_sums.get("total", 0.0) + out.total.detach()
+        self._loss_counts["total"] = self._loss_counts.get("total", 0) + 1
+
+    # -- one epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Train one epoch (before_epoch, the steps with before_step/after_step, record_epoch); returns
+        this process's record of it (also ``self.record``)."""
         cfg = self.cfg
-        seed = _epoch_seed(cfg.seed, epoch)
-        _seed_everything(self.dist.rank_seed(seed))
+        _seed_everything(self.dist.rank_seed(_epoch_seed(cfg.seed, epoch)))
         loader = self.train_loader(epoch)
-        noise = self._apply_label_noise(loader, epoch)
         self.model.train()
         iters = len(loader)
         if cfg.max_iters_per_epoch is not None:
@@ -510,104 +639,39 @@ class Trainer:
         if iters == 0:
             raise RuntimeError(f"the train loader yields no batch (batch_size={cfg.batch_size}, "
                                f"{len(self.dataset.train)} train images); lower --batch-size")
-        sums: Dict[str, torch.Tensor] = {}
-        counts: Dict[str, int] = {}
-        diag_sums: Dict[str, torch.Tensor] = {}
-        diag_counts: Dict[str, int] = {}
+        self.epoch, self.iter, self.iters, self.loader = epoch, 0, iters, loader
+        self.record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                       "sampler": self.sampler_for(epoch), "iters": iters}
+        self._loss_sums, self._loss_counts = {}, {}
         n_images = 0
         loss_time = 0.0
-        lr_start = self.optimizer.param_groups[0]["lr"]
-
-        bar = None
-        if self.dist.is_main and _progress_enabled(cfg.progress):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        self._call_hooks("before_epoch")
         self._sync()
         t_epoch = time.perf_counter()
         for it, batch in enumerate(loader):
             if it >= iters:
                 break
-            self.scheduler.step(epoch + it / iters)
-            images = batch[0].to(self.device, non_blocking=True)
-            labels = batch[1].to(self.device, non_blocking=True).long()
-            out, dt, diag = self._step(images, labels, epoch)
-            loss_time += dt
-            n_images += images.size(0)
-            for name, value in diag.items():
-                diag_sums[name] = diag_sums.get(name, 0.0) + value
-                diag_counts[name] = diag_counts.get(name, 0) + 1
-            for name, value in out.terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
-                counts[name] = counts.get(name, 0) + 1
-            sums["total"] = sums.get("total", 0.0) + out.total.detach()
-            counts["total"] = counts.get("total", 0) + 1
-            # Checked every 10 steps, not every step: the check is a host sync on a GPU.
-            if (it % 10 == 0 or it == iters - 1) and not bool(torch.isfinite(out.total.detach())):
-                raise FloatingPointError(
-                    f"the loss became {float(out.total)} at epoch {epoch + 1}, iteration {it + 1} "
-                    f"(parts: {out.parts}); lower --lr (now {cfg.lr}) or check the data")
-            if bar is not None:
-                bar.update(1)
-                if it % 5 == 0 or it == iters - 1:
-                    bar.set_postfix({k: f"{float(v) / counts[k]:.3f}" for k, v in sums.items()}, refresh=False)
-        self.scheduler.step(epoch + 1)
+            self.iter = it
+            self.batch = TrainBatch(images=batch[0].to(self.device, non_blocking=True),
+                                    labels=batch[1].to(self.device, non_blocking=True).long(), indices=batch[3])
+            self._call_hooks("before_step")
+            self.step_output = out = self.run_step()
+            loss_time += out.loss_time_s
+            n_images += self.batch.images.size(0)
+            self._add_loss(out.loss)
+            self._call_hooks("after_step")
         self._sync()
         elapsed = time.perf_counter() - t_epoch
-        if bar is not None:
-            bar.close()
-        loss = {k: float(v) / counts[k] for k, v in sums.items()}
-        diag = {k: float(v) / diag_counts[k] for k, v in diag_sums.items()}
-        diag.update(head_bn_variance(self.model))
-        return {
-            "epoch": epoch + 1,
-            "lr": lr_start,
-            "sampler": self.sampler_for(epoch),
-            "iters": iters,
-            **({"label_noise": noise} if noise is not None else {}),
-            # fp16: the loss scale at the end of the epoch (it halves at every skipped step)
-            **({"grad_scale": float(self.scaler.get_scale())} if self.scaler.is_enabled() else {}),
-            "time_s": elapsed,
-            "images_per_s": n_images / max(elapsed, 1e-9),
-            "loss": loss,
-            "diag": diag,
-            "loss_time_s": loss_time,
-            "loss_time_share": loss_time / max(elapsed, 1e-9),
-        }
-
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
-        # Forward and loss under autocast (--amp); the backward outside it, as torch.amp prescribes.
-        with self.autocast():
-            outs = self.train_model(images)
-        if isinstance(outs, tuple) and len(outs) == 2 and isinstance(outs[0], torch.Tensor):
-            outs = [outs]  # a plain backbone: one branch
-        logits = [o[0] for o in outs]
-        embs = [o[1] for o in outs]
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.time_losses:
-            # Phase 1: the loss alone, from detached copies of the network outputs.
-            leaves = [t.detach().requires_grad_() for t in logits + embs]
-            self._sync()
-            t0 = time.perf_counter()
-            with self.autocast():
-                out = self.criterion(leaves[: len(logits)], leaves[len(logits):], labels, epoch=epoch)
-            grads = torch.autograd.grad(self.scaler.scale(out.total), leaves, allow_unused=True)
-            self._sync()
-            dt = time.perf_counter() - t0
-            # Phase 2: the network, fed the loss's gradients (outputs the loss did not use get none).
-            pairs = [(t, g) for t, g in zip(logits + embs, grads) if g is not None]
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        else:
-            with self.autocast():
-                out = self.criterion(logits, embs, labels, epoch=epoch)
-            self.scaler.scale(out.total).backward()
-            dt = 0.0
-        # optimizer.step() (fp16: on the unscaled gradients, skipped if any is inf/NaN; then the scale
-        # adapts). Without a scaler these two lines are optimizer.step().
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        diag = step_diagnostics(logits, embs, labels, self.criterion, epoch) if self.cfg.diagnostics else {}
-        return out, dt, diag
+        self.batch = self.step_output = None
+        if self.scaler.is_enabled():  # fp16: the loss scale at the end of the epoch (it halves at every skipped step)
+            self.record["grad_scale"] = float(self.scaler.get_scale())
+        self.record.update({"time_s": elapsed, "images_per_s": n_images / max(elapsed, 1e-9),
+                            "loss": self.running_loss(), "loss_time_s": loss_time,
+                            "loss_time_share": loss_time / max(elapsed, 1e-9)})
+        self._call_hooks("record_epoch")
+        r = self.record
+        self.record = {**{k: r[k] for k in _RECORD_ORDER if k in r}, **r}
+        return self.record
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -618,6 +682,9 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
+        """Run the epochs from ``start_epoch`` with the hooks; returns {"config", "final" (the final
+        evaluation, None on other ranks or without the Evaluation hook), "train_time_s", "history"},
+        or {"config", "final": None, "stopped_after", "history"} when ``stop_after`` ends it early."""
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"train: {cfg.describe()}")
@@ -625,65 +692,30 @@ class Trainer:
                  f"{self.num_classes} ids) | device {self.device} | loss backend {self.backend} | "
                  f"output {self.output_dir}")
         t_run = time.perf_counter()
-        final_eval = None
-        main = self.dist.is_main  # rank 0 alone evaluates and writes files; the others wait
+        self.final = None
+        self._call_hooks("before_train")
         for epoch in range(self.start_epoch, cfg.epochs):
             if self.stop_after is not None and epoch >= self.stop_after:
                 self.log(f"stopping after epoch {epoch}/{cfg.epochs} as asked; "
                          f"--resume {self.output_dir / self.CHECKPOINT} continues")
                 return {"config": cfg.to_dict(), "final": None, "stopped_after": epoch, "history": self.history}
-            record = self.dist.reduce_record(self.train_epoch(epoch), self.device)
-            last = epoch + 1 == cfg.epochs
-            if main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                record["eval"] = self.evaluate()
-                final_eval = record["eval"] if last else final_eval
-            self.history.append(record)
-            self.log(self._epoch_line(record))
-            if main and (last or (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.stop_after):
-                self.save(epoch + 1)
-            if main:
-                self._write_metrics()
+            self.record = self.dist.reduce_record(self.train_epoch(epoch), self.device)
+            self.history.append(self.record)
+            self._call_hooks("after_epoch")
             self.dist.barrier()
-        if final_eval is None and main:  # resumed a finished run: evaluate what is there
-            final_eval = self.evaluate()
-        result = {"config": cfg.to_dict(), "final": final_eval, "train_time_s": time.perf_counter() - t_run,
-                  "history": self.history}
-        if not main:
-            return result
-        self._write_metrics(final=final_eval)
-        try:
-            from .plots import plot_training_curves
-
-            plot_training_curves(self.history, self.output_dir / self.CURVES,
-                                 title=f"{cfg.backbone} / {cfg.losses} / {cfg.height}x{cfg.width}",
-                                 num_classes=self.num_classes)
-        except Exception as exc:  # a plotting failure must not lose a finished run
-            self.log(f"warning: could not write {self.CURVES}: {exc}")
-        return result
-
-    def _epoch_line(self, r: Dict[str, Any]) -> str:
-        parts = " ".join(f"{k}={v:.3f}" for k, v in r["loss"].items())
-        line = (f"epoch {r['epoch']:>3}/{self.cfg.epochs} | lr {r['lr']:.2e} | {r['sampler']:>6} | "
-                f"{parts} | {r['images_per_s']:.0f} img/s | loss share {100 * r['loss_time_share']:.1f}% | "
-                f"{r['time_s']:.1f}s")
-        if "eval" in r:
-            e = r["eval"]
-            line += f" | R1 {e['R1']:.1f} R5 {e['R5']:.1f} mAP {e['mAP']:.1f}"
-        return line
+        self._call_hooks("after_train")
+        return {"config": cfg.to_dict(), "final": self.final, "train_time_s": time.perf_counter() - t_run,
+                "history": self.history}
 
     def save(self, epoch: int) -> Path:
+        """Write the checkpoint (model, optimizer, schedule, RNG, config, history; atomically) as
+        saved after ``epoch`` epochs."""
         extra = {"num_classes": self.num_classes, "backend": self.backend}
         if self.scaler.is_enabled():
             extra["grad_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.output_dir / self.CHECKPOINT, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, epoch=epoch, config=self.cfg.to_dict(),
                                metrics={"history": self.history}, extra=extra)
-
-    def _write_metrics(self, final: Optional[Dict[str, Any]] = None) -> None:
-        obj = {"config": self.cfg.to_dict(), "history": self.history}
-        if final is not None:
-            obj["final"] = final
-        _write_json(obj, self.output_dir / self.METRICS)
 
 
 def evaluate_model(model, loaders, device, max_rank: int = 50, rerank: bool = False) -> Dict[str, Any]:
