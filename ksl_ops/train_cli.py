@@ -79,7 +79,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "ksl-p / ksl-e / ksl-h: aux + that constraint (ksl-pp, ksl-pa, ksl-ep, ksl-ea: one "
                         "sub-term); ksl-pe: aux + KSL-P + KSL-E; ksl: aux + all three")
     g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
-                   help="ksl-ops: the recipe chosen by measurement (README, 'KSL recipe'); paper: the paper's "
+                   help="ksl-ops: the recipe chosen by measurement (docs/recipe.md); paper: the paper's "
                         "text taken literally (KSL-E and triplets on raw FC embeddings, consensus from the start)")
     g.add_argument("--neck", default=None, choices=list(NECKS),
                    help="which head tensor is the embedding: fc (FC-512 output), bnneck (its BN), "

@@ -1,6 +1,6 @@
 """Training engine for KSL: evaluation (CMC, mAP), k-reciprocal re-ranking, checkpoints, the trainer.
 
-    from ksl_ops.engine import evaluate_reid, re_ranking, Trainer, TrainConfig
+    from ksl_ops.engine import evaluate_reid, re_ranking, Trainer, TrainConfig, HookBase
     r = evaluate_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50)  # {"cmc", "mAP"}
     d = re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3)
 """
@@ -12,6 +12,7 @@ from .rerank import re_ranking
 
 if TYPE_CHECKING:  # loaded on first use by __getattr__ below; named here for the type checker
     from .config import LOSS_PRESETS, TrainConfig
+    from .hooks import HookBase, default_hooks
     from .trainer import Trainer, evaluate_checkpoint, train
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "CheckpointError",
     "TrainConfig",
     "Trainer",
+    "HookBase",
+    "default_hooks",
     "LOSS_PRESETS",
     "train",
     "evaluate_checkpoint",
@@ -38,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from . import config
 
         return getattr(config, name)
+    if name in ("HookBase", "default_hooks"):
+        from . import hooks
+
+        return getattr(hooks, name)
     if name in ("Trainer", "train", "evaluate_checkpoint"):
         from . import trainer
 

@@ -9,9 +9,9 @@ The "cpu" preset is what `ksl train` runs with no arguments: the same recipe sho
 installing, rendering the synthetic set, training with full KSL and evaluating finish in under ten
 minutes on a 2-core CPU. It keeps every ingredient (branches, all KSL terms, label smoothing, cosine
 LR, triplets + P×K from the same 150/350 of the schedule) and changes only the sizes: ShuffleNetV2
-(2.5× the training images/s of CMSNet on a CPU, and the backbone of the README's ablation tables),
-64×32 inputs, 16 epochs on a 64-identity synthetic set (~380 SGD steps), and a larger learning rate
-(0.01 with a 1-epoch linear warm-up), because 0.0015 is tuned for 350 epochs and barely moves a
+(2.5× the training images/s of CMSNet on a CPU, and the backbone of the ablation tables in
+docs/reproduction.md), 64×32 inputs, 16 epochs on a 64-identity synthetic set (~380 SGD steps), and a
+larger learning rate (0.01 with a 1-epoch linear warm-up), because 0.0015 is tuned for 350 epochs and barely moves a
 from-scratch network in a few hundred steps. 0.01 is also about the largest rate that trains with all
 KSL terms on: at SGD 0.02 and above the cross-entropy climbs above its uniform value, and at 0.05 the
 network collapses to input-independent embeddings (every consensus term ~0, cross-entropy = log K),
@@ -20,7 +20,7 @@ because the unnormalised embedding-distance terms (eq. 8-10) dominate the early 
 
 What the KSL losses are fed, and when, is the *recipe* (ksl_ops.recipes, `--recipe`): "ksl-ops", the
 default, L2-normalises the embeddings of KSL-E and of the triplets and starts KSL-P/KSL-E with the
-triplets; "paper" is the paper's text taken literally (README, "The KSL recipe", has the measurements).
+triplets; "paper" is the paper's text taken literally (docs/recipe.md has the measurements).
 
 Note on the paper's rate: 0.0015 with cosine decay over 350 epochs is the setting OSNet-style
 Re-ID code uses with AMSGrad; `optimizer="amsgrad"` is available to try it that way, SGD (as the
