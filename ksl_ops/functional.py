@@ -1,10 +1,10 @@
 """The three KSL loss ops as differentiable functions.
 
-Each public function validates its inputs (DESIGN.md §3.4), then runs either the fused operator
-(torch.ops.ksl_ops.*, through a torch.autograd.Function) or, with backend="reference", the
-pure-PyTorch reference in ksl_ops.reference. Fake (meta) kernels are registered here with
-torch.library so that opcheck and torch.compile(fullgraph=True) work; the autograd of every op is
-C++ (csrc/autograd.cpp), so a call is one dispatch forward and one backward.
+Each public function validates its inputs (docs/design.md §3.4), then runs either the fused operator
+(torch.ops.ksl_ops.*) or, with backend="reference", the pure-PyTorch reference in ksl_ops.reference.
+The autograd of every op is C++ (csrc/autograd.cpp), so a call is one dispatch forward and one
+backward. Fake (meta) kernels are registered here with torch.library so that opcheck and
+torch.compile(fullgraph=True) work.
 """
 from __future__ import annotations
 
@@ -278,7 +278,7 @@ if _ext.available():
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API (DESIGN.md §4)
+# Public API (docs/design.md §4)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -24,9 +24,9 @@
 
 // GCC (unlike clang) defaults to -ftrapping-math, under which it will not if-convert the float
 // selects of the header's exp/log polynomials, and the class loops below stay scalar (5x slower).
-// Floating-point exceptions are never enabled in PyTorch, so this file drops the assumption. It is
-// not applied to the other kernels: it lets GCC rewrite some of their loops into ones that round
-// differently.
+// Floating-point exceptions are never enabled in PyTorch, so this file drops the assumption. It is not
+// a free switch for the other kernels: in embedding_consensus's baseline copy it changes the last bit
+// of some sums of squares (B = 2), so it stays local to this file.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
