@@ -77,12 +77,12 @@ struct EdgeHolder : torch::CustomClassHolder {
 // A new autograd node, held as the installed torch holds them: std::shared_ptr<Node> in older releases,
 // c10::intrusive_ptr<Node> in newer ones (the extension builds against whichever torch is installed).
 using NodePtr = decltype(torch::autograd::Edge::function);
-template <typename T, typename... Args>
+template <typename NodeType, typename... Args>
 NodePtr make_node(Args&&... args) {
   if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<T>(std::forward<Args>(args)...);
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
   } else {
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
   }
 }
 
