@@ -30,6 +30,9 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/macros.h"
+#include "host/prob_consensus.h"
+
 namespace {
 
 using at::Tensor;
@@ -40,7 +43,7 @@ using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 
-constexpr int64_t kNone = 0;
+using ksl::kNone;
 
 // The typed handle of ksl_ops::<name>, looked up once per call site.
 #define KSL_OP(name, Sig)                                                                                         \
@@ -74,12 +77,12 @@ struct EdgeHolder : torch::CustomClassHolder {
 // A new autograd node, held as the installed torch holds them: std::shared_ptr<Node> in older releases,
 // c10::intrusive_ptr<Node> in newer ones (the extension builds against whichever torch is installed).
 using NodePtr = decltype(torch::autograd::Edge::function);
-template <typename T, typename... Args>
+template <typename NodeType, typename... Args>
 NodePtr make_node(Args&&... args) {
   if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<T>(std::forward<Args>(args)...);
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
   } else {
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
   }
 }
 
@@ -101,7 +104,9 @@ using ProbBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor
 using ProbBwdSaved = Tensor(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&);
 
 // An upstream gradient as an optional argument: absent when that output did not reach the loss.
-std::optional<Tensor> given(const Tensor& g) { return g.defined() ? std::optional<Tensor>(g) : std::nullopt; }
+std::optional<Tensor> optional_if_defined(const Tensor& g) {
+  return g.defined() ? std::optional<Tensor>(g) : std::nullopt;
+}
 
 class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
  public:
@@ -113,9 +118,9 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
       std::tie(pp, pa, row_lse, grad_dir) =
           KSL_OP("prob_consensus", ProbFwd).call(logits, temperature, detach_target, reduction, save_grad);
     }
-    // With save_grad, detach_target and a scalar reduction the forward wrote the whole gradient's
-    // direction (d pa / d logits; d pp / d logits = (B-1) times it): the backward only scales it.
-    const bool uses_grad_dir = save_grad && detach_target && reduction != kNone;
+    // Where the forward wrote the whole gradient's direction grad_dir (d pa / d logits; d pp / d logits
+    // = (B-1) times it), the backward only scales it.
+    const bool uses_grad_dir = ksl::prob::writes_grad_dir(save_grad, detach_target, reduction);
     ctx->saved_data["uses_grad_dir"] = uses_grad_dir;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["detach_target"] = detach_target;
@@ -148,7 +153,8 @@ class ProbConsensus : public torch::autograd::Function<ProbConsensus> {
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     if (ctx->saved_data["uses_grad_dir"].toBool()) {
       // grad = grad_dir · ((B−1)·g_pp + g_pa), g scalars here (reduction mean/sum): one op, one launch.
-      out[0] = KSL_OP("prob_consensus_backward_saved", ProbBwdSaved).call(given(g_pp), given(g_pa), saved[0]);
+      out[0] = KSL_OP("prob_consensus_backward_saved", ProbBwdSaved)
+                   .call(optional_if_defined(g_pp), optional_if_defined(g_pa), saved[0]);
       // create_graph=True: the result must still lead back to the logits, through a raising node.
       if (at::GradMode::is_enabled() && ctx->saved_data.count("logits_edge") > 0) {
         const auto holder = ctx->saved_data["logits_edge"].toCapsule();

@@ -1,5 +1,5 @@
-// Operator schemas of ksl_ops, and nothing else: kernels live in cpu/ and cuda/, autograd and fake
-// (meta) kernels are registered from Python (ksl_ops/functional.py).
+// Operator schemas of ksl_ops, and nothing else: the kernels are in cpu/ and cuda/, the autograd in
+// autograd.cpp, the fake (meta) kernels in Python (ksl_ops/functional.py).
 //
 // `reduction` is 0 = none, 1 = mean, 2 = sum (ksl::Reduction). Backward ops take the gradients of
 // the forward's loss outputs and whatever the forward saved for them.

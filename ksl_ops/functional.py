@@ -1,10 +1,10 @@
 """The three KSL loss ops as differentiable functions.
 
-Each public function validates its inputs (DESIGN.md §3.4), then runs either the fused operator
-(torch.ops.ksl_ops.*, through a torch.autograd.Function) or, with backend="reference", the
-pure-PyTorch reference in ksl_ops.reference. Fake (meta) kernels are registered here with
-torch.library so that opcheck and torch.compile(fullgraph=True) work; the autograd of every op is
-C++ (csrc/autograd.cpp), so a call is one dispatch forward and one backward.
+Each public function validates its inputs (docs/design.md §3.4), then runs either the fused operator
+(torch.ops.ksl_ops.*) or, with backend="reference", the pure-PyTorch reference in ksl_ops.reference.
+The autograd of every op is C++ (csrc/autograd.cpp), so a call is one dispatch forward and one
+backward. Fake (meta) kernels are registered here with torch.library so that opcheck and
+torch.compile(fullgraph=True) work.
 """
 from __future__ import annotations
 
@@ -148,6 +148,19 @@ def _check_one_device(op: str, **tensors) -> None:
             raise RuntimeError(f"{op}: {name} must be on {owner} device {ref.device}, got {t.device}")
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The ops' accumulation dtype (at::opmath_type): float64 for float64, float32 otherwise; also the
+    dtype of what they save for the backward (row_lse, norms, hard_sq)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _loss_shapes(x: torch.Tensor, reduction: int, *none_shapes):
+    """A fake kernel's loss outputs: a tensor of each of `none_shapes` for reduction none, else scalars."""
+    if reduction == _REDUCTIONS["none"]:
+        return tuple(x.new_empty(shape) for shape in none_shapes)
+    return tuple(x.new_empty(()) for _ in none_shapes)
+
+
 # ---------------------------------------------------------------------------------------------
 # KSL-P: prob_consensus
 # ---------------------------------------------------------------------------------------------
@@ -155,29 +168,28 @@ def _check_one_device(op: str, **tensors) -> None:
 
 # The op returns (pp, pa, row_lse, grad_dir). With detach_target and a scalar reduction, both losses'
 # gradients are multiples of one tensor (d pp/dz = (B-1) d pa/dz = (B-1) T c (p - a)), which the
-# forward writes as grad_dir while the logits are in cache; the backward then only scales it. It
-# is asked for only when a gradient will be needed, so inference and no_grad calls write nothing.
+# forward writes as grad_dir while the logits are in cache; the backward then only scales it. The
+# call passes save_grad only when a gradient will be needed, so inference and no_grad calls write
+# nothing; the op decides whether grad_dir applies (csrc/host/prob_consensus.h: writes_grad_dir,
+# which _prob_writes_grad_dir mirrors for the fake kernel's shapes).
 
 
-def _prob_saves_grad(detach_target: bool, reduction: int) -> bool:
-    return bool(detach_target) and reduction != 0
+def _prob_writes_grad_dir(save_grad: bool, detach_target: bool, reduction: int) -> bool:
+    return bool(save_grad) and bool(detach_target) and reduction != _REDUCTIONS["none"]
 
 
 def _prob_consensus_fused(z, temperature, detach_target, reduction):
-    save_grad = _prob_saves_grad(detach_target, reduction) and z.requires_grad and torch.is_grad_enabled()
+    save_grad = z.requires_grad and torch.is_grad_enabled()
     pp, pa, _, _ = _op("prob_consensus")(z, temperature, detach_target, reduction, save_grad)
     return pp, pa
 
 
 def _prob_consensus_fake(logits, temperature, detach_target, reduction, save_grad):
     B, N, K = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if reduction == 0:
-        pp, pa = logits.new_empty((B, B, N)), logits.new_empty((B, N))
-    else:
-        pp, pa = logits.new_empty(()), logits.new_empty(())
-    row_lse = logits.new_empty((B, N), dtype=acc)
-    grad_dir = logits.new_empty((B, N, K) if save_grad and _prob_saves_grad(detach_target, reduction) else (0,))
+    pp, pa = _loss_shapes(logits, reduction, (B, B, N), (B, N))
+    row_lse = logits.new_empty((B, N), dtype=_acc_dtype(logits.dtype))
+    writes = _prob_writes_grad_dir(save_grad, detach_target, reduction)
+    grad_dir = logits.new_empty((B, N, K) if writes else (0,))
     return pp, pa, row_lse, grad_dir
 
 
@@ -191,43 +203,25 @@ def _prob_consensus_backward_saved_fake(grad_pp, grad_pa, grad_dir):
     return torch.empty_like(grad_dir, memory_format=torch.contiguous_format)
 
 
-if _ext.available():
-    torch.library.register_fake("ksl_ops::prob_consensus")(_prob_consensus_fake)
-    torch.library.register_fake("ksl_ops::prob_consensus_backward")(_prob_consensus_backward_fake)
-    torch.library.register_fake("ksl_ops::prob_consensus_backward_saved")(_prob_consensus_backward_saved_fake)
-
-
 # ---------------------------------------------------------------------------------------------
 # KSL-E: embedding_consensus
 # ---------------------------------------------------------------------------------------------
 
 
 # The op returns (ep, ea, norms); norms [N, P + B] (P = B(B-1)/2) are every sample's pair norms then
-# average norms in float32 (float64 for float64 input), saved so that the backward is one pass.
-
-
-def _embedding_norms_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# average norms in the accumulation dtype, saved so that the backward is one pass.
 
 
 def _embedding_consensus_fake(emb, reduction):
     B, N = emb.shape[0], emb.shape[1]
-    if reduction == 0:
-        ep, ea = emb.new_empty(B, B, N), emb.new_empty(B, N)
-    else:
-        ep, ea = emb.new_empty(()), emb.new_empty(())
-    norms = emb.new_empty(N, B * (B - 1) // 2 + B, dtype=_embedding_norms_dtype(emb.dtype))
+    ep, ea = _loss_shapes(emb, reduction, (B, B, N), (B, N))
+    norms = emb.new_empty(N, B * (B - 1) // 2 + B, dtype=_acc_dtype(emb.dtype))
     return ep, ea, norms
 
 
 def _embedding_consensus_backward_fake(grad_ep, grad_ea, emb, norms, reduction):
     _check_one_device("embedding_consensus_backward", emb=emb, grad_ep=grad_ep, grad_ea=grad_ea, norms=norms)
     return torch.empty_like(emb, memory_format=torch.contiguous_format)
-
-
-if _ext.available():  # without the extension only backend="reference" works; nothing to register
-    torch.library.register_fake("ksl_ops::embedding_consensus")(_embedding_consensus_fake)
-    torch.library.register_fake("ksl_ops::embedding_consensus_backward")(_embedding_consensus_backward_fake)
 
 
 def _embedding_consensus_fused(e, reduction):
@@ -247,38 +241,44 @@ def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):
     return self_loss, cross_loss
 
 
-def _branch_triplet_register():
-    """Fake kernels of branch_triplet (only once the extension loaded)."""
-
-    def loss_shapes(emb, reduction):
-        B, N = emb.shape[0], emb.shape[1]
-        if reduction == 0:
-            return emb.new_empty((B, N)), emb.new_empty((B, B, N))
-        return emb.new_empty(()), emb.new_empty(())
-
-    @torch.library.register_fake("ksl_ops::branch_triplet")
-    def _(emb, labels, margin, soft_margin, reduction):
-        _check_one_device("branch_triplet", emb=emb, labels=labels)
-        B, N = emb.shape[0], emb.shape[1]
-        self_loss, cross_loss = loss_shapes(emb, reduction)
-        pos_idx = emb.new_empty((B, B, N), dtype=torch.int32)
-        acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-        hard_sq = emb.new_empty((2, B, B, N), dtype=acc)
-        return self_loss, cross_loss, pos_idx, torch.empty_like(pos_idx), hard_sq
-
-    @torch.library.register_fake("ksl_ops::branch_triplet_backward")
-    def _(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin, reduction):
-        _check_one_device("branch_triplet_backward", emb=emb, pos_idx=pos_idx, neg_idx=neg_idx, hard_sq=hard_sq,
-                          grad_self=grad_self, grad_cross=grad_cross)
-        return torch.empty_like(emb, memory_format=torch.contiguous_format)
+def _branch_triplet_fake(emb, labels, margin, soft_margin, reduction):
+    _check_one_device("branch_triplet", emb=emb, labels=labels)
+    B, N = emb.shape[0], emb.shape[1]
+    self_loss, cross_loss = _loss_shapes(emb, reduction, (B, N), (B, B, N))
+    pos_idx = emb.new_empty((B, B, N), dtype=torch.int32)
+    hard_sq = emb.new_empty((2, B, B, N), dtype=_acc_dtype(emb.dtype))
+    return self_loss, cross_loss, pos_idx, torch.empty_like(pos_idx), hard_sq
 
 
-if _ext.available():
-    _branch_triplet_register()
+def _branch_triplet_backward_fake(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin,
+                                  reduction):
+    _check_one_device("branch_triplet_backward", emb=emb, pos_idx=pos_idx, neg_idx=neg_idx, hard_sq=hard_sq,
+                      grad_self=grad_self, grad_cross=grad_cross)
+    return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API (DESIGN.md §4)
+# Fake (meta) kernels, registered once the extension has loaded (it defines the operators); without
+# it only backend="reference" works and there is nothing to register.
+# ---------------------------------------------------------------------------------------------
+
+_FAKE_KERNELS = {
+    "prob_consensus": _prob_consensus_fake,
+    "prob_consensus_backward": _prob_consensus_backward_fake,
+    "prob_consensus_backward_saved": _prob_consensus_backward_saved_fake,
+    "embedding_consensus": _embedding_consensus_fake,
+    "embedding_consensus_backward": _embedding_consensus_backward_fake,
+    "branch_triplet": _branch_triplet_fake,
+    "branch_triplet_backward": _branch_triplet_backward_fake,
+}
+
+if _ext.available():
+    for _name, _fake in _FAKE_KERNELS.items():
+        torch.library.register_fake(f"ksl_ops::{_name}")(_fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API (docs/design.md §4)
 # ---------------------------------------------------------------------------------------------
 
 

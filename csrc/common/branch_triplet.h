@@ -31,29 +31,29 @@ KSL_HOST_DEVICE double exp_(double x) { return exp(x); }
 KSL_HOST_DEVICE float log1p_(float x) { return log1pf(x); }
 KSL_HOST_DEVICE double log1p_(double x) { return log1p(x); }
 
-template <typename T>
-KSL_HOST_DEVICE bool is_nan(T x) {
+template <typename S>
+KSL_HOST_DEVICE bool is_nan(S x) {
   return x != x;
 }
 
 // d from the squared distance. A NaN squared distance stays NaN (clamp_min propagates NaN).
-template <typename T>
-KSL_HOST_DEVICE T distance(T squared) {
-  const T eps = static_cast<T>(kDistEps);
+template <typename S>
+KSL_HOST_DEVICE S distance(S squared) {
+  const S eps = static_cast<S>(kDistEps);
   return sqrt_(squared < eps ? eps : squared);
 }
 
 // ∂d/∂(a − b) = (a − b) · inv_distance_grad(squared, d): 1/d where the clamp is not active, else 0.
-template <typename T>
-KSL_HOST_DEVICE T inv_distance_grad(T squared, T d) {
-  return squared >= static_cast<T>(kDistEps) ? T(1) / d : T(0);
+template <typename S>
+KSL_HOST_DEVICE S inv_distance_grad(S squared, S d) {
+  return squared >= static_cast<S>(kDistEps) ? S(1) / d : S(0);
 }
 
 // Does candidate (value, index) beat the running hardest positive (best, best_index)?
 // best_index < 0 means "none yet". A total order on (value, index), so combining partial winners
 // in any order (threads, tiles) gives the same result as one left-to-right scan.
-template <typename T>
-KSL_HOST_DEVICE bool beats_max(T value, int index, T best, int best_index) {
+template <typename S>
+KSL_HOST_DEVICE bool beats_max(S value, int index, S best, int best_index) {
   if (best_index < 0) return true;
   if (index < 0) return false;
   const bool vn = is_nan(value), bn = is_nan(best);
@@ -62,8 +62,8 @@ KSL_HOST_DEVICE bool beats_max(T value, int index, T best, int best_index) {
 }
 
 // Same for the hardest negative: smaller wins.
-template <typename T>
-KSL_HOST_DEVICE bool beats_min(T value, int index, T best, int best_index) {
+template <typename S>
+KSL_HOST_DEVICE bool beats_min(S value, int index, S best, int best_index) {
   if (best_index < 0) return true;
   if (index < 0) return false;
   const bool vn = is_nan(value), bn = is_nan(best);
@@ -75,9 +75,9 @@ KSL_HOST_DEVICE bool beats_min(T value, int index, T best, int best_index) {
 // same-identity n != m competes for the hardest positive (largest d), another identity for the
 // hardest negative (smallest d). The winners are ranked by d, as the reference does (d clamps, so two
 // different tiny sq can tie in d); their sq rides along, saved for the backward.
-template <typename T>
-KSL_HOST_DEVICE void offer_candidate(T d, T sq, int n, int m, bool same_identity, T& best_pos, T& pos_sq,
-                                     int& pos_index, T& best_neg, T& neg_sq, int& neg_index) {
+template <typename S>
+KSL_HOST_DEVICE void offer_candidate(S d, S sq, int n, int m, bool same_identity, S& best_pos, S& pos_sq,
+                                     int& pos_index, S& best_neg, S& neg_sq, int& neg_index) {
   if (same_identity) {
     if (n != m && beats_max(d, n, best_pos, pos_index)) {
       best_pos = d;
@@ -92,52 +92,52 @@ KSL_HOST_DEVICE void offer_candidate(T d, T sq, int n, int m, bool same_identity
 }
 
 // The per-anchor loss of a valid anchor from gap = d⁺ − d⁻.
-template <typename T>
-KSL_HOST_DEVICE T term(T gap, T margin, bool soft_margin) {
+template <typename S>
+KSL_HOST_DEVICE S term(S gap, S margin, bool soft_margin) {
   if (soft_margin) {
-    return gap > static_cast<T>(kSoftplusThreshold) ? gap : log1p_(exp_(gap));
+    return gap > static_cast<S>(kSoftplusThreshold) ? gap : log1p_(exp_(gap));
   }
-  const T x = gap + margin;
-  return x < T(0) ? T(0) : x;  // NaN passes through, as torch.relu
+  const S x = gap + margin;
+  return x < S(0) ? S(0) : x;  // NaN passes through, as torch.relu
 }
 
 // Stores anchor o's forward results (o = (u·B + v)·N + m, E = B·B·N): its winners' indices, its term,
 // and the winners' squared distances for the backward (positives at hard_sq[o], negatives at
 // hard_sq[E + o]). An anchor lacking a positive or a negative is invalid: indices −1 (what the backward
 // and `mean`'s count test), term and distances 0.
-template <typename T>
-KSL_HOST_DEVICE void store_anchor(long long o, long long E, int pos_index, int neg_index, T best_pos, T best_neg,
-                                  T pos_sq, T neg_sq, T margin, bool soft_margin, int32_t* pos_idx, int32_t* neg_idx,
-                                  T* terms, T* hard_sq) {
+template <typename S>
+KSL_HOST_DEVICE void store_anchor(long long o, long long E, int pos_index, int neg_index, S best_pos, S best_neg,
+                                  S pos_sq, S neg_sq, S margin, bool soft_margin, int32_t* pos_idx, int32_t* neg_idx,
+                                  S* terms, S* hard_sq) {
   const bool valid = pos_index >= 0 && neg_index >= 0;
   pos_idx[o] = valid ? pos_index : -1;
   neg_idx[o] = valid ? neg_index : -1;
-  terms[o] = valid ? term(best_pos - best_neg, margin, soft_margin) : T(0);
-  hard_sq[o] = valid ? pos_sq : T(0);
-  hard_sq[E + o] = valid ? neg_sq : T(0);
+  terms[o] = valid ? term(best_pos - best_neg, margin, soft_margin) : S(0);
+  hard_sq[o] = valid ? pos_sq : S(0);
+  hard_sq[E + o] = valid ? neg_sq : S(0);
 }
 
 // ∂term/∂gap (so ∂term/∂d⁺ = this, ∂term/∂d⁻ = −this).
-template <typename T>
-KSL_HOST_DEVICE T term_grad(T gap, T margin, bool soft_margin) {
+template <typename S>
+KSL_HOST_DEVICE S term_grad(S gap, S margin, bool soft_margin) {
   if (soft_margin) {
-    if (gap > static_cast<T>(kSoftplusThreshold)) return T(1);
-    const T z = exp_(gap);
-    return z / (z + T(1));
+    if (gap > static_cast<S>(kSoftplusThreshold)) return S(1);
+    const S z = exp_(gap);
+    return z / (z + S(1));
   }
   // torch.relu's backward keeps the gradient unless the output is <= 0 (so NaN keeps it).
-  return (gap + margin) <= T(0) ? T(0) : T(1);
+  return (gap + margin) <= S(0) ? S(0) : S(1);
 }
 
 // The upstream gradient of entry i = (u·B + v)·N + m (anchor m of branch u against branch v): per
 // anchor for reduction none (grad_self [B, N] where u = v, grad_cross [B, B, N] elsewhere), one scalar
 // per loss otherwise, divided by the number of valid anchors for mean (`count`, see mean_count).
-template <typename T>
-KSL_HOST_DEVICE T anchor_upstream(const T* grad_self, const T* grad_cross, int reduction, long long i, long long B,
-                                  long long N, T count) {
+template <typename S>
+KSL_HOST_DEVICE S anchor_upstream(const S* grad_self, const S* grad_cross, int reduction, long long i, long long B,
+                                  long long N, S count) {
   const long long m = i % N, uv = i / N, u = uv / B, v = uv % B;
   if (reduction == kNone) return u == v ? grad_self[u * N + m] : grad_cross[i];
-  const T up = u == v ? grad_self[0] : grad_cross[0];
+  const S up = u == v ? grad_self[0] : grad_cross[0];
   return reduction == kMean ? up / count : up;  // divided, as the reference does
 }
 
@@ -145,19 +145,19 @@ KSL_HOST_DEVICE T anchor_upstream(const T* grad_self, const T* grad_cross, int r
 // upstream gradient `up` of its term: cp = ∂loss/∂d⁺ / d⁺ and cn = ∂loss/∂d⁻ / d⁻ (without its minus
 // sign), so that ∂loss/∂anchor = cp (anchor − positive) − cn (anchor − negative). d is recomputed from
 // sq by the forward's own rule, so the relu / softplus sees exactly the forward's gap.
-template <typename T>
-KSL_HOST_DEVICE void anchor_coefficients(T up, T sq_pos, T sq_neg, T margin, bool soft_margin, T& cp, T& cn) {
-  const T dp = distance(sq_pos), dn = distance(sq_neg);
-  const T g = up * term_grad(dp - dn, margin, soft_margin);
+template <typename S>
+KSL_HOST_DEVICE void anchor_coefficients(S up, S sq_pos, S sq_neg, S margin, bool soft_margin, S& cp, S& cn) {
+  const S dp = distance(sq_pos), dn = distance(sq_neg);
+  const S g = up * term_grad(dp - dn, margin, soft_margin);
   cp = g * inv_distance_grad(sq_pos, dp);
   cn = g * inv_distance_grad(sq_neg, dn);
 }
 
 // `mean` divides by the number of valid anchors, and by 1 when there is none (the sum is then 0).
 // Divide (rather than multiply by the reciprocal) as the reference does.
-template <typename T>
-KSL_HOST_DEVICE T mean_count(long long n_valid) {
-  return static_cast<T>(n_valid > 0 ? n_valid : 1);
+template <typename S>
+KSL_HOST_DEVICE S mean_count(long long n_valid) {
+  return static_cast<S>(n_valid > 0 ? n_valid : 1);
 }
 
 }  // namespace triplet

@@ -235,8 +235,7 @@ KSL_HOST_DEVICE acc_t target_row_constant(const acc_t* kl, const acc_t* ph, cons
 // The backward when the forward saved grad_dir (detach_target, reduction mean/sum): the gradient of
 // g_pp·pp + g_pa·pa is grad_dir · ((B−1)·g_pp + g_pa). This is that factor, from the scalar upstream
 // gradients (nullptr: that loss output did not reach the loss, so it counts 0), summed in the
-// accumulation type and rounded once to the gradients' dtype. (The eager add it replaced was the same
-// for float32 / float64; on half / bfloat16 CPU scalars ATen rounded (B−1)·g_pp to the dtype first.)
+// accumulation type and rounded once to the gradients' dtype.
 template <typename scalar_t, typename acc_t>
 KSL_HOST_DEVICE scalar_t saved_grad_factor(const scalar_t* g_pp, const scalar_t* g_pa, int B) {
   acc_t f = g_pa ? static_cast<acc_t>(*g_pa) : acc_t(0);

@@ -13,13 +13,7 @@
 // sort of the winners gives each row its list). No two tasks write the same row, so the result is
 // deterministic and independent of the thread count.
 
-// No fused multiply-add contraction anywhere in this file: the distance arithmetic says explicitly
-// where it fuses (tile_sqdist), so every tile of every pair rounds alike.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "cpu/isa.h"  // first: the contraction policy and the instruction-set dispatch
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -35,6 +29,7 @@
 
 #include "common/branch_triplet.h"
 #include "host/branch_triplet.h"
+#include "host/shared.h"
 
 namespace {
 
@@ -46,26 +41,26 @@ constexpr int kAnchorRows = 4;  // anchors sharing one pass over a candidate row
 // kAnchorRows squared distances Σ_l (a_r,l − b_l)² at once. Each lane j of `acc` sums l ≡ j (mod W)
 // in order, then the lanes are added in a fixed tree: the same order on every call and thread count,
 // and a loop the compiler can vectorise without reassociating (no fast-math needed).
-template <typename T>
-__attribute__((always_inline)) inline void sqdist_rows_body(const T* const* a, const T* b, int64_t L, T* out) {
-  constexpr int W = 64 / sizeof(T);  // one 512-bit register (or 2-4 narrower ones) per anchor row
-  T acc[kAnchorRows][W];
+template <typename S>
+KSL_CPU_INLINE void sqdist_rows_body(const S* const* a, const S* b, int64_t L, S* out) {
+  constexpr int W = 64 / sizeof(S);  // one 512-bit register (or 2-4 narrower ones) per anchor row
+  S acc[kAnchorRows][W];
   for (int r = 0; r < kAnchorRows; ++r)
-    for (int j = 0; j < W; ++j) acc[r][j] = T(0);
+    for (int j = 0; j < W; ++j) acc[r][j] = S(0);
   int64_t l = 0;
   for (; l + W <= L; l += W) {
     for (int r = 0; r < kAnchorRows; ++r) {
-      const T* ar = a[r] + l;
+      const S* ar = a[r] + l;
       for (int j = 0; j < W; ++j) {
-        const T diff = ar[j] - b[l + j];
+        const S diff = ar[j] - b[l + j];
         acc[r][j] += diff * diff;
       }
     }
   }
   for (int r = 0; r < kAnchorRows; ++r) {
-    T tail = T(0);
+    S tail = S(0);
     for (int64_t t = l; t < L; ++t) {
-      const T diff = a[r][t] - b[t];
+      const S diff = a[r][t] - b[t];
       tail += diff * diff;
     }
     for (int w = W / 2; w > 0; w /= 2)
@@ -74,16 +69,20 @@ __attribute__((always_inline)) inline void sqdist_rows_body(const T* const* a, c
   }
 }
 
-// Compiled for several instruction sets, picked once at load time (GCC/Clang function
-// multiversioning): the project builds without -march flags, and this loop is the whole forward.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KSL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KSL_MULTIVERSION
-#endif
-
-KSL_MULTIVERSION void sqdist_rows(const double* const* a, const double* b, int64_t L, double* out) {
+// The baseline and AVX2+FMA copies (cpu/isa.h); the lanes round alike in both.
+void sqdist_rows_base(const double* const* a, const double* b, int64_t L, double* out) {
   sqdist_rows_body<double>(a, b, L, out);
+}
+#if KSL_CPU_HAVE_AVX2_FMA
+KSL_CPU_AVX2_FMA void sqdist_rows_avx2(const double* const* a, const double* b, int64_t L, double* out) {
+  sqdist_rows_body<double>(a, b, L, out);
+}
+#endif
+void sqdist_rows(const double* const* a, const double* b, int64_t L, double* out) {
+#if KSL_CPU_HAVE_AVX2_FMA
+  if (ksl::cpu::use_avx2_fma()) return sqdist_rows_avx2(a, b, L, out);
+#endif
+  sqdist_rows_base(a, b, L, out);
 }
 
 // ---- float32: symmetric, register-tiled distances ---------------------------------------------------
@@ -105,15 +104,8 @@ constexpr int kTileRows = 4;
 constexpr int kTileCols = 16;
 constexpr int64_t kChunk = 16;
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define KSL_TRIPLET_AVX2 1
+#if KSL_CPU_HAVE_AVX2_FMA
 #include <immintrin.h>
-bool triplet_cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-#define KSL_TRIPLET_AVX2 0
 #endif
 
 // out[r][c] = squared distance of anchor row a[r] and packed candidate c, for a kTileRows × kTileCols tile.
@@ -139,9 +131,8 @@ void tile_sqdist_generic(const float* const* a, const float* packed, int64_t L, 
     for (int c = 0; c < kTileCols; ++c) out[r][c] = acc[r][c];
 }
 
-#if KSL_TRIPLET_AVX2
-__attribute__((target("avx2,fma"))) void tile_sqdist_avx2(const float* const* a, const float* packed, int64_t L,
-                                                          float (*out)[kTileCols]) {
+#if KSL_CPU_HAVE_AVX2_FMA
+KSL_CPU_AVX2_FMA void tile_sqdist_avx2(const float* const* a, const float* packed, int64_t L, float (*out)[kTileCols]) {
   static_assert(kTileRows == 4 && kTileCols == 16, "the AVX2 micro-kernel is 4 x (2 x 8)");
   __m256 acc[4][2];
   for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -182,8 +173,8 @@ __attribute__((target("avx2,fma"))) void tile_sqdist_avx2(const float* const* a,
 #endif
 
 void tile_sqdist(const float* const* a, const float* packed, int64_t L, float (*out)[kTileCols]) {
-#if KSL_TRIPLET_AVX2
-  if (triplet_cpu_has_avx2_fma()) return tile_sqdist_avx2(a, packed, L, out);
+#if KSL_CPU_HAVE_AVX2_FMA
+  if (ksl::cpu::use_avx2_fma()) return tile_sqdist_avx2(a, packed, L, out);
 #endif
   tile_sqdist_generic(a, packed, L, out);
 }
@@ -297,34 +288,50 @@ void forward_float(const float* e, const int64_t* y, int64_t B, int64_t N, int64
   });
 }
 
-// The backward's row updates, multiversioned like sqdist_rows (the rest of the file is compiled for the
-// baseline ISA, where these loops run 4 floats wide): element-wise, no contraction in this file, so
-// every version rounds alike and the gradient does not depend on the CPU it ran on.
-template <typename T>
-__attribute__((always_inline)) inline void anchor_update_body(T* __restrict__ g, const T* x, const T* P, const T* Q,
-                                                              T cp, T cn, int64_t L) {
+// The backward's row updates, in a baseline and an AVX2+FMA copy like sqdist_rows (8 floats per
+// instruction instead of 4): element-wise and never contracted, so both copies round alike and the
+// gradient does not depend on the CPU it ran on.
+// As the anchor of (u, v): g += cp (x − P) − cn (x − Q).
+template <typename S>
+KSL_CPU_INLINE void anchor_update_body(S* __restrict__ g, const S* x, const S* P, const S* Q, S cp, S cn, int64_t L) {
   for (int64_t l = 0; l < L; ++l) g[l] += cp * (x[l] - P[l]) - cn * (x[l] - Q[l]);
 }
-template <typename T>
-__attribute__((always_inline)) inline void target_update_body(T* __restrict__ g, const T* a, const T* x, T c,
-                                                              int64_t L) {
+// As the chosen positive (c = −cp) or negative (c = cn) of anchor a: g += c (a − x).
+template <typename S>
+KSL_CPU_INLINE void target_update_body(S* __restrict__ g, const S* a, const S* x, S c, int64_t L) {
   for (int64_t l = 0; l < L; ++l) g[l] += c * (a[l] - x[l]);
 }
-// As the anchor of (u, v): g += cp (x − P) − cn (x − Q).
-KSL_MULTIVERSION void anchor_update(float* g, const float* x, const float* P, const float* Q, float cp, float cn,
-                                    int64_t L) {
+template <typename S>
+void anchor_update_base(S* g, const S* x, const S* P, const S* Q, S cp, S cn, int64_t L) {
   anchor_update_body(g, x, P, Q, cp, cn, L);
 }
-KSL_MULTIVERSION void anchor_update(double* g, const double* x, const double* P, const double* Q, double cp, double cn,
-                                    int64_t L) {
+template <typename S>
+void target_update_base(S* g, const S* a, const S* x, S c, int64_t L) {
+  target_update_body(g, a, x, c, L);
+}
+#if KSL_CPU_HAVE_AVX2_FMA
+template <typename S>
+KSL_CPU_AVX2_FMA void anchor_update_avx2(S* g, const S* x, const S* P, const S* Q, S cp, S cn, int64_t L) {
   anchor_update_body(g, x, P, Q, cp, cn, L);
 }
-// As the chosen positive (c = −cp) or negative (c = cn) of anchor a: g += c (a − x).
-KSL_MULTIVERSION void target_update(float* g, const float* a, const float* x, float c, int64_t L) {
+template <typename S>
+KSL_CPU_AVX2_FMA void target_update_avx2(S* g, const S* a, const S* x, S c, int64_t L) {
   target_update_body(g, a, x, c, L);
 }
-KSL_MULTIVERSION void target_update(double* g, const double* a, const double* x, double c, int64_t L) {
-  target_update_body(g, a, x, c, L);
+#endif
+template <typename S>
+void anchor_update(S* g, const S* x, const S* P, const S* Q, S cp, S cn, int64_t L) {
+#if KSL_CPU_HAVE_AVX2_FMA
+  if (ksl::cpu::use_avx2_fma()) return anchor_update_avx2(g, x, P, Q, cp, cn, L);
+#endif
+  anchor_update_base(g, x, P, Q, cp, cn, L);
+}
+template <typename S>
+void target_update(S* g, const S* a, const S* x, S c, int64_t L) {
+#if KSL_CPU_HAVE_AVX2_FMA
+  if (ksl::cpu::use_avx2_fma()) return target_update_avx2(g, a, x, c, L);
+#endif
+  target_update_base(g, a, x, c, L);
 }
 
 // ---- argument checks (the op may be called directly, without the Python wrapper) ------------------
@@ -334,9 +341,9 @@ void check_cpu_limits(const at::Tensor& emb, const char* op) {
 }
 
 // ---- forward ------------------------------------------------------------------------------------
-template <typename T>
-void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L, T margin, bool soft_margin,
-                  int32_t* pos_idx, int32_t* neg_idx, T* terms, T* hard_sq) {
+template <typename S>
+void forward_impl(const S* e, const int64_t* y, int64_t B, int64_t N, int64_t L, S margin, bool soft_margin,
+                  int32_t* pos_idx, int32_t* neg_idx, S* terms, S* hard_sq) {
   const int64_t E = B * B * N;
   const int64_t groups = (N + kAnchorRows - 1) / kAnchorRows;
   at::parallel_for(0, B * B * groups, 1, [&](int64_t begin, int64_t end) {
@@ -345,18 +352,18 @@ void forward_impl(const T* e, const int64_t* y, int64_t B, int64_t N, int64_t L,
       const int64_t u = uv / B, v = uv % B;
       const int64_t m0 = g * kAnchorRows;
       const int rows = static_cast<int>(std::min<int64_t>(kAnchorRows, N - m0));
-      const T* a[kAnchorRows];
+      const S* a[kAnchorRows];
       for (int r = 0; r < kAnchorRows; ++r)  // a short last group repeats its last anchor (unused)
         a[r] = e + (u * N + m0 + std::min(r, rows - 1)) * L;
-      T best_pos[kAnchorRows], best_neg[kAnchorRows], pos_sq[kAnchorRows], neg_sq[kAnchorRows];
+      S best_pos[kAnchorRows], best_neg[kAnchorRows], pos_sq[kAnchorRows], neg_sq[kAnchorRows];
       int ip[kAnchorRows], in[kAnchorRows];
       for (int r = 0; r < kAnchorRows; ++r) {
-        best_pos[r] = best_neg[r] = pos_sq[r] = neg_sq[r] = T(0);
+        best_pos[r] = best_neg[r] = pos_sq[r] = neg_sq[r] = S(0);
         ip[r] = in[r] = -1;
       }
-      const T* ev = e + v * N * L;
+      const S* ev = e + v * N * L;
       for (int64_t n = 0; n < N; ++n) {
-        T sq[kAnchorRows];
+        S sq[kAnchorRows];
         sqdist_rows(a, ev + n * L, L, sq);
         const int ni = static_cast<int>(n);
         for (int r = 0; r < rows; ++r) {
@@ -390,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
 
   // Half inputs are widened once to their opmath type; float32 / float64 are used in place.
   const auto acc_type = at::toOpMathType(emb.scalar_type());
-  const at::Tensor e = emb.to(acc_type).contiguous();
+  const at::Tensor e = ksl::kernel_input(emb).contiguous();
   auto idx_opts = emb.options().dtype(at::kInt);
   at::Tensor pos_idx = at::empty({B, B, N}, idx_opts);
   at::Tensor neg_idx = at::empty({B, B, N}, idx_opts);
@@ -442,18 +449,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
 }
 
 // ---- backward -----------------------------------------------------------------------------------
-template <typename T>
-void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx, const int32_t* neg_idx,
-                   const T* hard_sq, int64_t B, int64_t N, int64_t L, T margin, bool soft_margin, int64_t reduction,
-                   T* grad) {
+template <typename S>
+void backward_impl(const S* gs, const S* gc, const S* e, const int32_t* pos_idx, const int32_t* neg_idx,
+                   const S* hard_sq, int64_t B, int64_t N, int64_t L, S margin, bool soft_margin, int64_t reduction,
+                   S* grad) {
   const int64_t E = B * B * N;
-  const T count = mean_count<T>(count_valid(pos_idx, N));
+  const S count = mean_count<S>(count_valid(pos_idx, N));
   // cp, cn (common/branch_triplet.h: anchor_coefficients) from the saved squared distances: ∂loss/∂e^u_m
   // = cp (e^u_m − e^v_p) − cn (e^u_m − e^v_q), and the targets get the opposite.
-  std::vector<T> cp(E), cn(E);
+  std::vector<S> cp(E), cn(E);
   for (int64_t i = 0; i < E; ++i) {
     if (pos_idx[i] < 0) {
-      cp[i] = cn[i] = T(0);
+      cp[i] = cn[i] = S(0);
       continue;
     }
     anchor_coefficients(anchor_upstream(gs, gc, static_cast<int>(reduction), i, B, N, count), hard_sq[i],
@@ -486,15 +493,15 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N, n = row % N;
-      T* g = grad + row * L;
-      const T* x = e + row * L;
-      for (int64_t l = 0; l < L; ++l) g[l] = T(0);
+      S* g = grad + row * L;
+      const S* x = e + row * L;
+      for (int64_t l = 0; l < L; ++l) g[l] = S(0);
       // As the anchor of every pair (b, v).
       for (int64_t v = 0; v < B; ++v) {
         const int64_t i = (b * B + v) * N + n;
         if (pos_idx[i] < 0) continue;
-        const T* P = e + (v * N + pos_idx[i]) * L;
-        const T* Q = e + (v * N + neg_idx[i]) * L;
+        const S* P = e + (v * N + pos_idx[i]) * L;
+        const S* Q = e + (v * N + neg_idx[i]) * L;
         anchor_update(g, x, P, Q, cp[i], cn[i], L);
       }
       // As the hardest positive (−cp (a − x)) or negative (+cn (a − x)) of anchors (u, m).
@@ -502,7 +509,7 @@ void backward_impl(const T* gs, const T* gc, const T* e, const int32_t* pos_idx,
         const int64_t i = entries[k] >> 1;
         const bool negative = entries[k] & 1;
         const int64_t m = i % N, u = (i / N) / B;
-        const T* a = e + (u * N + m) * L;
+        const S* a = e + (u * N + m) * L;
         target_update(g, a, x, negative ? cn[i] : -cp[i], L);
       }
     }
@@ -518,7 +525,7 @@ at::Tensor branch_triplet_backward_cpu(const at::Tensor& grad_self, const at::Te
   const int64_t B = emb.size(0), N = emb.size(1), L = emb.size(2);
 
   const auto acc_type = at::toOpMathType(emb.scalar_type());
-  const at::Tensor e = emb.to(acc_type).contiguous();
+  const at::Tensor e = ksl::kernel_input(emb).contiguous();
   const at::Tensor gs = grad_self.to(acc_type).contiguous();
   const at::Tensor gc = grad_cross.to(acc_type).contiguous();
   const at::Tensor pi = pos_idx.contiguous(), ni = neg_idx.contiguous();

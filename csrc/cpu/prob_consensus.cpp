@@ -20,14 +20,15 @@
 // Results are deterministic: each sample is summed by one thread in a fixed order and the final sum
 // over samples runs serially in a fixed order.
 
+#include "cpu/isa.h"  // first: the contraction policy and the instruction-set dispatch
+
 // GCC (unlike clang) defaults to -ftrapping-math, under which it will not if-convert the float
 // selects of the header's exp/log polynomials, and the class loops below stay scalar (5x slower).
-// Floating-point exceptions are never enabled in PyTorch, so the whole translation unit drops the
-// assumption; it changes no result (IEEE rounding, NaN and Inf behaviour are untouched).
-// fp-contract=off: no fused multiply-add contraction in the AVX2+FMA copy, so both copies round
-// alike and exact zeros stay exact (K = 1, identical branches, any temperature).
+// Floating-point exceptions are never enabled in PyTorch, so this file drops the assumption. It is not
+// a free switch for the other kernels: in embedding_consensus's baseline copy it changes the last bit
+// of some sums of squares (B = 2), so it stays local to this file.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#pragma GCC optimize("no-trapping-math")
 #endif
 
 #include <ATen/ATen.h>
@@ -43,33 +44,17 @@
 #include "common/macros.h"
 #include "common/prob_consensus.h"
 #include "host/prob_consensus.h"
+#include "host/shared.h"
 
 namespace {
 
 using ksl::prob::fexp;
 using ksl::prob::flog;
 
-// Half and bfloat16 logits are read into float by the kernels anyway (their accumulation type), so
-// the kernels run on a float copy instead: the same bits come out (each value is still rounded once,
-// from float, into the caller's dtype), and only the float and double copies of the kernels are
-// compiled, which halves the extension's build time.
-at::Tensor kernel_input(const at::Tensor& z) { return z.to(at::toOpMathType(z.scalar_type())); }
-
 constexpr int kLanes = 16;
 
-// The class loops are compiled twice: for the baseline ISA and, on x86-64 with GCC/clang, for
-// AVX2+FMA (8 floats per instruction instead of 4), picked at run time from the CPU's features.
-// The helpers are force-inlined so that each copy is vectorised for its own ISA.
-#define KSL_CPU_INLINE inline __attribute__((always_inline))
-#if defined(__GNUC__) && defined(__x86_64__)
-#define KSL_CPU_AVX2_CLONE 1
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-#define KSL_CPU_AVX2_CLONE 0
-#endif
+// The class loops are compiled for the baseline ISA and for AVX2+FMA (8 floats per instruction
+// instead of 4), picked at run time (cpu/isa.h); the helpers are force-inlined into each copy.
 
 // Pass 1 for one branch row: log-sum-exp of x = z / T. The max and the sum run on kLanes partial
 // accumulators (fixed order, so the result does not depend on threads) to let the loop vectorise.
@@ -218,8 +203,6 @@ KSL_CPU_INLINE void forward_sample(const SampleRows<scalar_t, acc_t, kB>& r, int
   }
 }
 
-// Forward for a compile-time number of branches. Writes the per-sample KL sums (no T² yet) to
-// pp_terms [B, B, N] and pa_terms [B, N] and the log-sum-exps to row_lse [B, N].
 // What the forward of every sample needs; one per call.
 template <typename scalar_t, typename acc_t, int kB>
 struct ForwardArgs {
@@ -261,10 +244,10 @@ void forward_samples_baseline(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t
   forward_samples_body(f, begin, end, scratch);
 }
 
-#if KSL_CPU_AVX2_CLONE
+#if KSL_CPU_HAVE_AVX2_FMA
 template <typename scalar_t, typename acc_t, int kB>
-__attribute__((target("avx2,fma"))) void forward_samples_avx2(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin,
-                                                              int64_t end, acc_t* scratch) {
+KSL_CPU_AVX2_FMA void forward_samples_avx2(const ForwardArgs<scalar_t, acc_t, kB>& f, int64_t begin, int64_t end,
+                                           acc_t* scratch) {
   forward_samples_body(f, begin, end, scratch);
 }
 #endif
@@ -288,8 +271,8 @@ void forward_impl(const at::Tensor& z, double temperature, at::Tensor& row_lse, 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kB * f.K));
   at::parallel_for(0, f.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(static_cast<size_t>(kB * f.K));  // pass 1's exp, reused by pass 2
-#if KSL_CPU_AVX2_CLONE
-    if (cpu_has_avx2_fma()) return forward_samples_avx2(f, begin, end, scratch.data());
+#if KSL_CPU_HAVE_AVX2_FMA
+    if (ksl::cpu::use_avx2_fma()) return forward_samples_avx2(f, begin, end, scratch.data());
 #endif
     forward_samples_baseline(f, begin, end, scratch.data());
   });
@@ -368,30 +351,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cpu(co
                                                                               int64_t reduction, bool save_grad) {
   ksl::prob::check_inputs(logits, temperature, reduction);
   const at::Tensor z = logits.contiguous();
-  const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
+  const int64_t B = z.size(0), N = z.size(1);
   ksl::prob::SavedForBackward saved = ksl::prob::allocate_saved(z, temperature, detach_target, reduction, save_grad);
   const auto acc = z.options().dtype(saved.row_lse.scalar_type());
   at::Tensor pp_terms = at::empty({B, B, N}, acc);
   at::Tensor pa_terms = at::empty({B, N}, acc);
   const double t2 = temperature * temperature;
 
-  if (N > 0 && K > 0) {
-    // The kernels run in the accumulation type (see kernel_input); grad_dir keeps z's dtype.
-    const at::Tensor zk = kernel_input(z);
-    at::Tensor grad_dir = saved.write_grad && zk.scalar_type() != z.scalar_type() ? at::empty_like(zk) : saved.grad_dir;
-    AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_cpu", [&] {
-      ksl::prob::dispatch_branches(B, [&](auto kb) {
-        forward_impl<scalar_t, decltype(kb)::value>(zk, temperature, saved.row_lse, pp_terms, pa_terms,
-                                                    saved.write_grad ? &grad_dir : nullptr, saved.grad_scale);
-      });
+  // The kernels run in the accumulation type (see ksl::kernel_input); grad_dir keeps z's dtype.
+  const at::Tensor zk = ksl::kernel_input(z);
+  at::Tensor grad_dir = saved.write_grad && zk.scalar_type() != z.scalar_type() ? at::empty_like(zk) : saved.grad_dir;
+  AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_cpu", [&] {
+    ksl::prob::dispatch_branches(B, [&](auto kb) {
+      forward_impl<scalar_t, decltype(kb)::value>(zk, temperature, saved.row_lse, pp_terms, pa_terms,
+                                                  saved.write_grad ? &grad_dir : nullptr, saved.grad_scale);
     });
-    if (saved.write_grad && !grad_dir.is_same(saved.grad_dir)) saved.grad_dir.copy_(grad_dir);
-  } else {
-    saved.row_lse.fill_(K > 0 ? 0.0 : -std::numeric_limits<double>::infinity());
-    pp_terms.zero_();
-    pa_terms.zero_();
-    if (saved.write_grad) saved.grad_dir.zero_();
-  }
+  });
+  if (saved.write_grad && !grad_dir.is_same(saved.grad_dir)) saved.grad_dir.copy_(grad_dir);
 
   at::Tensor pp, pa;
   if (reduction == ksl::kNone) {
@@ -423,15 +399,13 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
   const ksl::prob::SampleWeights w =
       ksl::prob::backward_weights(grad_pp, grad_pa, row_lse, B, N, at::toOpMathType(z.scalar_type()), reduction);
   at::Tensor lse = row_lse.contiguous();
-  const at::Tensor zk = kernel_input(z);
+  const at::Tensor zk = ksl::kernel_input(z);
   at::Tensor grad = at::empty({B, N, K}, zk.options());
-  if (N > 0 && K > 0) {
-    AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_backward_cpu", [&] {
-      ksl::prob::dispatch_branches(B, [&](auto kb) {
-        backward_impl<scalar_t, decltype(kb)::value>(zk, lse, w.pp, w.pa, temperature, detach_target, grad);
-      });
+  AT_DISPATCH_FLOATING_TYPES(zk.scalar_type(), "prob_consensus_backward_cpu", [&] {
+    ksl::prob::dispatch_branches(B, [&](auto kb) {
+      backward_impl<scalar_t, decltype(kb)::value>(zk, lse, w.pp, w.pa, temperature, detach_target, grad);
     });
-  }
+  });
   return grad.to(z.scalar_type());
 }
 
@@ -442,7 +416,7 @@ at::Tensor prob_consensus_backward_cpu(const at::Tensor& grad_pp, const at::Tens
 at::Tensor prob_consensus_backward_saved_cpu(const std::optional<at::Tensor>& grad_pp,
                                              const std::optional<at::Tensor>& grad_pa, const at::Tensor& grad_dir) {
   ksl::prob::check_saved_backward(grad_pp, grad_pa, grad_dir);
-  const at::Tensor *gpp = ksl::prob::given(grad_pp), *gpa = ksl::prob::given(grad_pa);
+  const at::Tensor *gpp = ksl::prob::defined_or_null(grad_pp), *gpa = ksl::prob::defined_or_null(grad_pa);
   const at::Tensor gd = grad_dir.contiguous();
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "prob_consensus_backward_saved_cpu", [&] {

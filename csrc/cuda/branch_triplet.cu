@@ -99,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> branch_tr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "branch_triplet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int anchor_micro = forward_anchor_micro(N);
-    const int anchor_tile = kThreads * anchor_micro;
+    const int anchor_tile = kBlockSide * anchor_micro;
     const dim3 grid(static_cast<unsigned int>((N + anchor_tile - 1) / anchor_tile), static_cast<unsigned int>(B * B));
-    const dim3 block(kThreads, kThreads);
+    const dim3 block(kBlockSide, kBlockSide);
     auto forward = anchor_micro == 1 ? triplet_forward_kernel<scalar_t, acc_t, 1>
                                      : triplet_forward_kernel<scalar_t, acc_t, kMicro>;
     forward<<<grid, block, 0, stream>>>(

@@ -15,14 +15,14 @@ namespace triplet_cuda {
 
 using namespace ksl::triplet;
 
-constexpr int kTile = 64;     // candidates per step (and anchors per block in the wide layout)
-constexpr int kThreads = 16;  // the block is kThreads × kThreads; thread (tx, ty) owns anchors
-constexpr int kMicro = 4;     // ty + 16 i, i < kAnchorMicro, and candidates tx + 16 j, j < kMicro
-constexpr int kDepth = 16;    // slice of L staged in shared memory per step
-static_assert(kThreads * kMicro == kTile, "tile layout");
-static_assert(kTile * kDepth == kMicro * kThreads * kThreads, "each thread stages kMicro candidate elements");
+constexpr int kTile = 64;       // candidates per step (and anchors per block in the wide layout)
+constexpr int kBlockSide = 16;  // the block is kBlockSide × kBlockSide threads; thread (tx, ty) owns anchors
+constexpr int kMicro = 4;       // ty + 16 i, i < kAnchorMicro, and candidates tx + 16 j, j < kMicro
+constexpr int kDepth = 16;      // slice of L staged in shared memory per step
+static_assert(kBlockSide * kMicro == kTile, "tile layout");
+static_assert(kTile * kDepth == kMicro * kBlockSide * kBlockSide, "each thread stages kMicro candidate elements");
 
-// Anchors per block: kThreads · kAnchorMicro. The wide layout (4 anchors per thread, 64 per block)
+// Anchors per block: kBlockSide · kAnchorMicro. The wide layout (4 anchors per thread, 64 per block)
 // reuses each staged candidate four times; at Re-ID sizes it leaves most of a GPU idle (N = 64, B = 3
 // is 9 blocks), so small N takes the narrow one (1 anchor per thread, 16 per block: 36 blocks). The
 // launch glue picks with forward_anchor_micro.
@@ -37,8 +37,8 @@ __device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y;
 
 // Block-wide sum in a fixed tree (deterministic). The block's thread count must be a power of two
 // <= 1024; scratch has one slot per thread.
-template <typename T>
-__device__ T block_sum(T value, T* scratch) {
+template <typename S>
+__device__ S block_sum(S value, S* scratch) {
   const int tid = block_thread();
   scratch[tid] = value;
   __syncthreads();
@@ -46,7 +46,7 @@ __device__ T block_sum(T value, T* scratch) {
     if (tid < s) scratch[tid] += scratch[tid + s];
     __syncthreads();
   }
-  const T total = scratch[0];
+  const S total = scratch[0];
   __syncthreads();
   return total;
 }
@@ -90,13 +90,13 @@ __device__ void reduce_terms(const acc_t* __restrict__ terms, const int32_t* __r
 
 // ---- forward ------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t, int kAnchorMicro>
-__global__ void __launch_bounds__(kThreads* kThreads)
+__global__ void __launch_bounds__(kBlockSide* kBlockSide)
     triplet_forward_kernel(const scalar_t* __restrict__ emb, const int64_t* __restrict__ labels, int B, int N, int L,
                            acc_t margin, bool soft_margin, int32_t* __restrict__ pos_idx, int32_t* __restrict__ neg_idx,
                            acc_t* __restrict__ terms, acc_t* __restrict__ hard_sq, unsigned int* __restrict__ ticket,
                            bool mean, scalar_t* __restrict__ self_out, scalar_t* __restrict__ cross_out) {
   // +1 column: the transposed stores (row-major global → [k][row]) do not hit one bank.
-  constexpr int kAnchorTile = kThreads * kAnchorMicro;
+  constexpr int kAnchorTile = kBlockSide * kAnchorMicro;
   KSL_SHARED(acc_t, anchors_s, [kDepth][kAnchorTile + 1]);
   KSL_SHARED(acc_t, cands_s, [kDepth][kTile + 1]);
   KSL_SHARED(int64_t, cand_labels, [kTile]);
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
   const int u = pair / B, v = pair % B;
   const int m0 = blockIdx.x * kAnchorTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int tid = ty * kThreads + tx;
+  const int tid = ty * kBlockSide + tx;
   const scalar_t* eu = emb + static_cast<int64_t>(u) * N * L;
   const scalar_t* ev = emb + static_cast<int64_t>(v) * N * L;
 
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
   int ip[kAnchorMicro], in[kAnchorMicro];
 #pragma unroll
   for (int i = 0; i < kAnchorMicro; ++i) {
-    const int m = m0 + ty + kThreads * i;
+    const int m = m0 + ty + kBlockSide * i;
     my_label[i] = m < N ? labels[m] : -1;
     best_pos[i] = best_neg[i] = pos_sq[i] = neg_sq[i] = acc_t(0);
     ip[i] = in[i] = -1;
@@ -135,14 +135,14 @@ __global__ void __launch_bounds__(kThreads* kThreads)
       // one row. Out-of-range rows and l are zeros, which add exactly 0 to every sum.
 #pragma unroll
       for (int s = 0; s < kAnchorMicro; ++s) {
-        const int e = tid + s * kThreads * kThreads;
+        const int e = tid + s * kBlockSide * kBlockSide;
         const int r = e / kDepth, k = e % kDepth;
         const int l = k0 + k, m = m0 + r;
         anchors_s[k][r] = (m < N && l < L) ? static_cast<acc_t>(eu[static_cast<int64_t>(m) * L + l]) : acc_t(0);
       }
 #pragma unroll
       for (int s = 0; s < kMicro; ++s) {
-        const int e = tid + s * kThreads * kThreads;
+        const int e = tid + s * kBlockSide * kBlockSide;
         const int r = e / kDepth, k = e % kDepth;
         const int l = k0 + k, n = n0 + r;
         cands_s[k][r] = (n < N && l < L) ? static_cast<acc_t>(ev[static_cast<int64_t>(n) * L + l]) : acc_t(0);
@@ -152,9 +152,9 @@ __global__ void __launch_bounds__(kThreads* kThreads)
       for (int k = 0; k < kDepth; ++k) {
         acc_t a[kAnchorMicro], b[kMicro];
 #pragma unroll
-        for (int i = 0; i < kAnchorMicro; ++i) a[i] = anchors_s[k][ty + kThreads * i];
+        for (int i = 0; i < kAnchorMicro; ++i) a[i] = anchors_s[k][ty + kBlockSide * i];
 #pragma unroll
-        for (int j = 0; j < kMicro; ++j) b[j] = cands_s[k][tx + kThreads * j];
+        for (int j = 0; j < kMicro; ++j) b[j] = cands_s[k][tx + kBlockSide * j];
 #pragma unroll
         for (int i = 0; i < kAnchorMicro; ++i)
 #pragma unroll
@@ -168,12 +168,12 @@ __global__ void __launch_bounds__(kThreads* kThreads)
 
 #pragma unroll
     for (int j = 0; j < kMicro; ++j) {
-      const int n = n0 + tx + kThreads * j;
+      const int n = n0 + tx + kBlockSide * j;
       if (n >= N) continue;
-      const int64_t yn = cand_labels[tx + kThreads * j];
+      const int64_t yn = cand_labels[tx + kBlockSide * j];
 #pragma unroll
       for (int i = 0; i < kAnchorMicro; ++i) {
-        const int m = m0 + ty + kThreads * i;
+        const int m = m0 + ty + kBlockSide * i;
         if (m >= N) continue;
         offer_candidate(distance(acc[i][j]), acc[i][j], n, m, yn == my_label[i], best_pos[i], pos_sq[i], ip[i],
                         best_neg[i], neg_sq[i], in[i]);
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
 #pragma unroll
   for (int i = 0; i < kAnchorMicro; ++i) {
 #pragma unroll
-    for (int off = kThreads / 2; off > 0; off /= 2) {
+    for (int off = kBlockSide / 2; off > 0; off /= 2) {
       const acc_t pv = __shfl_xor_sync(0xffffffffu, best_pos[i], off);
       const acc_t psq = __shfl_xor_sync(0xffffffffu, pos_sq[i], off);
       const int pi = __shfl_xor_sync(0xffffffffu, ip[i], off);
@@ -209,15 +209,15 @@ __global__ void __launch_bounds__(kThreads* kThreads)
   if (tx == 0) {
 #pragma unroll
     for (int i = 0; i < kAnchorMicro; ++i) {
-      const int m = m0 + ty + kThreads * i;
+      const int m = m0 + ty + kBlockSide * i;
       if (m >= N) continue;
       store_anchor(static_cast<long long>(pair) * N + m, static_cast<long long>(B) * B * N, ip[i], in[i], best_pos[i],
                    best_neg[i], pos_sq[i], neg_sq[i], margin, soft_margin, pos_idx, neg_idx, terms, hard_sq);
     }
   }
   if (ticket != nullptr) {  // mean / sum: the block that finishes last reduces every block's terms
-    KSL_SHARED(acc_t, scratch, [kThreads * kThreads]);
-    KSL_SHARED(int64_t, count_scratch, [kThreads * kThreads]);
+    KSL_SHARED(acc_t, scratch, [kBlockSide * kBlockSide]);
+    KSL_SHARED(int64_t, count_scratch, [kBlockSide * kBlockSide]);
     KSL_SHARED(bool, last_block, );
     if (cuda::last_block_arrived(ticket, gridDim.x * gridDim.y, last_block)) {
       reduce_terms(terms, pos_idx, B, N, mean, self_out, cross_out, scratch, count_scratch);

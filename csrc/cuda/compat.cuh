@@ -27,9 +27,9 @@ namespace ksl {
 
 // The accumulation type of a stored type: float for float/half/bfloat16, double for double (the
 // same as at::opmath_type, which needs ATen; the .cu files assert that the two agree).
-template <typename T>
+template <typename S>
 struct OpMath {
-  using type = T;
+  using type = S;
 };
 template <>
 struct OpMath<c10::Half> {
@@ -39,8 +39,8 @@ template <>
 struct OpMath<c10::BFloat16> {
   using type = float;
 };
-template <typename T>
-using opmath_t = typename OpMath<T>::type;
+template <typename S>
+using opmath_t = typename OpMath<S>::type;
 
 namespace cuda {
 

@@ -26,6 +26,7 @@
 #include "cuda/embedding_consensus.cuh"
 #include "cuda/ticket.h"
 #include "host/embedding_consensus.h"
+#include "host/shared.h"
 
 namespace ksl {
 namespace {
@@ -75,37 +76,6 @@ void launch_backward_static(const scalar_t* ge, const scalar_t* ga, const scalar
       <<<static_cast<unsigned>(N), kThreads, 0, stream>>>(ge, ga, e, nrm, N, L, reduction, vec, out);
 }
 
-// Calls FN<scalar_t, B>(args...) for B = 2..8; returns false for other B (the generic path).
-#define KSL_EMB_CUDA_STATIC_B(B, FN, ...) \
-  [&]() -> bool {                         \
-    switch (B) {                          \
-      case 2:                             \
-        FN<scalar_t, 2>(__VA_ARGS__);     \
-        return true;                      \
-      case 3:                             \
-        FN<scalar_t, 3>(__VA_ARGS__);     \
-        return true;                      \
-      case 4:                             \
-        FN<scalar_t, 4>(__VA_ARGS__);     \
-        return true;                      \
-      case 5:                             \
-        FN<scalar_t, 5>(__VA_ARGS__);     \
-        return true;                      \
-      case 6:                             \
-        FN<scalar_t, 6>(__VA_ARGS__);     \
-        return true;                      \
-      case 7:                             \
-        FN<scalar_t, 7>(__VA_ARGS__);     \
-        return true;                      \
-      case 8:                             \
-        FN<scalar_t, 8>(__VA_ARGS__);     \
-        return true;                      \
-      default:                            \
-        return false;                     \
-    }                                     \
-  }()
-static_assert(emb::kMaxStaticBranches == 8, "KSL_EMB_CUDA_STATIC_B lists B = 2..8");
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at::Tensor& emb_in, int64_t reduction) {
   check_inputs(emb_in, reduction, "embedding_consensus");
   const c10::cuda::CUDAGuard guard(emb_in.device());
@@ -136,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_consensus_cuda(const at
                                                                        out.ep.mutable_data_ptr<scalar_t>(),
                                                                        out.ea.mutable_data_ptr<scalar_t>()};
     const bool vec = can_vectorise(e, L, sizeof(scalar_t));
-    if (!KSL_EMB_CUDA_STATIC_B(B, launch_forward_static, e, N, L, vec, nrm, t, stream)) {
+    const bool static_b = dispatch_branch_count<emb::kMaxStaticBranches>(
+        B, [&](auto kb) { launch_forward_static<scalar_t, decltype(kb)::value>(e, N, L, vec, nrm, t, stream); });
+    if (!static_b) {
       const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(emb::term_count(B)));
       forward_term_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(e, B, N, L, nrm, t.ep_terms, t.ea_terms, t.ticket,
                                                                    t.mean, t.ep_out, t.ea_out);
@@ -154,7 +126,7 @@ at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at
   const at::Tensor emb = emb_in.contiguous();
   const int B = static_cast<int>(emb.size(0));
   const int64_t N = emb.size(1), L = emb.size(2);
-  const int64_t T = emb::term_count(B);
+  const int64_t terms = emb::term_count(B);
   emb::check_norms(norms_in, emb);
   emb::check_upstream(grad_ep, grad_ea, emb, reduction);
   const at::Tensor norms = norms_in.contiguous();
@@ -171,8 +143,11 @@ at::Tensor embedding_consensus_backward_cuda(const at::Tensor& grad_ep, const at
         const scalar_t* ga = gea.const_data_ptr<scalar_t>();
         scalar_t* out = grad.mutable_data_ptr<scalar_t>();
         const bool vec = can_vectorise(e, L, sizeof(scalar_t)) && can_vectorise(out, L, sizeof(scalar_t));
-        if (!KSL_EMB_CUDA_STATIC_B(B, launch_backward_static, ge, ga, e, nrm, N, L, reduction, vec, out, stream)) {
-          at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + T},
+        const bool static_b = dispatch_branch_count<emb::kMaxStaticBranches>(B, [&](auto kb) {
+          launch_backward_static<scalar_t, decltype(kb)::value>(ge, ga, e, nrm, N, L, reduction, vec, out, stream);
+        });
+        if (!static_b) {
+          at::Tensor work = at::empty({N, static_cast<int64_t>(B) * B + B + terms},
                                       emb.options().dtype(at::toOpMathType(emb.scalar_type())));
           acc_t* w = work.mutable_data_ptr<acc_t>();
           coefficients_kernel<scalar_t>

@@ -22,10 +22,10 @@ inline bool can_vectorise(const void* p, int64_t L, int64_t elem_size) {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (L * elem_size) % 16 == 0;
 }
 
-template <typename T>
+template <typename S>
 struct alignas(16) Pack {
-  static constexpr int kSize = 16 / static_cast<int>(sizeof(T));
-  T v[kSize];
+  static constexpr int kSize = 16 / static_cast<int>(sizeof(S));
+  S v[kSize];
 };
 
 template <typename acc_t>
@@ -64,19 +64,19 @@ __device__ __forceinline__ void write_terms(const acc_t* nrm, int B, int64_t N, 
     ea_terms[static_cast<int64_t>(b) * N + n] = static_cast<scalar_t>(nrm[P + b]);
 }
 
-// mean / sum over the saved norms [N, T] of every sample, in the forward's last block (by ticket):
+// mean / sum over the saved norms [N, terms] of every sample, in the forward's last block (by ticket):
 // each thread a fixed set of samples, then a fixed-order block sum, so the scalars are deterministic.
 // The norms come from other blocks: read through L2 (__ldcg).
 template <typename scalar_t>
 __device__ void reduce_norms(const opmath_t<scalar_t>* norms, int B, int64_t N, bool mean, scalar_t* ep, scalar_t* ea,
                              opmath_t<scalar_t>* shared /* [kWarps] */) {
   using acc_t = opmath_t<scalar_t>;
-  const int P = emb::pair_count(B), T = emb::term_count(B);
+  const int P = emb::pair_count(B), terms = emb::term_count(B);
   acc_t sp = acc_t(0), sa = acc_t(0);
   for (int64_t n = threadIdx.x; n < N; n += kThreads) {
-    const acc_t* row = norms + n * T;
+    const acc_t* row = norms + n * terms;
     for (int q = 0; q < P; ++q) sp += __ldcg(row + q);
-    for (int q = P; q < T; ++q) sa += __ldcg(row + q);
+    for (int q = P; q < terms; ++q) sa += __ldcg(row + q);
   }
   sp = block_sum<acc_t, kThreads>(sp, shared);
   sa = block_sum<acc_t, kThreads>(sa, shared);
@@ -98,13 +98,13 @@ __global__ void __launch_bounds__(kThreads)
                    scalar_t* __restrict__ ea_terms, unsigned int* __restrict__ ticket, bool mean,
                    scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
   using acc_t = opmath_t<scalar_t>;
-  constexpr int T = emb::term_count(kB);
+  constexpr int kTerms = emb::term_count(kB);
   const int64_t n = blockIdx.x;
   const acc_t inv_bm1 = acc_t(1) / acc_t(kB - 1);
 
-  acc_t sq[T];
+  acc_t sq[kTerms];
 #pragma unroll
-  for (int q = 0; q < T; ++q) sq[q] = acc_t(0);
+  for (int q = 0; q < kTerms; ++q) sq[q] = acc_t(0);
 
   if (vectorised) {
     using PackT = Pack<scalar_t>;
@@ -134,22 +134,22 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  KSL_SHARED(acc_t, partial, [kWarps][T]);
-  KSL_SHARED(acc_t, nrm, [T]);
+  KSL_SHARED(acc_t, partial, [kWarps][kTerms]);
+  KSL_SHARED(acc_t, nrm, [kTerms]);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int q = 0; q < T; ++q) {
+  for (int q = 0; q < kTerms; ++q) {
     const acc_t s = warp_sum(sq[q]);
     if (lane == 0) partial[warp][q] = s;
   }
   __syncthreads();
-  if (threadIdx.x < T) {
+  if (threadIdx.x < kTerms) {
     const int q = threadIdx.x;
     acc_t s = partial[0][q];
     for (int w = 1; w < kWarps; ++w) s += partial[w][q];
     const acc_t value = emb::term_norm(s, q, kB, inv_bm1);
     nrm[q] = value;
-    norms[n * T + q] = value;
+    norms[n * kTerms + q] = value;
   }
   if (ep_terms != nullptr) {
     __syncthreads();
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
                         scalar_t* __restrict__ ep_out, scalar_t* __restrict__ ea_out) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = blockIdx.x;
-  const int q = blockIdx.y, P = emb::pair_count(B), T = emb::term_count(B);
+  const int q = blockIdx.y, P = emb::pair_count(B), terms = emb::term_count(B);
   const int64_t branch_stride = N * L;
   const scalar_t* x0 = emb + n * L;  // branch b at x0 + b * branch_stride
   acc_t s = acc_t(0);
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
   s = block_sum<acc_t, kThreads>(s, shared);
   if (threadIdx.x == 0) {
     const acc_t value = emb::term_norm(s, q, B, acc_t(1) / acc_t(B - 1));
-    norms[n * T + q] = value;
+    norms[n * terms + q] = value;
     if (ep_terms != nullptr) {  // ep was zero-filled: only u < v is written
       if (q < P) {
         int u, v;
@@ -242,15 +242,15 @@ __global__ void __launch_bounds__(kThreads)
                     const scalar_t* __restrict__ emb, const opmath_t<scalar_t>* __restrict__ norms, int64_t N,
                     int64_t L, int64_t reduction, bool vectorised, scalar_t* __restrict__ grad) {
   using acc_t = opmath_t<scalar_t>;
-  constexpr int P = emb::pair_count(kB), T = emb::term_count(kB);
+  constexpr int P = emb::pair_count(kB), kTerms = emb::term_count(kB);
   const int64_t n = blockIdx.x;
-  KSL_SHARED(acc_t, g, [T]);
-  KSL_SHARED(acc_t, nrm, [T]);
+  KSL_SHARED(acc_t, g, [kTerms]);
+  KSL_SHARED(acc_t, nrm, [kTerms]);
   KSL_SHARED(acc_t, mix_s, [kB * kB]);
   KSL_SHARED(acc_t, self_s, [kB]);
-  if (threadIdx.x < T) {
+  if (threadIdx.x < kTerms) {
     g[threadIdx.x] = term_grad<scalar_t, acc_t>(grad_ep, grad_ea, threadIdx.x, kB, N, n, reduction);
-    nrm[threadIdx.x] = norms[n * T + threadIdx.x];
+    nrm[threadIdx.x] = norms[n * kTerms + threadIdx.x];
   }
   __syncthreads();
   if (threadIdx.x == 0) emb::backward_coefficients(kB, g, g + P, nrm, acc_t(1) / acc_t(kB - 1), mix_s, self_s);
@@ -301,12 +301,12 @@ __global__ void coefficients_kernel(const scalar_t* __restrict__ grad_ep, const 
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;
-  const int P = emb::pair_count(B), T = emb::term_count(B);
-  // Workspace row of this sample: mix [B·B], self [B], then the T upstream gradients.
-  acc_t* row = work + n * (static_cast<int64_t>(B) * B + B + T);
+  const int P = emb::pair_count(B), terms = emb::term_count(B);
+  // Workspace row of this sample: mix [B·B], self [B], then the upstream gradients of its terms.
+  acc_t* row = work + n * (static_cast<int64_t>(B) * B + B + terms);
   acc_t* g = row + B * B + B;
-  for (int q = 0; q < T; ++q) g[q] = term_grad<scalar_t, acc_t>(grad_ep, grad_ea, q, B, N, n, reduction);
-  emb::backward_coefficients(B, g, g + P, norms + n * T, acc_t(1) / acc_t(B - 1), row, row + B * B);
+  for (int q = 0; q < terms; ++q) g[q] = term_grad<scalar_t, acc_t>(grad_ep, grad_ea, q, B, N, n, reduction);
+  emb::backward_coefficients(B, g, g + P, norms + n * terms, acc_t(1) / acc_t(B - 1), row, row + B * B);
 }
 
 // ... then one block per (sample, branch w) writes that branch's gradient row, reading the B rows
@@ -317,8 +317,8 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t N, int64_t L, scalar_t* __restrict__ grad) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t n = blockIdx.x;
-  const int w = blockIdx.y, T = emb::term_count(B);
-  const acc_t* row = work + n * (static_cast<int64_t>(B) * B + B + T);
+  const int w = blockIdx.y, terms = emb::term_count(B);
+  const acc_t* row = work + n * (static_cast<int64_t>(B) * B + B + terms);
   const int64_t branch_stride = N * L;
   const scalar_t* x0 = emb + n * L;
   scalar_t* out = grad + (w * N + n) * L;

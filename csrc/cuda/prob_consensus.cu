@@ -58,13 +58,12 @@ static_assert(std::is_same_v<ksl::opmath_t<at::Half>, at::opmath_type<at::Half>>
               "compat.cuh's opmath_t must be ATen's");
 
 // The shared checks (host/prob_consensus.h) plus what the kernels' launch needs: one block per
-// sample (N fits the grid) and at least one class per row.
+// sample, so N fits the grid.
 void check_inputs(const at::Tensor& logits, double temperature, int64_t reduction) {
   TORCH_CHECK(logits.is_cuda(), "prob_consensus: logits must be a CUDA tensor here");
   ksl::prob::check_inputs(logits, temperature, reduction);
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) <= std::numeric_limits<int>::max(),
+  TORCH_CHECK(logits.size(1) <= std::numeric_limits<int>::max(),
               "prob_consensus: logits must have 1 to 2^31 - 1 samples (N), got ", logits.size(1));
-  TORCH_CHECK(logits.size(2) >= 1, "prob_consensus: logits must have at least one class (K), got ", logits.size(2));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prob_consensus_cuda(const at::Tensor& logits,
@@ -134,7 +133,8 @@ at::Tensor prob_consensus_backward_cuda(const at::Tensor& grad_pp, const at::Ten
   return grad;
 }
 
-// One launch, instead of the eager add of the two upstream scalars and the multiply it replaces.
+// grad = grad_dir · factor (saved_grad_factor) in one launch: the factor is read from the upstream scalars
+// on the device by every thread, so nothing waits for the host.
 at::Tensor prob_consensus_backward_saved_cuda(const std::optional<at::Tensor>& grad_pp,
                                               const std::optional<at::Tensor>& grad_pa, const at::Tensor& grad_dir) {
   TORCH_CHECK(grad_dir.is_cuda(), "prob_consensus_backward_saved: grad_dir must be a CUDA tensor here");
@@ -144,7 +144,7 @@ at::Tensor prob_consensus_backward_saved_cuda(const std::optional<at::Tensor>& g
   at::Tensor grad = at::empty_like(gd);
   const int64_t numel = gd.numel();
   if (numel == 0) return grad;
-  const at::Tensor *gpp = ksl::prob::given(grad_pp), *gpa = ksl::prob::given(grad_pa);
+  const at::Tensor *gpp = ksl::prob::defined_or_null(grad_pp), *gpa = ksl::prob::defined_or_null(grad_pa);
   // Enough blocks to fill an H100 several times over; larger tensors are strided over.
   const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 8192);
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -16,6 +16,7 @@
 
 #include "common/macros.h"
 #include "host/dtypes.h"
+#include "host/shared.h"
 
 namespace ksl {
 namespace triplet {
@@ -42,8 +43,7 @@ inline void check_args(const at::Tensor& emb, double margin, bool soft_margin, i
                     ", which has B*B = ", count_text(emb.size(0), /*halve=*/false), " pairs");
   TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0), shape ", emb.sizes());
   TORCH_CHECK(emb.size(2) >= 1, op, ": emb must have L >= 1, got shape ", emb.sizes());
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
+  check_reduction(reduction, op);
   TORCH_CHECK(soft_margin || (std::isfinite(margin) && margin >= 0), op, ": margin must be finite and >= 0, got ",
               margin);
 }

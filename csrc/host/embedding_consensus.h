@@ -14,6 +14,7 @@
 #include "common/embedding_consensus.h"
 #include "common/macros.h"
 #include "host/dtypes.h"
+#include "host/shared.h"
 
 namespace ksl {
 namespace emb {
@@ -32,8 +33,7 @@ inline void check_inputs(const at::Tensor& emb, int64_t reduction, const char* o
                     ", which has B(B-1)/2 = ", count_text(B, /*halve=*/true), " pairs");
   TORCH_CHECK(emb.size(1) >= 1, op, ": emb has no samples (N = 0)");
   TORCH_CHECK(emb.size(2) >= 1, op, ": emb needs at least one dimension (L >= 1)");
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  check_reduction(reduction, op);
 }
 
 // The forward's outputs for a contiguous emb [B, N, L], allocated alike on both devices (not filled).
@@ -77,10 +77,10 @@ inline void check_backward_tensors(const at::Tensor& grad_ep, const at::Tensor& 
 
 // The backward's checks of what the forward saved (norms) and of the upstream gradients' shapes.
 inline void check_norms(const at::Tensor& norms, const at::Tensor& emb) {
-  const int64_t N = emb.size(1), T = term_count(static_cast<int>(emb.size(0)));
+  const int64_t N = emb.size(1), terms = term_count(static_cast<int>(emb.size(0)));
   const auto acc = at::toOpMathType(emb.scalar_type());
-  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == N && norms.size(1) == T && norms.scalar_type() == acc,
-              "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", T, "] of dtype ", acc,
+  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == N && norms.size(1) == terms && norms.scalar_type() == acc,
+              "embedding_consensus_backward: norms must be [N, B(B-1)/2 + B] = [", N, ", ", terms, "] of dtype ", acc,
               ", got ", norms.sizes(), " ", norms.scalar_type());
 }
 

@@ -11,12 +11,12 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <type_traits>
 #include <utility>
 
 #include "common/macros.h"
 #include "common/prob_consensus.h"
 #include "host/dtypes.h"
+#include "host/shared.h"
 
 namespace ksl {
 namespace prob {
@@ -35,8 +35,7 @@ inline void check_inputs(const at::Tensor& logits, double temperature, int64_t r
               logits.sizes());
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "prob_consensus: temperature must be finite and > 0, got ",
               temperature);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "prob_consensus: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
+  check_reduction(reduction, "prob_consensus");
 }
 
 // The reduction's factor c on a per-sample term: 1/N for mean, 1 for sum (and none).
@@ -44,46 +43,28 @@ inline double reduction_scale(int64_t reduction, int64_t N) {
   return reduction == kMean ? 1.0 / static_cast<double>(N) : 1.0;
 }
 
-// Calls f(std::integral_constant<int, B>) for the runtime branch count (2 ≤ B ≤ kMaxBranches), so the
-// kernels get B as a compile-time constant.
+// Calls f(std::integral_constant<int, B>{}) for B (2 <= B <= kMaxBranches, which check_inputs and
+// check_saved_backward hold), so the kernels get B as a compile-time constant.
 template <typename F>
 void dispatch_branches(int64_t B, F&& f) {
-  switch (B) {
-    case 2:
-      f(std::integral_constant<int, 2>{});
-      break;
-    case 3:
-      f(std::integral_constant<int, 3>{});
-      break;
-    case 4:
-      f(std::integral_constant<int, 4>{});
-      break;
-    case 5:
-      f(std::integral_constant<int, 5>{});
-      break;
-    case 6:
-      f(std::integral_constant<int, 6>{});
-      break;
-    case 7:
-      f(std::integral_constant<int, 7>{});
-      break;
-    case 8:
-      f(std::integral_constant<int, 8>{});
-      break;
-    default:
-      TORCH_CHECK(false, "prob_consensus: logits must have 2 to ", kMaxBranches, " branches, got B = ", B);
-  }
-  static_assert(kMaxBranches == 8, "update dispatch_branches");
+  const bool dispatched = dispatch_branch_count<kMaxBranches>(B, f);
+  TORCH_INTERNAL_ASSERT(dispatched, "prob_consensus: B = ", B, " outside the checked range");
+}
+
+// Whether the forward writes grad_dir = T·c·(p − a), the direction of the whole gradient: only where
+// the gradient of both losses is a multiple of it (detach_target and a scalar reduction, see the
+// kernels' header comments) and the caller will need it (save_grad). The one statement of this
+// condition in C++: the kernels allocate and write by it, the autograd saves by it.
+inline bool writes_grad_dir(bool save_grad, bool detach_target, int64_t reduction) {
+  return save_grad && detach_target && reduction != kNone;
 }
 
 // What the forward saves for the backward, allocated alike on both devices for z [B, N, K].
 struct SavedForBackward {
   at::Tensor row_lse;   // [B, N] in the accumulation type: log-sum-exp of z^b_n / T
   at::Tensor grad_dir;  // [B, N, K] in z's dtype when write_grad, else empty
-  // The forward writes grad_dir = T·c·(p − a) only where the whole gradient is a multiple of it:
-  // save_grad, detach_target and a scalar reduction (see the kernels' header comments).
-  bool write_grad;
-  double grad_scale;  // T·c
+  bool write_grad;      // writes_grad_dir
+  double grad_scale;    // T·c
 };
 
 inline SavedForBackward allocate_saved(const at::Tensor& z, double temperature, bool detach_target, int64_t reduction,
@@ -91,7 +72,7 @@ inline SavedForBackward allocate_saved(const at::Tensor& z, double temperature, 
   const int64_t B = z.size(0), N = z.size(1), K = z.size(2);
   SavedForBackward s;
   s.row_lse = at::empty({B, N}, z.options().dtype(at::toOpMathType(z.scalar_type())));
-  s.write_grad = save_grad && detach_target && reduction != kNone;
+  s.write_grad = writes_grad_dir(save_grad, detach_target, reduction);
   s.grad_dir = s.write_grad ? at::empty({B, N, K}, z.options()) : at::empty({0}, z.options());
   s.grad_scale = temperature * reduction_scale(reduction, N);
   return s;
@@ -140,9 +121,9 @@ inline SampleWeights backward_weights(const at::Tensor& grad_pp, const at::Tenso
           (grad_pa.to(acc).reshape({1, 1}) * scale).expand({B, N}).contiguous()};
 }
 
-// An upstream gradient the saved-direction backward was given: nullptr when absent (None from Python,
-// or undefined: that loss output did not reach the loss).
-inline const at::Tensor* given(const std::optional<at::Tensor>& g) {
+// An upstream gradient of the saved-direction backward: nullptr when absent (None from Python, or
+// undefined: that loss output did not reach the loss).
+inline const at::Tensor* defined_or_null(const std::optional<at::Tensor>& g) {
   return g.has_value() && g->defined() ? &*g : nullptr;
 }
 
@@ -155,8 +136,8 @@ inline void check_saved_backward(const std::optional<at::Tensor>& grad_pp, const
               " branches, got shape ", grad_dir.sizes());
   const auto st = grad_dir.scalar_type();
   TORCH_CHECK(is_kernel_dtype(st), "prob_consensus_backward_saved: grad_dir must be ", kKernelDtypes, ", got ", st);
-  const std::pair<const char*, const at::Tensor*> upstream[] = {{"grad_pp", given(grad_pp)},
-                                                                {"grad_pa", given(grad_pa)}};
+  const std::pair<const char*, const at::Tensor*> upstream[] = {{"grad_pp", defined_or_null(grad_pp)},
+                                                                {"grad_pa", defined_or_null(grad_pa)}};
   for (const auto& [name, g] : upstream) {
     if (g == nullptr) continue;
     TORCH_CHECK(g->device() == grad_dir.device(), "prob_consensus_backward_saved: ", name,

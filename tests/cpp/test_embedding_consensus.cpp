@@ -61,17 +61,17 @@ void check(int B, int L, std::mt19937& rng, bool identical) {
   for (int b = 0; b < B; ++b)
     for (int l = 0; l < L; ++l) x[b * L + l] = identical && b > 0 ? x[l] : normal(rng);
 
-  const int P = pair_count(B), T = term_count(B);
+  const int P = pair_count(B), terms = term_count(B);
   const double inv = 1.0 / (B - 1);
-  std::vector<double> sq(T, 0.0), col(B);
+  std::vector<double> sq(terms, 0.0), col(B);
   for (int l = 0; l < L; ++l) {
     for (int b = 0; b < B; ++b) col[b] = x[b * L + l];
     accumulate_squares<kB>(col.data(), B, sq.data());
   }
-  std::vector<double> norms(T);
-  for (int q = 0; q < T; ++q) norms[q] = term_norm(sq[q], q, B, inv);
+  std::vector<double> norms(terms);
+  for (int q = 0; q < terms; ++q) norms[q] = term_norm(sq[q], q, B, inv);
   const std::vector<double> want = naive_terms(x, B, L);
-  for (int q = 0; q < T; ++q) {
+  for (int q = 0; q < terms; ++q) {
     expect_close(norms[q], want[q], 1e-12, q < P ? "pair norm" : "average norm", B, L);
     if (identical && norms[q] != 0.0) {
       std::printf("FAIL identical branches give a non-zero norm %g (B=%d)\n", norms[q], B);
@@ -86,8 +86,8 @@ void check(int B, int L, std::mt19937& rng, bool identical) {
         ++failures;
       }
 
-  std::vector<double> g(T);
-  for (int q = 0; q < T; ++q) g[q] = normal(rng);
+  std::vector<double> g(terms);
+  for (int q = 0; q < terms; ++q) g[q] = normal(rng);
   std::vector<double> mix(B * B), self(B);
   backward_coefficients(B, g.data(), g.data() + P, norms.data(), inv, mix.data(), self.data());
   const double h = 1e-6;

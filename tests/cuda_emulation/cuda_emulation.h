@@ -83,14 +83,14 @@ struct Counters {
 };
 Counters& counters();
 
-template <typename T>
-T shuffle(detail::WarpOp op, unsigned int mask, T v, int param, int width) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffled values are at most 8 bytes");
+template <typename S>
+S shuffle(detail::WarpOp op, unsigned int mask, S v, int param, int width) {
+  static_assert(std::is_trivially_copyable_v<S> && sizeof(S) <= 8, "shuffled values are at most 8 bytes");
   std::uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
+  std::memcpy(&bits, &v, sizeof(S));
   bits = detail::warp_exchange(op, mask, bits, param, width);
-  T out;
-  std::memcpy(&out, &bits, sizeof(T));
+  S out;
+  std::memcpy(&out, &bits, sizeof(S));
   return out;
 }
 
@@ -118,20 +118,20 @@ using ksl_emu::uint3;
 #define __syncthreads() ::ksl_emu::detail::syncthreads(__FILE__, __LINE__)
 constexpr int warpSize = 32;
 
-template <typename T>
-inline T __shfl_sync(unsigned int mask, T v, int src_lane, int width = 32) {
+template <typename S>
+inline S __shfl_sync(unsigned int mask, S v, int src_lane, int width = 32) {
   return ksl_emu::shuffle(ksl_emu::detail::WarpOp::kIdx, mask, v, src_lane, width);
 }
-template <typename T>
-inline T __shfl_up_sync(unsigned int mask, T v, unsigned int delta, int width = 32) {
+template <typename S>
+inline S __shfl_up_sync(unsigned int mask, S v, unsigned int delta, int width = 32) {
   return ksl_emu::shuffle(ksl_emu::detail::WarpOp::kUp, mask, v, static_cast<int>(delta), width);
 }
-template <typename T>
-inline T __shfl_down_sync(unsigned int mask, T v, unsigned int delta, int width = 32) {
+template <typename S>
+inline S __shfl_down_sync(unsigned int mask, S v, unsigned int delta, int width = 32) {
   return ksl_emu::shuffle(ksl_emu::detail::WarpOp::kDown, mask, v, static_cast<int>(delta), width);
 }
-template <typename T>
-inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask, int width = 32) {
+template <typename S>
+inline S __shfl_xor_sync(unsigned int mask, S v, int lane_mask, int width = 32) {
   return ksl_emu::shuffle(ksl_emu::detail::WarpOp::kXor, mask, v, lane_mask, width);
 }
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
@@ -144,19 +144,19 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
 
 // Blocks run one at a time and fibers switch only at barriers and warp intrinsics, so a plain
 // read-modify-write is atomic and every write is visible to the next block.
-template <typename T>
-inline T atomicAdd(T* address, T value) {
-  static_assert(std::is_same_v<T, int> || std::is_same_v<T, unsigned int> || std::is_same_v<T, float> ||
-                    std::is_same_v<T, double> || std::is_same_v<T, unsigned long long>,
+template <typename S>
+inline S atomicAdd(S* address, S value) {
+  static_assert(std::is_same_v<S, int> || std::is_same_v<S, unsigned int> || std::is_same_v<S, float> ||
+                    std::is_same_v<S, double> || std::is_same_v<S, unsigned long long>,
                 "atomicAdd: a type CUDA has");
   ++ksl_emu::counters().atomics;
-  const T old = *address;
+  const S old = *address;
   *address = old + value;
   return old;
 }
 inline void __threadfence() { ++ksl_emu::counters().fences; }
-template <typename T>
-inline T __ldcg(const T* p) {
+template <typename S>
+inline S __ldcg(const S* p) {
   return *p;
 }
 inline float __fmul_rn(float a, float b) { return a * b; }  // the tests build with -ffp-contract=off

@@ -20,26 +20,26 @@
 
 namespace harness {
 
-template <typename T>
+template <typename S>
 const char* dtype_name() {
-  if constexpr (std::is_same_v<T, double>)
+  if constexpr (std::is_same_v<S, double>)
     return "float64";
-  else if constexpr (std::is_same_v<T, float>)
+  else if constexpr (std::is_same_v<S, float>)
     return "float32";
-  else if constexpr (std::is_same_v<T, c10::Half>)
+  else if constexpr (std::is_same_v<S, c10::Half>)
     return "float16";
   else
     return "bfloat16";
 }
 
 // Machine epsilon of a stored type (the spacing at 1).
-template <typename T>
+template <typename S>
 double eps() {
-  if constexpr (std::is_same_v<T, double>)
+  if constexpr (std::is_same_v<S, double>)
     return std::numeric_limits<double>::epsilon();
-  else if constexpr (std::is_same_v<T, float>)
+  else if constexpr (std::is_same_v<S, float>)
     return std::numeric_limits<float>::epsilon();
-  else if constexpr (std::is_same_v<T, c10::Half>)
+  else if constexpr (std::is_same_v<S, c10::Half>)
     return 0.0009765625;  // 2^-10
   else
     return 0.0078125;  // 2^-7
@@ -47,20 +47,20 @@ double eps() {
 
 // Spacing of the stored type's subnormals: a store that rounds a tiny value (a float16 gradient of
 // 1e-6) is off by up to half of it whatever its relative precision.
-template <typename T>
+template <typename S>
 double tiny() {
-  if constexpr (std::is_same_v<T, double>)
+  if constexpr (std::is_same_v<S, double>)
     return std::numeric_limits<double>::denorm_min();
-  else if constexpr (std::is_same_v<T, float>)
+  else if constexpr (std::is_same_v<S, float>)
     return std::numeric_limits<float>::denorm_min();
-  else if constexpr (std::is_same_v<T, c10::Half>)
+  else if constexpr (std::is_same_v<S, c10::Half>)
     return 5.9604644775390625e-08;  // 2^-24
   else
     return 9.183549615799121e-41;  // 2^-133
 }
 
-template <typename T>
-double to_double(T x) {
+template <typename S>
+double to_double(S x) {
   return static_cast<double>(static_cast<float>(x));
 }
 template <>
@@ -68,17 +68,17 @@ inline double to_double<double>(double x) {
   return x;
 }
 
-template <typename T>
-T from_double(double x) {
-  if constexpr (std::is_same_v<T, double>)
+template <typename S>
+S from_double(double x) {
+  if constexpr (std::is_same_v<S, double>)
     return x;
   else
-    return static_cast<T>(static_cast<float>(x));
+    return static_cast<S>(static_cast<float>(x));
 }
 
-template <typename T>
-T nan_value() {
-  return from_double<T>(std::numeric_limits<double>::quiet_NaN());
+template <typename S>
+S nan_value() {
+  return from_double<S>(std::numeric_limits<double>::quiet_NaN());
 }
 
 // The schedules the tests rotate through: each case runs under one, chosen by its index, so every

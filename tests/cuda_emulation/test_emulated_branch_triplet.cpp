@@ -94,11 +94,11 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
   // Both layouts (16 and 64 anchors per block) must give the same results; the later steps use the wide one's.
   auto forward = [&](auto anchor_micro) {
     constexpr int kAM = decltype(anchor_micro)::value;
-    const std::string w = where + " forward (" + std::to_string(kThreads * kAM) + " anchors per block)";
+    const std::string w = where + " forward (" + std::to_string(kBlockSide * kAM) + " anchors per block)";
     std::fill(pos.begin(), pos.end(), -7), std::fill(neg.begin(), neg.end(), -7);
     std::fill(terms.begin(), terms.end(), acc_t(NAN)), std::fill(hard_sq.begin(), hard_sq.end(), acc_t(NAN));
-    const int tile = kThreads * kAM;
-    if (!harness::launch(w, dim3((N + tile - 1) / tile, B * B), dim3(kThreads, kThreads), [&] {
+    const int tile = kBlockSide * kAM;
+    if (!harness::launch(w, dim3((N + tile - 1) / tile, B * B), dim3(kBlockSide, kBlockSide), [&] {
           triplet_forward_kernel<scalar_t, acc_t, kAM>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin),
                                                        soft_margin, pos.data(), neg.data(), terms.data(),
                                                        hard_sq.data(), nullptr, false, nullptr, nullptr);
@@ -139,12 +139,12 @@ void run_case(int case_index, int B, int N, int L, bool soft_margin) {
   unsigned int ticket = 0;  // one counter for every launch, as the host keeps one per stream
   auto reduced = [&](auto anchor_micro, bool mean, scalar_t* out) {
     constexpr int kAM = decltype(anchor_micro)::value;
-    const int tile = kThreads * kAM;
+    const int tile = kBlockSide * kAM;
     std::vector<int32_t> p2(E, -7), n2(E, -7);
     std::vector<acc_t> t2(E, acc_t(NAN)), h2(2 * E, acc_t(NAN));
     const bool ok = harness::launch(
         where + (mean ? " forward mean (" : " forward sum (") + std::to_string(tile) + " anchors per block)",
-        dim3((N + tile - 1) / tile, B * B), dim3(kThreads, kThreads), [&] {
+        dim3((N + tile - 1) / tile, B * B), dim3(kBlockSide, kBlockSide), [&] {
           triplet_forward_kernel<scalar_t, acc_t, kAM>(e.data(), labels.data(), B, N, L, static_cast<acc_t>(margin),
                                                        soft_margin, p2.data(), n2.data(), t2.data(), h2.data(), &ticket,
                                                        mean, &out[0], &out[1]);

@@ -19,17 +19,17 @@ namespace emb = ksl::emb;
 using harness::Compare;
 
 // A buffer whose data() is 16-byte aligned, or off by one element when `misaligned`.
-template <typename T>
+template <typename S>
 struct Buffer {
-  std::vector<T> storage;
-  T* ptr;
-  Buffer(size_t n, bool misaligned, T fill) : storage(n + 64 / sizeof(T) + 1, fill) {
+  std::vector<S> storage;
+  S* ptr;
+  Buffer(size_t n, bool misaligned, S fill) : storage(n + 64 / sizeof(S) + 1, fill) {
     auto p = reinterpret_cast<std::uintptr_t>(storage.data());
     p = (p + 63) & ~std::uintptr_t{63};
-    ptr = reinterpret_cast<T*>(p) + (misaligned ? 1 : 0);
+    ptr = reinterpret_cast<S*>(p) + (misaligned ? 1 : 0);
   }
-  T& operator[](size_t i) { return ptr[i]; }
-  T* data() { return ptr; }
+  S& operator[](size_t i) { return ptr[i]; }
+  S* data() { return ptr; }
 };
 
 // ticket == nullptr: reduction none, the per-sample terms go to ep / ea. Else mean/sum: the scalars
@@ -82,7 +82,7 @@ template <typename scalar_t>
 void run_case(int case_index, int B, int N, int L, bool misaligned) {
   using acc_t = ksl::opmath_t<scalar_t>;
   const double eps_acc = harness::eps<acc_t>(), eps_out = harness::eps<scalar_t>();
-  const int P = emb::pair_count(B), T = emb::term_count(B);
+  const int P = emb::pair_count(B), terms = emb::term_count(B);
   const ksl_emu::Schedule sched = harness::schedule_for(case_index);
   ksl_emu::set_schedule(sched);
   const std::string where = std::string("embedding_consensus ") + harness::dtype_name<scalar_t>() +
@@ -98,20 +98,20 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
     e[i] = harness::from_double<scalar_t>(normal(rng) + (i % L == 3 ? 5.0 : 0.0));
     ed[i] = harness::to_double(e[i]);
   }
-  // reference norms [N, T]
-  std::vector<double> want(N * T), sq_scale(N * T);
+  // reference norms [N, terms]
+  std::vector<double> want(N * terms), sq_scale(N * terms);
   for (int n = 0; n < N; ++n) {
-    std::vector<double> sq(T, 0.0), x(B);
+    std::vector<double> sq(terms, 0.0), x(B);
     for (int l = 0; l < L; ++l) {
       for (int b = 0; b < B; ++b) x[b] = ed[(static_cast<size_t>(b) * N + n) * L + l];
       emb::accumulate_squares<0, double>(x.data(), B, sq.data());
     }
-    for (int q = 0; q < T; ++q) want[n * T + q] = emb::term_norm(sq[q], q, B, 1.0 / (B - 1));
+    for (int q = 0; q < terms; ++q) want[n * terms + q] = emb::term_norm(sq[q], q, B, 1.0 / (B - 1));
   }
   const double norm_tol = (64 + L / 8.0) * eps_acc;
 
   // ---- forward, reduction none (and then the norms feed mean / sum) ----
-  std::vector<acc_t> norms(N * T, acc_t(NAN));
+  std::vector<acc_t> norms(N * terms, acc_t(NAN));
   std::vector<scalar_t> ep(B * B * N, harness::nan_value<scalar_t>()), ea(B * N, harness::nan_value<scalar_t>());
   if (B > emb::kMaxStaticBranches) std::fill(ep.begin(), ep.end(), scalar_t(0));  // as the launch glue does
   const bool vec = can_vectorise(e.data(), L, sizeof(scalar_t));
@@ -121,16 +121,17 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
   CHECK_EQ(vec, !misaligned && (L * sizeof(scalar_t)) % 16 == 0);
   Compare cn{where + " norms"}, cep{where + " ep (none)"}, cea{where + " ea (none)"};
   for (int n = 0; n < N; ++n)
-    for (int q = 0; q < T; ++q) cn(n * T + q, norms[n * T + q], want[n * T + q], norm_tol * want[n * T + q]);
+    for (int q = 0; q < terms; ++q)
+      cn(n * terms + q, norms[n * terms + q], want[n * terms + q], norm_tol * want[n * terms + q]);
   for (int u = 0; u < B; ++u)
     for (int v = 0; v < B; ++v)
       for (int n = 0; n < N; ++n) {
-        const double w = u < v ? want[n * T + emb::pair_index(u, v, B)] : 0.0;
+        const double w = u < v ? want[n * terms + emb::pair_index(u, v, B)] : 0.0;
         cep((u * B + v) * N + n, harness::to_double(ep[(u * B + v) * N + n]), w, (norm_tol + eps_out) * w);
       }
   for (int b = 0; b < B; ++b)
     for (int n = 0; n < N; ++n) {
-      const double w = want[n * T + P + b];
+      const double w = want[n * terms + P + b];
       cea(b * N + n, harness::to_double(ea[b * N + n]), w, (norm_tol + eps_out) * w);
     }
 
@@ -138,7 +139,7 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
   unsigned int ticket = 0;  // one counter for every launch, as the host keeps one per stream
   for (int mean = 0; mean < 2; ++mean) {
     scalar_t out[2] = {harness::nan_value<scalar_t>(), harness::nan_value<scalar_t>()};
-    std::vector<acc_t> norms2(N * T, acc_t(NAN));
+    std::vector<acc_t> norms2(N * terms, acc_t(NAN));
     if (!launch_forward(where + (mean ? " forward mean" : " forward sum"), B, e.data(), N, L, vec, norms2.data(),
                         &out[0], &out[1], &ticket, mean != 0))
       return;
@@ -147,8 +148,8 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
               "the norms saved with mean/sum differ from those of reduction none");
     double sp = 0, sa = 0;
     for (int n = 0; n < N; ++n) {
-      for (int q = 0; q < P; ++q) sp += norms[n * T + q];
-      for (int q = P; q < T; ++q) sa += norms[n * T + q];
+      for (int q = 0; q < P; ++q) sp += norms[n * terms + q];
+      for (int q = P; q < terms; ++q) sa += norms[n * terms + q];
     }
     if (mean) sp /= N, sa /= N;
     Compare cr{where + (mean ? " mean" : " sum")};
@@ -168,7 +169,7 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
     bool launched = launch_backward_static<2>(where + " backward", B, gep.data(), gea.data(), e.data(), norms.data(), N,
                                               L, reduction, vec_b, grad.data());
     if (B > emb::kMaxStaticBranches) {
-      std::vector<acc_t> work(static_cast<size_t>(N) * (B * B + B + T), acc_t(NAN));
+      std::vector<acc_t> work(static_cast<size_t>(N) * (B * B + B + terms), acc_t(NAN));
       launched = harness::launch(where + " coefficients", dim3((N + 127) / 128), dim3(128),
                                  [&] {
                                    coefficients_kernel<scalar_t>(gep.data(), gea.data(), norms.data(), B, N, reduction,
@@ -181,9 +182,9 @@ void run_case(int case_index, int B, int N, int L, bool misaligned) {
     if (!launched) return;
     Compare cg{where + " grad (reduction " + std::to_string(reduction) + ")"};
     for (int n = 0; n < N; ++n) {
-      std::vector<double> g(T), nr(T), mix(B * B), self(B), x(B);
-      for (int q = 0; q < T; ++q) {
-        nr[q] = norms[n * T + q];
+      std::vector<double> g(terms), nr(terms), mix(B * B), self(B), x(B);
+      for (int q = 0; q < terms; ++q) {
+        nr[q] = norms[n * terms + q];
         if (none) {
           int u = 0, v = 0;
           if (q < P) emb::pair_of_index(q, B, &u, &v);
