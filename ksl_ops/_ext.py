@@ -6,6 +6,9 @@ so and how to rebuild, instead of an undefined-symbol error or a crash.
 """
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
 REBUILD_HINT = ("Rebuild it against the installed torch with `pip install --no-build-isolation "
@@ -14,8 +17,9 @@ REBUILD_HINT = ("Rebuild it against the installed torch with `pip install --no-b
 
 _LOAD_ERROR: Exception | None = None
 
+_build_info: ModuleType | None
 try:
-    from . import _build_info
+    _build_info = importlib.import_module("._build_info", __package__)
 except ImportError:  # a source tree that was never built
     _build_info = None
 
@@ -30,7 +34,7 @@ else:
         _LOAD_ERROR = exc
 
 
-def ops():
+def ops() -> torch._ops._OpNamespace:
     """The ``torch.ops.ksl_ops`` namespace; a clear error if the extension was not built."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(

@@ -8,14 +8,22 @@ torch.compile(fullgraph=True) work.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
 from . import _ext
+from ._typing import Backend, Reduction
+
+if TYPE_CHECKING:
+    from torch._ops import OpOverload
+    from torch.distributed import ProcessGroup
+
+    from .distributed import TripletFn
 
 
-def _reference():
+def _reference() -> ModuleType:
     """The pure-PyTorch reference (reference/ in the repository, installed as ksl_ops.reference)."""
     try:
         from . import reference
@@ -30,10 +38,10 @@ _BACKENDS = ("fused", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-_OPS_CACHE: dict = {}
+_OPS_CACHE: Dict[str, OpOverload] = {}
 
 
-def _op(name: str):
+def _op(name: str) -> OpOverload:
     """torch.ops.ksl_ops.<name>.default, looked up once (a clear error if the extension is missing)."""
     try:
         return _OPS_CACHE[name]
@@ -48,10 +56,10 @@ def _reduction_code(reduction: str) -> int:
     return _REDUCTIONS[reduction]
 
 
-def _check_backend(backend: str) -> str:
+def _check_backend(backend: str) -> Backend:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    return backend
+    return cast(Backend, backend)  # one of _BACKENDS, the values of Backend
 
 
 def _stack_branches(x: TensorOrBranches, name: str, shape: str) -> torch.Tensor:
@@ -106,7 +114,7 @@ def _stack_branches(x: TensorOrBranches, name: str, shape: str) -> torch.Tensor:
     return stacked
 
 
-def _check_positive_number(value, name: str, allow_zero: bool = False) -> float:
+def _check_positive_number(value: object, name: str, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -117,7 +125,7 @@ def _check_positive_number(value, name: str, allow_zero: bool = False) -> float:
     return value
 
 
-def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
+def _check_labels(labels: object, emb: torch.Tensor) -> torch.Tensor:
     n = emb.size(1)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an int64 tensor of shape [N] = [{n}], got {type(labels).__name__}")
@@ -133,7 +141,7 @@ def _check_labels(labels, emb: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _check_one_device(op: str, **tensors) -> None:
+def _check_one_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
     """The fake (meta) kernels' device check, worded as the C++ kernels word theirs.
 
     A call whose tensors sit on different devices is dispatched to the kernel of the highest-priority
@@ -154,7 +162,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _loss_shapes(x: torch.Tensor, reduction: int, *none_shapes):
+def _loss_shapes(x: torch.Tensor, reduction: int, *none_shapes: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
     """A fake kernel's loss outputs: a tensor of each of `none_shapes` for reduction none, else scalars."""
     if reduction == _REDUCTIONS["none"]:
         return tuple(x.new_empty(shape) for shape in none_shapes)
@@ -178,13 +186,15 @@ def _prob_writes_grad_dir(save_grad: bool, detach_target: bool, reduction: int) 
     return bool(save_grad) and bool(detach_target) and reduction != _REDUCTIONS["none"]
 
 
-def _prob_consensus_fused(z, temperature, detach_target, reduction):
+def _prob_consensus_fused(z: torch.Tensor, temperature: float, detach_target: bool,
+                          reduction: int) -> Tuple[torch.Tensor, torch.Tensor]:
     save_grad = z.requires_grad and torch.is_grad_enabled()
     pp, pa, _, _ = _op("prob_consensus")(z, temperature, detach_target, reduction, save_grad)
     return pp, pa
 
 
-def _prob_consensus_fake(logits, temperature, detach_target, reduction, save_grad):
+def _prob_consensus_fake(logits: torch.Tensor, temperature: float, detach_target: bool, reduction: int,
+                         save_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N, K = logits.shape
     pp, pa = _loss_shapes(logits, reduction, (B, B, N), (B, N))
     row_lse = logits.new_empty((B, N), dtype=_acc_dtype(logits.dtype))
@@ -193,12 +203,15 @@ def _prob_consensus_fake(logits, temperature, detach_target, reduction, save_gra
     return pp, pa, row_lse, grad_dir
 
 
-def _prob_consensus_backward_fake(grad_pp, grad_pa, logits, row_lse, temperature, detach_target, reduction):
+def _prob_consensus_backward_fake(grad_pp: torch.Tensor, grad_pa: torch.Tensor, logits: torch.Tensor,
+                                  row_lse: torch.Tensor, temperature: float, detach_target: bool,
+                                  reduction: int) -> torch.Tensor:
     _check_one_device("prob_consensus_backward", logits=logits, row_lse=row_lse, grad_pp=grad_pp, grad_pa=grad_pa)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _prob_consensus_backward_saved_fake(grad_pp, grad_pa, grad_dir):
+def _prob_consensus_backward_saved_fake(grad_pp: torch.Tensor, grad_pa: torch.Tensor,
+                                        grad_dir: torch.Tensor) -> torch.Tensor:
     _check_one_device("prob_consensus_backward_saved", grad_dir=grad_dir, grad_pp=grad_pp, grad_pa=grad_pa)
     return torch.empty_like(grad_dir, memory_format=torch.contiguous_format)
 
@@ -212,19 +225,20 @@ def _prob_consensus_backward_saved_fake(grad_pp, grad_pa, grad_dir):
 # average norms in the accumulation dtype, saved so that the backward is one pass.
 
 
-def _embedding_consensus_fake(emb, reduction):
+def _embedding_consensus_fake(emb: torch.Tensor, reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N = emb.shape[0], emb.shape[1]
     ep, ea = _loss_shapes(emb, reduction, (B, B, N), (B, N))
     norms = emb.new_empty(N, B * (B - 1) // 2 + B, dtype=_acc_dtype(emb.dtype))
     return ep, ea, norms
 
 
-def _embedding_consensus_backward_fake(grad_ep, grad_ea, emb, norms, reduction):
+def _embedding_consensus_backward_fake(grad_ep: torch.Tensor, grad_ea: torch.Tensor, emb: torch.Tensor,
+                                       norms: torch.Tensor, reduction: int) -> torch.Tensor:
     _check_one_device("embedding_consensus_backward", emb=emb, grad_ep=grad_ep, grad_ea=grad_ea, norms=norms)
     return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
 
-def _embedding_consensus_fused(e, reduction):
+def _embedding_consensus_fused(e: torch.Tensor, reduction: int) -> Tuple[torch.Tensor, torch.Tensor]:
     ep, ea, _ = _op("embedding_consensus")(e, reduction)
     return ep, ea
 
@@ -234,14 +248,16 @@ def _embedding_consensus_fused(e, reduction):
 # ---------------------------------------------------------------------------------------------
 
 
-def _branch_triplet_fused(e, labels, margin, soft_margin, reduction):
+def _branch_triplet_fused(e: torch.Tensor, labels: torch.Tensor, margin: float, soft_margin: bool,
+                          reduction: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """One pass of torch.ops.ksl_ops.branch_triplet; the winners' indices and squared distances stay
     internal (saved for the backward by the op's C++ autograd)."""
     self_loss, cross_loss, *_ = _op("branch_triplet")(e, labels, margin, soft_margin, reduction)
     return self_loss, cross_loss
 
 
-def _branch_triplet_fake(emb, labels, margin, soft_margin, reduction):
+def _branch_triplet_fake(emb: torch.Tensor, labels: torch.Tensor, margin: float, soft_margin: bool,
+                         reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_one_device("branch_triplet", emb=emb, labels=labels)
     B, N = emb.shape[0], emb.shape[1]
     self_loss, cross_loss = _loss_shapes(emb, reduction, (B, N), (B, B, N))
@@ -250,8 +266,9 @@ def _branch_triplet_fake(emb, labels, margin, soft_margin, reduction):
     return self_loss, cross_loss, pos_idx, torch.empty_like(pos_idx), hard_sq
 
 
-def _branch_triplet_backward_fake(grad_self, grad_cross, emb, pos_idx, neg_idx, hard_sq, margin, soft_margin,
-                                  reduction):
+def _branch_triplet_backward_fake(grad_self: torch.Tensor, grad_cross: torch.Tensor, emb: torch.Tensor,
+                                  pos_idx: torch.Tensor, neg_idx: torch.Tensor, hard_sq: torch.Tensor, margin: float,
+                                  soft_margin: bool, reduction: int) -> torch.Tensor:
     _check_one_device("branch_triplet_backward", emb=emb, pos_idx=pos_idx, neg_idx=neg_idx, hard_sq=hard_sq,
                       grad_self=grad_self, grad_cross=grad_cross)
     return torch.empty_like(emb, memory_format=torch.contiguous_format)
@@ -283,7 +300,7 @@ if _ext.available():
 
 
 def prob_consensus(logits: TensorOrBranches, temperature: float = 1.0, detach_target: bool = True,
-                   reduction: str = "mean", backend: str = "fused"):
+                   reduction: Reduction = "mean", backend: Backend = "fused") -> Tuple[torch.Tensor, torch.Tensor]:
     """KSL-P (eq. 3-6): returns (pp, pa).
 
     pp = (1/N) Σ_n Σ_{u≠v} KL(p^u_n || p^v_n); pa = (1/N) Σ_n Σ_b KL(a^b_n || p^b_n) with a^b the
@@ -300,7 +317,8 @@ def prob_consensus(logits: TensorOrBranches, temperature: float = 1.0, detach_ta
     return _prob_consensus_fused(z, temperature, bool(detach_target), code)
 
 
-def embedding_consensus(embeddings: TensorOrBranches, reduction: str = "mean", backend: str = "fused"):
+def embedding_consensus(embeddings: TensorOrBranches, reduction: Reduction = "mean",
+                        backend: Backend = "fused") -> Tuple[torch.Tensor, torch.Tensor]:
     """KSL-E (eq. 7-10): returns (ep, ea).
 
     ep = (1/N) Σ_n Σ_{u<v} ||e^u_n − e^v_n||₂; ea = (1/N) Σ_n Σ_b ||m^b_n − e^b_n||₂ with m^b the
@@ -315,7 +333,8 @@ def embedding_consensus(embeddings: TensorOrBranches, reduction: str = "mean", b
 
 
 def branch_triplet(embeddings: TensorOrBranches, labels: torch.Tensor, margin: Optional[float] = 0.3,
-                   reduction: str = "mean", backend: str = "fused", process_group=None):
+                   reduction: Reduction = "mean", backend: Backend = "fused",
+                   process_group: Optional[ProcessGroup] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batch-hard triplets within each branch (L_aux_t, eq. 2) and across branches (KSL-H, eq. 11):
     returns (aux_t, ksl_h).
 
@@ -347,7 +366,7 @@ def branch_triplet(embeddings: TensorOrBranches, labels: torch.Tensor, margin: O
     return _branch_triplet_fused(e, labels, margin_value, soft_margin, code)
 
 
-def _triplet_terms_fn(backend: str):
+def _triplet_terms_fn(backend: Backend) -> TripletFn:
     """(emb, labels, margin or None, reduction) -> (self, cross) with the chosen backend."""
     if backend == "reference":
         return _reference().branch_triplet

@@ -34,7 +34,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Collection, Dict, NamedTuple, Optional
 
 from ..recipes import DEFAULT_RECIPE, RECIPES, recipe_value
 
@@ -194,7 +194,7 @@ class TrainConfig:
                                               # device); docs/mixed-precision.md
 
     @classmethod
-    def from_preset(cls, preset: str = "cpu", **overrides) -> "TrainConfig":
+    def from_preset(cls, preset: str = "cpu", **overrides: Any) -> "TrainConfig":
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         values = dict(PRESETS[preset])
@@ -213,14 +213,14 @@ class TrainConfig:
         """
         from ..models import BACKBONES, NECKS
 
-        def choice(name, options, optional=False):
+        def choice(name: str, options: Collection[str], optional: bool = False) -> None:
             v = getattr(self, name)
             if optional and v is None:
                 return
             if not isinstance(v, str) or v not in options:
                 raise ValueError(f"{name} must be one of {list(options)}, got {_short(v)}")
 
-        def integer(name, lo, hi=None, optional=False):
+        def integer(name: str, lo: int, hi: Optional[int] = None, optional: bool = False) -> None:
             v = getattr(self, name)
             if optional and v is None:
                 return
@@ -228,7 +228,8 @@ class TrainConfig:
                 rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
                 raise ValueError(f"{name} must be an integer {rng}, got {_short(v)}")
 
-        def real(name, lo, hi, lo_open=False, hi_open=False, what="a finite number"):
+        def real(name: str, lo: float, hi: Optional[float], lo_open: bool = False, hi_open: bool = False,
+                 what: str = "a finite number") -> None:
             v = getattr(self, name)
             ok = _is_real(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
             if not ok:
@@ -236,7 +237,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {what} in {left}{lo:g}, "
                                  f"{'inf' if hi is None else format(hi, 'g')}{right}, got {_short(v)}")
 
-        def flag(name, optional=False):
+        def flag(name: str, optional: bool = False) -> None:
             v = getattr(self, name)
             if not (isinstance(v, bool) or (optional and v is None)):
                 raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {_short(v)}")

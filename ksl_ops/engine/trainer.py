@@ -33,11 +33,26 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import numpy as np
 import torch
 
+from .._typing import Backend, Sampler, StrPath
 from .checkpoint import (
     CheckpointError,
     checkpoint_num_classes,
@@ -53,6 +68,12 @@ from .evaluation import cosine_distance, evaluate_reid, extract_features
 from .hooks import HookBase, default_hooks
 from .outputs import prepare_output_dir
 from .rerank import re_ranking
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+    from ..data.base import ReIDDataset
+    from ..losses import KSLOutput
 
 __all__ = ["Trainer", "TrainBatch", "StepOutput", "WarmupCosineLR", "train", "evaluate_checkpoint", "resolve_device",
            "resolve_amp", "AMP_DTYPES", "load_dataset", "build_model", "load_trained_model", "config_from_checkpoint",
@@ -106,7 +127,7 @@ class WarmupCosineLR:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a state_dict(); ValueError (nothing changed) if a value is of the wrong type or range."""
-        def number(v, name, lo=0.0):
+        def number(v: Any, name: str, lo: float = 0.0) -> float:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
                 raise ValueError(f"scheduler {name} must be a finite number >= {lo:g}, got {v!r}")
             return v
@@ -186,7 +207,7 @@ _SCALER_FIELDS = {
 }
 
 
-def _check_scaler_state(state: Any, path) -> Dict[str, Any]:
+def _check_scaler_state(state: Any, path: StrPath) -> Dict[str, Any]:
     """The gradient-scaler entry of a checkpoint, checked to be what GradScaler.state_dict() writes;
     CheckpointError naming the file and the entry otherwise (a NaN or zero scale would silently skip
     every later step)."""
@@ -222,7 +243,7 @@ def _synthetic_params(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print,
-                 check: Sequence[str] = ("train", "query", "gallery"), when: str = "training"):
+                 check: Sequence[str] = ("train", "query", "gallery"), when: str = "training") -> ReIDDataset:
     """Render (if synthetic) and parse the dataset of a config, then check every image of the splits
     in `check` (ksl_ops.data.check: ValueError naming the bad files, found before `when`)."""
     from ..data import build_dataset, dataset_key
@@ -250,7 +271,7 @@ def load_dataset(cfg: TrainConfig, log: Callable[[str], None] = print,
     return ds
 
 
-def config_from_checkpoint(state: Dict[str, Any], path) -> TrainConfig:
+def config_from_checkpoint(state: Dict[str, Any], path: StrPath) -> TrainConfig:
     """The run config saved in a checkpoint, validated like one from the command line
     (TrainConfig.validated); CheckpointError naming the file and the field otherwise."""
     try:
@@ -295,7 +316,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params: ParamsT) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -304,9 +325,9 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
                             amsgrad=cfg.optimizer == "amsgrad")
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str) -> Backend:
     if backend != "auto":
-        return backend
+        return cast(Backend, backend)  # "fused" or "reference": TrainConfig.validated() admits no other
     import ksl_ops
 
     return "fused" if ksl_ops.backend() != "none" else "reference"
@@ -363,7 +384,7 @@ class _IndexedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Tuple[Any, ...]:
         return (*self.images[index], index)
 
 
@@ -498,7 +519,7 @@ class Trainer:
                                  f"identities; lower --batch-size")
 
     # -- data --------------------------------------------------------------------------------
-    def sampler_for(self, epoch: int) -> str:
+    def sampler_for(self, epoch: int) -> Sampler:
         """The random sampler before the triplets start, P×K from then on (paper §4.2)."""
         return "pk" if epoch >= self.cfg.triplet_start else "random"
 
@@ -592,7 +613,8 @@ class Trainer:
         self.scaler.update()
         return StepOutput(loss, logits, embs, loss_time)
 
-    def _loss_backward(self, logits: List[torch.Tensor], embs: List[torch.Tensor], labels: torch.Tensor):
+    def _loss_backward(self, logits: List[torch.Tensor], embs: List[torch.Tensor],
+                       labels: torch.Tensor) -> Tuple[KSLOutput, float]:
         """The loss and its backward through the network (the backward outside autocast, as torch.amp
         prescribes); returns (KSLLoss output, seconds in the loss's forward + backward)."""
         if not self.cfg.time_losses:
@@ -710,7 +732,7 @@ class Trainer:
     def save(self, epoch: int) -> Path:
         """Write the checkpoint (model, optimizer, schedule, RNG, config, history; atomically) as
         saved after ``epoch`` epochs."""
-        extra = {"num_classes": self.num_classes, "backend": self.backend}
+        extra: Dict[str, Any] = {"num_classes": self.num_classes, "backend": self.backend}
         if self.scaler.is_enabled():
             extra["grad_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.output_dir / self.CHECKPOINT, model=self.model, optimizer=self.optimizer,
@@ -718,7 +740,8 @@ class Trainer:
                                metrics={"history": self.history}, extra=extra)
 
 
-def evaluate_model(model, loaders, device, max_rank: int = 50, rerank: bool = False) -> Dict[str, Any]:
+def evaluate_model(model: torch.nn.Module, loaders: Tuple[Iterable[Any], Iterable[Any]],
+                   device: Union[str, torch.device], max_rank: int = 50, rerank: bool = False) -> Dict[str, Any]:
     """R1/R5/R10/mAP (in %) of the main-branch embeddings; with rerank also the re-ranked ones."""
     query_loader, gallery_loader = loaders
     t0 = time.perf_counter()
@@ -754,9 +777,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, log: Callable[[str], N
     return trainer.fit()
 
 
-def load_trained_model(path, device="cpu", log: Callable[[str], None] = print):
+def load_trained_model(path: StrPath, device: Union[str, torch.device] = "cpu", log: Callable[[str], None] = print
+                       ) -> Tuple[Any, TrainConfig, Dict[str, Any]]:
     """(model, config, checkpoint state) of a `ksl train` checkpoint: the network it trained (with its
-    branches, if it had them) rebuilt from the saved config, weights loaded, in eval mode on ``device``."""
+    branches, if it had them) rebuilt from the saved config, weights loaded, in eval mode on ``device``.
+
+    The model is a torch.nn.Module, typed Any because callers read the attributes of the network
+    (``model.num_classes``), which nn.Module's annotations do not declare."""
     state = read_checkpoint(path)  # runs no code from the file; CheckpointError on a bad one
     cfg = config_from_checkpoint(state, path)
     log(f"loaded {path}: {describe_checkpoint(state)}")
@@ -765,12 +792,13 @@ def load_trained_model(path, device="cpu", log: Callable[[str], None] = print):
         # from a bare number that could ask for a model of any size.
         raise CheckpointError(f"{path} has no classifier weight to rebuild the model from")
     num_classes = checkpoint_num_classes(state)
+    assert num_classes is not None  # the classifier weight checked above gives it
     model = build_model(cfg, num_classes)
     load_model_state(model, state, path)
     return model.to(torch.device(device)).eval(), cfg, state
 
 
-def evaluate_checkpoint(path, data_root: Optional[str] = None, dataset: Optional[str] = None,
+def evaluate_checkpoint(path: StrPath, data_root: Optional[str] = None, dataset: Optional[str] = None,
                         rerank: bool = False, device: str = "auto", workers: Optional[int] = None,
                         log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Evaluate the main branch of a saved checkpoint (on its own dataset unless another is given).
