@@ -308,34 +308,6 @@ def test_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
-def test_cpu_baseline_instruction_set_copy():
-    # The CPU row loops exist twice (baseline x86-64 and AVX2+FMA, picked at run time); this
-    # machine runs one of them in-process, so check the baseline copy in a subprocess.
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, ksl_ops\n"
-        "from ksl_ops.functional import _reference\n"
-        "reference = _reference()\n"
-        "for B in (3, 9):\n"
-        "    e = torch.randn(B, 17, 45, dtype=torch.float64, requires_grad=True)\n"
-        "    for r in ('mean', 'none'):\n"
-        "        got, want = ksl_ops.embedding_consensus(e, r), reference.embedding_consensus(e, r)\n"
-        "        for g, w in zip(got, want):\n"
-        "            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)\n"
-        "        gg = torch.autograd.grad(sum(o.sum() for o in got), e)[0]\n"
-        "        gw = torch.autograd.grad(sum(o.sum() for o in want), e)[0]\n"
-        "        torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)\n"
-        "print('ok')\n"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, KSL_OPS_CPU_BASELINE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-
-
 # ------------------------------------------------------------------------------------------------
 # bad inputs (docs/design.md §3.4)
 # ------------------------------------------------------------------------------------------------
