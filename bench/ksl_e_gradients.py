@@ -92,17 +92,18 @@ def measure(path: str, batches: int = 4) -> Dict:
     for images, pids in probe_batches(cfg, dataset, epoch, batches):
         outs = probe(images)
         z, e = [o[0] for o in outs], [o[1] for o in outs]
-        values = {}
+        row: Dict[str, float] = {}
         for flavour, crit in crits.items():
-            terms = crit(z, e, pids, epoch=epoch).terms
-            for name, t in terms.items():
+            for name, t in crit(z, e, pids, epoch=epoch).terms.items():
+                # KSL-E is kept from both criteria; every other term is the same in both, kept once.
                 if name in ("ksl_ep", "ksl_ea"):
-                    values[f"grad/{name}/{flavour}"] = (t, params)
-                    values[f"value/{name}/{flavour}"] = float(t.detach())
+                    key = f"{name}/{flavour}"
                 elif flavour == "normalised":
-                    values[f"grad/{name}"] = (t, params)
-                    values[f"value/{name}"] = float(t.detach())
-        row = {k: (grad_norm(*v) if isinstance(v, tuple) else v) for k, v in values.items()}
+                    key = name
+                else:
+                    continue
+                row[f"grad/{key}"] = grad_norm(t, params)
+                row[f"value/{key}"] = float(t.detach())
         with torch.no_grad():
             main = e[0].detach()
             for b, eb in enumerate(e):
