@@ -112,8 +112,8 @@ def record_run(tag: str, job: Tuple[str, str, int], d: Path) -> Dict:
     rec = {"losses": job[0], "backbone": job[1], "seed": job[2], "final": m["final"],
            "train_time_s": sum(h.get("time_s", 0.0) for h in hist),
            "config": {k: m["config"].get(k) for k in ("recipe", "neck", "normalize_e", "normalize_triplet",
-                                                      "consensus_start_epoch", "epochs", "lr", "height", "width",
-                                                      "val_ids", "triplet_start_epoch")},
+                                                      "consensus_start_epoch", "weight_e", "epochs", "lr", "height",
+                                                      "width", "val_ids", "triplet_start_epoch")},
            "history": [{"epoch": h["epoch"], "loss": h.get("loss", {}), "diag": h.get("diag", {})} for h in hist]}
     out = summary_path(tag, *job)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +137,7 @@ def command(args, losses: str, backbone: str, seed: int, d: Path) -> List[str]:
     if args.split == "val":
         cmd += ["--val-ids", str(VAL_IDS)]
     for flag, value in (("--neck", args.neck), ("--consensus-start", args.consensus_start),
+                        ("--weight-e", args.weight_e),
                         ("--label-noise", args.label_noise or None)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -323,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--normalize-e", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--normalize-triplet", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--consensus-start", type=int, default=None)
+    p.add_argument("--weight-e", type=float, default=None, help="KSL-E's weight in the total (default: the recipe's)")
     p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
                    help="train every run with this share of wrong labels, redrawn each epoch (bench/label_noise.py)")
     p.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
@@ -360,6 +362,7 @@ def main(argv=None) -> int:
             summary[t] = summarise(TABLES[t], args.backbone, res)
     recipe = {"recipe": args.recipe, "neck": args.neck, "normalize_e": args.normalize_e,
               "normalize_triplet": args.normalize_triplet, "consensus_start": args.consensus_start,
+              "weight_e": args.weight_e,
               "label_noise": args.label_noise or None}
     setup = (f"synthetic {SYNTHETIC['num_train_ids']} train / {SYNTHETIC['num_test_ids']} test ids, "
              f"{SCHEDULE['height']}x{SCHEDULE['width']}, {args.epochs} epochs, SGD lr {args.lr:g}, "

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         if not args.merge_only:
             run_args = argparse.Namespace(
                 data_root=str(HERE / "results" / "data"), epochs=ab.SCHEDULE["epochs"], lr=ab.SCHEDULE["lr"],
-                recipe="ksl-ops", split=args.split, neck=None, consensus_start=None, normalize_e=None,
+                recipe="ksl-ops", split=args.split, neck=None, consensus_start=None, weight_e=None, normalize_e=None,
                 normalize_triplet=None, label_noise=level, jobs=args.jobs)
             print(f"== noise level {level:g} (tag {tag})")
             ab.run_all(run_args, jobs, HERE / "results" / "runs" / "ablation" / tag, tag)

@@ -44,7 +44,7 @@ class KSLOutput:
 
 
 class KSLLoss(nn.Module):
-    """Eq. 1: L_aux + L_ksl_p + L_ksl_e + L_ksl_h, every weight 1 (the paper adds no hyper-parameter).
+    """Eq. 1: L_aux + L_ksl_p + L_ksl_e + L_ksl_h, every weight 1 as in the paper unless `weight_e` is set.
 
     - L_aux (eq. 2): per-branch label-smoothed cross-entropy ("ce", summed over branches) and per-branch
       batch-hard triplet ("triplet", from `triplet_start_epoch` on).
@@ -72,6 +72,10 @@ class KSLLoss(nn.Module):
     - `consensus_start_epoch`: KSL-P and KSL-E are added from this 0-based epoch on; "triplet" means
       `triplet_start_epoch`; 0 means from the start (as the paper; the "paper" recipe's value None
       means the same). The resolved epoch (or None) is the attribute `consensus_start_epoch`.
+    - `weight_e`: KSL-E's two terms enter `total` multiplied by this (>= 0); `terms` keeps their
+      unweighted values, the equations' own. On unit vectors a distance is at most 2, so the
+      normalised terms pull on the trunk about 19 times less than the raw ones at the consensus
+      start (docs/recipe.md); a weight is how to give them back that share.
 
     Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
     int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
@@ -106,9 +110,11 @@ class KSLLoss(nn.Module):
                  use_ep: Optional[bool] = None, use_ea: Optional[bool] = None,
                  recipe: Recipe = DEFAULT_RECIPE, normalize_e: Optional[bool] = None,
                  normalize_triplet: Optional[bool] = None,
-                 consensus_start_epoch: Optional[Union[int, str]] = None) -> None:
+                 consensus_start_epoch: Optional[Union[int, str]] = None,
+                 weight_e: Optional[float] = None) -> None:
         super().__init__()
         self.recipe = check_recipe(recipe)
+        weight_e = recipe_value(recipe, "weight_e", weight_e)
         normalize_e = recipe_value(recipe, "normalize_e", normalize_e)
         normalize_triplet = recipe_value(recipe, "normalize_triplet", normalize_triplet)
         consensus_start_epoch = recipe_value(recipe, "consensus_start_epoch", consensus_start_epoch)
@@ -119,6 +125,7 @@ class KSLLoss(nn.Module):
         if margin is not None:
             _check_positive_number(margin, "margin", allow_zero=True)
         _check_positive_number(temperature, "temperature")
+        _check_positive_number(weight_e, "weight_e", allow_zero=True)
         if isinstance(consensus_start_epoch, str) and consensus_start_epoch == "triplet":
             consensus_start_epoch = int(triplet_start_epoch)
         if consensus_start_epoch is not None and (isinstance(consensus_start_epoch, bool)
@@ -138,6 +145,7 @@ class KSLLoss(nn.Module):
         self.normalize_e, self.normalize_triplet = bool(normalize_e), bool(normalize_triplet)
         self.triplet_start_epoch = int(triplet_start_epoch)
         self.consensus_start_epoch = consensus_start_epoch
+        self.weight_e = float(weight_e)
         self.backend = _check_backend(backend)
         self.process_group = process_group
 
@@ -155,7 +163,8 @@ class KSLLoss(nn.Module):
                 f"use_ep={self.use_ep}, use_ea={self.use_ea}, use_h={self.use_h}, "
                 f"normalize_e={self.normalize_e}, normalize_triplet={self.normalize_triplet}, "
                 f"triplet_start_epoch={self.triplet_start_epoch}, "
-                f"consensus_start_epoch={self.consensus_start_epoch}, backend={self.backend!r}")
+                f"consensus_start_epoch={self.consensus_start_epoch}, weight_e={self.weight_e}, "
+                f"backend={self.backend!r}")
 
     def triplet_active(self, epoch: Optional[int]) -> bool:
         return epoch is None or epoch >= self.triplet_start_epoch
@@ -213,8 +222,12 @@ class KSLLoss(nn.Module):
                     terms["ksl_ep"] = ep
                 if self.use_ea:
                     terms["ksl_ea"] = ea
-        total = torch.stack([t.to(z.dtype) for t in terms.values()]).sum()
+        total = torch.stack([t.to(z.dtype) * self._weight(name) for name, t in terms.items()]).sum()
         return KSLOutput(total, terms)
+
+    def _weight(self, term: str) -> float:
+        """The weight of a term in the total: `weight_e` for KSL-E's two terms, 1 for the others."""
+        return self.weight_e if term in ("ksl_ep", "ksl_ea") else 1.0
 
 
 def _check_labels(labels: object, n: int, name: str) -> None:

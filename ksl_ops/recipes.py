@@ -7,12 +7,13 @@ The ops always compute the paper's equations; a recipe only chooses
 - `normalize_e`: whether KSL-E (eq. 7-10) is fed L2-normalised embeddings;
 - `normalize_triplet`: whether the triplets (eq. 2) and KSL-H (eq. 11) are fed L2-normalised embeddings;
 - `consensus_start_epoch`: when KSL-P and KSL-E start: None (from the first epoch), a 0-based epoch, or
-  "triplet" (with the triplets, i.e. at `triplet_start_epoch`; 150/350 of the schedule in the paper).
+  "triplet" (with the triplets, i.e. at `triplet_start_epoch`; 150/350 of the schedule in the paper);
+- `weight_e`: the weight of KSL-E's two terms in the total (eq. 1 has every weight 1).
 
-| recipe | neck | normalize_e | normalize_triplet | consensus_start_epoch |
-|---|---|---|---|---|
-| `"ksl-ops"` (default) | fc | True | True | "triplet" (with the triplets) |
-| `"paper"` | fc | False | False | None (from the first epoch) |
+| recipe | neck | normalize_e | normalize_triplet | consensus_start_epoch | weight_e |
+|---|---|---|---|---|---|
+| `"ksl-ops"` (default) | fc | True | True | "triplet" (with the triplets) | 1.0 |
+| `"paper"` | fc | False | False | None (from the first epoch) | 1.0 |
 
 "paper" is the paper's text taken literally. From scratch it collapses training here: on raw
 embeddings the six unit-weight distance terms of KSL-E/KSL-H are lowered by shrinking every embedding
@@ -29,15 +30,16 @@ from ._typing import Recipe
 __all__ = ["RECIPES", "DEFAULT_RECIPE", "RECIPE_FIELDS", "LOSS_RECIPE_FIELDS", "check_recipe", "recipe_value"]
 
 RECIPES: Dict[Recipe, Dict[str, Any]] = {
-    "paper": dict(neck="fc", normalize_e=False, normalize_triplet=False, consensus_start_epoch=None),
-    "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=True, consensus_start_epoch="triplet"),
+    "paper": dict(neck="fc", normalize_e=False, normalize_triplet=False, consensus_start_epoch=None, weight_e=1.0),
+    "ksl-ops": dict(neck="fc", normalize_e=True, normalize_triplet=True, consensus_start_epoch="triplet",
+                    weight_e=1.0),
 }
 
 DEFAULT_RECIPE: Recipe = "ksl-ops"
 
 # Every field of a recipe, and those that KSLLoss reads (the neck belongs to the model).
-RECIPE_FIELDS = ("neck", "normalize_e", "normalize_triplet", "consensus_start_epoch")
-LOSS_RECIPE_FIELDS = ("normalize_e", "normalize_triplet", "consensus_start_epoch")
+RECIPE_FIELDS = ("neck", "normalize_e", "normalize_triplet", "consensus_start_epoch", "weight_e")
+LOSS_RECIPE_FIELDS = ("normalize_e", "normalize_triplet", "consensus_start_epoch", "weight_e")
 
 
 def check_recipe(recipe: object) -> Recipe:

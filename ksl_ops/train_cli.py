@@ -90,6 +90,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="triplets and KSL-H on L2-normalised embeddings (default: the recipe's)")
     g.add_argument("--consensus-start", type=int, default=None,
                    help="epoch (0-based) from which KSL-P and KSL-E are added (default: the recipe's)")
+    g.add_argument("--weight-e", type=finite_float, default=None, metavar="W",
+                   help="weight of KSL-E's two terms in the total loss, >= 0 (default: the recipe's)")
     g.add_argument("--label-noise", type=finite_float, default=None, metavar="FRACTION",
                    help="give this share of the training images a wrong identity, redrawn every epoch "
                         "(the paper's Figure 6 robustness study; default 0)")
@@ -158,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":
         backbone=backbone, losses=args.losses, backend=args.backend, recipe=args.recipe, neck=args.neck,
         label_noise=args.label_noise,
         normalize_e=args.normalize_e, normalize_triplet=args.normalize_triplet,
-        consensus_start_epoch=args.consensus_start, val_ids=args.val_ids, epochs=args.epochs,
+        consensus_start_epoch=args.consensus_start, weight_e=args.weight_e, val_ids=args.val_ids, epochs=args.epochs,
         triplet_start_epoch=args.triplet_start, lr=args.lr, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
         max_iters_per_epoch=args.max_iters, rerank=args.rerank, eval_every=args.eval_every,
         output_dir=args.output_dir or os.path.join("runs", f"{backbone}_{args.losses}"),

@@ -48,7 +48,8 @@ def _run_args(**kw):
     import argparse
 
     base = dict(data_root="/tmp/d", epochs=60, lr=0.01, recipe="ksl-ops", split="test", neck=None,
-                consensus_start=None, normalize_e=None, normalize_triplet=None, label_noise=0.0, jobs=2)
+                consensus_start=None, weight_e=None, normalize_e=None, normalize_triplet=None, label_noise=0.0,
+                jobs=2)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -64,6 +65,12 @@ def test_label_noise_level_zero_is_the_ablation_run(ablation, tmp_path):
     assert noisy[noisy.index("--label-noise") + 1] == "0.3"
     moved = [a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in clean]
     assert [a for a in noisy if a not in ("--label-noise", "0.3")] == moved
+
+
+def test_weight_e_reaches_the_training_command(ablation, tmp_path):
+    cmd = ablation.command(_run_args(weight_e=19.0), "ksl-e", "shufflenetv2", 0, tmp_path)
+    assert cmd[cmd.index("--weight-e") + 1] == "19.0"
+    assert "--weight-e" not in ablation.command(_run_args(), "ksl-e", "shufflenetv2", 0, tmp_path)
 
 
 def test_one_seed_has_no_standard_error(ablation):

@@ -226,6 +226,63 @@ def test_train_config_resolves_the_loss_as_before(overrides):
     assert crit.triplet_start_epoch == cfg.triplet_start
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5, 19.0])
+@pytest.mark.parametrize("normalize_e", [False, True])
+def test_weight_e_scales_only_ksl_e_in_the_total(weight, normalize_e):
+    # The terms keep the equations' values; the total is CE + triplets + KSL-P + KSL-H + weight_e * KSL-E,
+    # in value and in gradient, against the reference ops in float64.
+    z, e, y = _inputs()
+    z, e = z.requires_grad_(), e.requires_grad_()
+    crit = ksl_ops.KSLLoss(5, triplet_start_epoch=0, normalize_e=normalize_e, weight_e=weight, backend="reference")
+    out = crit(z, e, y, epoch=0)
+    ep, ea = ksl_ops.embedding_consensus(F.normalize(e, dim=-1) if normalize_e else e, backend="reference")
+    torch.testing.assert_close(out.terms["ksl_ep"], ep, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.terms["ksl_ea"], ea, rtol=1e-12, atol=0)
+    others = sum(v for k, v in out.terms.items() if k not in ("ksl_ep", "ksl_ea"))
+    expected = others + weight * (ep + ea)
+    torch.testing.assert_close(out.total, expected, rtol=1e-12, atol=0)
+    got = torch.autograd.grad(out.total, (z, e), retain_graph=True)
+    want = torch.autograd.grad(expected, (z, e))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert f"weight_e={weight}" in repr(crit)
+
+
+def test_weight_e_defaults_to_the_recipe_and_reaches_the_loss_from_config_and_cli():
+    from ksl_ops.train_cli import build_parser, config_from_args
+
+    for recipe in RECIPES:
+        assert ksl_ops.KSLLoss(16, recipe=recipe).weight_e == RECIPES[recipe]["weight_e"]
+        assert TrainConfig.from_preset("cpu", recipe=recipe).loss_kwargs()["weight_e"] == RECIPES[recipe]["weight_e"]
+    cfg = TrainConfig.from_preset("cpu", weight_e=4.0)
+    assert ksl_ops.KSLLoss(10, **cfg.loss_kwargs()).weight_e == 4.0
+    assert "KSL-E weight 4" in cfg.describe()
+    args = build_parser().parse_args(["--weight-e", "2.5", "--device", "cpu"])
+    assert config_from_args(args).loss_kwargs()["weight_e"] == 2.5
+    # Unchanged totals with the default weight: the same bits as the unweighted sum.
+    z, e, y = _inputs()
+    out = ksl_ops.KSLLoss(5, triplet_start_epoch=0, backend="reference")(z, e, y, epoch=0)
+    assert torch.equal(out.total, torch.stack(list(out.terms.values())).sum())
+
+
+@pytest.mark.parametrize("bad, err, msg", [
+    (-1.0, ValueError, "weight_e must be finite and >= 0, got -1.0"),
+    (float("nan"), ValueError, "weight_e must be finite and >= 0, got nan"),
+    (float("inf"), ValueError, "weight_e must be finite and >= 0, got inf"),
+    (True, TypeError, "weight_e must be a real number, got bool"),
+    ("2", TypeError, "weight_e must be a real number, got str"),
+])
+def test_bad_weight_e_is_refused(bad, err, msg):
+    with pytest.raises(err, match=msg):
+        ksl_ops.KSLLoss(16, weight_e=bad)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), "2", True])
+def test_bad_weight_e_in_a_config_names_the_field(bad):
+    with pytest.raises(ValueError, match=r"weight_e must be a finite number in \[0, inf\), got "):
+        TrainConfig.from_preset("cpu", weight_e=bad)
+
+
 # -- validation split --------------------------------------------------------------------------
 
 def test_split_validation_holds_out_whole_identities():

@@ -391,7 +391,7 @@ def test_output_folder_holding_a_folder_named_like_an_output(synth_root, tmp_pat
     _cli_error(capsys, _train_argv(synth_root, out), "last.ckpt' is a folder; the run writes a file of that name")
 
 
-@pytest.mark.parametrize("option", ["--lr", "--label-noise"])
+@pytest.mark.parametrize("option", ["--lr", "--label-noise", "--weight-e"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
 def test_non_finite_float_options_are_refused(synth_root, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as e:
@@ -399,6 +399,12 @@ def test_non_finite_float_options_are_refused(synth_root, tmp_path, capsys, opti
     assert e.value.code == 2
     assert f"argument {option}: {value!r} is not a finite number" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_negative_weight_e_is_refused_before_the_run(synth_root, tmp_path, capsys):
+    _cli_error(capsys, _train_argv(synth_root, tmp_path / "run", "--weight-e", "-1"),
+               "weight_e must be a finite number in [0, inf), got -1.0")
+    assert not (tmp_path / "run" / "last.ckpt").exists()
 
 
 def test_non_finite_threshold_and_stop_after(tmp_path, capsys):

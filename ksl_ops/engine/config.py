@@ -158,12 +158,13 @@ class TrainConfig:
     label_noise: float = 0.0                  # share of training labels made wrong, redrawn every epoch (Fig. 6)
     temperature: float = 1.0
     backend: str = "auto"                     # "fused", "reference", or "auto" (fused if compiled)
-    recipe: str = DEFAULT_RECIPE              # a RECIPES key (ksl_ops.recipes); the four fields below override it
+    recipe: str = DEFAULT_RECIPE              # a RECIPES key (ksl_ops.recipes); the five fields below override it
     neck: Optional[str] = None                # "fc", "bnneck", "osnet" (ksl_ops.models.NECKS)
     normalize_e: Optional[bool] = None        # KSL-E on L2-normalised embeddings
     normalize_triplet: Optional[bool] = None  # triplets and KSL-H on L2-normalised embeddings
     consensus_start_epoch: Optional[Any] = None  # KSL-P/KSL-E from this 0-based epoch, or "triplet"
                                               # (with the triplets); None: the recipe's
+    weight_e: Optional[float] = None          # KSL-E's weight in the total; None: the recipe's
     # optimisation
     epochs: int = 16
     triplet_start_epoch: Optional[int] = None  # None: round(epochs * 150 / 350)
@@ -277,6 +278,8 @@ class TrainConfig:
         real("margin", 0.0, None)
         real("label_noise", 0.0, 1.0, hi_open=True, what="a fraction")
         real("temperature", 0.0, None, lo_open=True)
+        if self.weight_e is not None:
+            real("weight_e", 0.0, None)
         real("lr", 0.0, None, lo_open=True)
         real("momentum", 0.0, 1.0, hi_open=True)
         real("weight_decay", 0.0, None)
@@ -327,7 +330,7 @@ class TrainConfig:
         return LOSS_PRESETS[self.losses].branches
 
     def resolved(self, name: str) -> Any:
-        """A recipe field (neck, normalize_e, normalize_triplet, consensus_start_epoch): the explicit
+        """A recipe field (neck, normalize_e, normalize_triplet, consensus_start_epoch, weight_e): the explicit
         value if one was given, else the recipe's."""
         return recipe_value(self.recipe, name, getattr(self, name))
 
@@ -345,7 +348,7 @@ class TrainConfig:
                     use_p=ls.pp or ls.pa, use_e=ls.ep or ls.ea, use_h=ls.h, use_pp=ls.pp, use_pa=ls.pa,
                     use_ep=ls.ep, use_ea=ls.ea, triplet_start_epoch=self.triplet_start, recipe=self.recipe,
                     normalize_e=self.resolved("normalize_e"), normalize_triplet=self.resolved("normalize_triplet"),
-                    consensus_start_epoch=self.consensus_start)
+                    consensus_start_epoch=self.consensus_start, weight_e=self.resolved("weight_e"))
 
     def resolved_data_root(self) -> Path:
         if self.data_root:
@@ -374,7 +377,9 @@ class TrainConfig:
         recipe = (f"recipe {self.recipe} (neck {self.resolved('neck')}, "
                   f"KSL-E on {'L2-normalised' if self.resolved('normalize_e') else 'raw'} embeddings, "
                   f"triplets on {'L2-normalised' if self.resolved('normalize_triplet') else 'raw'} embeddings, "
-                  f"KSL-P/KSL-E from epoch {(self.consensus_start or 0) + 1})")
+                  f"KSL-P/KSL-E from epoch {(self.consensus_start or 0) + 1}"
+                  + (f", KSL-E weight {self.resolved('weight_e'):g}" if self.resolved("weight_e") != 1 else "")
+                  + ")")
         return (f"{self.backbone} | losses={self.losses} | {recipe} | input {self.height}x{self.width} | "
                 f"{self.epochs} epochs, triplet + PxK sampler from epoch {self.triplet_start + 1} | "
                 f"{self.optimizer.upper()} lr={self.lr:g} (cosine, warm-up {self.warmup_epochs}) "
