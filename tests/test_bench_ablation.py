@@ -85,3 +85,39 @@ def test_one_seed_has_no_standard_error(ablation):
     assert json.loads(text)[1]["R1"]["se"] is None
     assert ablation.fmt(ksl, "R1") == "89.0 (1 seed)" and ablation.fmt_delta(ksl, "R1") == "+5.5 (1 seed) (1/1)"
     assert ablation.pm(2.0, 0.25, 2, "+") == "+2.00 ± 0.25"
+
+
+def test_ksl_e_screening_pairs_each_cell_with_its_baseline(tmp_path, monkeypatch):
+    import json
+
+    screening = _load("ksl_e_screening")
+
+    def record(tag, losses, seed, r1, norm, triplet, active):
+        d = tmp_path / tag
+        d.mkdir(exist_ok=True)
+        rec = {"losses": losses, "seed": seed, "final": {"R1": r1, "mAP": r1 - 20},
+               "history": [{"epoch": 1, "loss": {"triplet": 9.0}, "diag": {"emb_norm/b0": 99.0}},
+                           {"epoch": 2, "loss": {"ce": 1.0, "triplet": triplet},
+                            "diag": {"emb_norm/b0": norm, "triplet_active/self": active}}]}
+        (d / f"shufflenetv2_{losses}_s{seed}.json").write_text(json.dumps(rec))
+
+    record("base", "aux", 0, 80.0, 5.0, 0.4, 0.6)
+    record("base", "aux", 1, 70.0, 5.0, 0.4, 0.6)
+    record("cell", "ksl-e", 0, 83.0, 30.0, 0.8, 1.0)
+    record("cell", "ksl-e", 1, 69.0, 34.0, 0.9, 1.0)
+    record("cell", "ksl-e", 2, 90.0, 32.0, 0.85, 1.0)  # no AUX of seed 2: not paired
+    monkeypatch.setattr(screening, "CELLS", [("AUX", "base", "aux", None), ("E", "cell", "ksl-e", "base"),
+                                             ("missing", "none", "ksl", "base")])
+    monkeypatch.setattr(screening, "COMMANDS", {"base": "a", "cell": "b", "none": "c"})
+    aux, cell, missing = screening.summarise(tmp_path)
+    assert "delta_R1" not in aux and aux["seeds"] == [0, 1]
+    assert cell["seeds"] == [0, 1, 2] and cell["R1"]["mean"] == pytest.approx((83 + 69 + 90) / 3)
+    d = cell["delta_R1"]
+    assert d["per_seed"] == [3.0, -1.0] and d["n"] == 2 and d["n_positive"] == 1
+    assert d["se"] == pytest.approx(2.0)  # stdev of (3, -1) is 2*sqrt(2), over sqrt(2)
+    # The diagnostics are the last epoch's, averaged over every seed of the cell.
+    assert cell["emb_norm"]["mean"] == pytest.approx(32.0) and cell["triplet"]["mean"] == pytest.approx(0.85)
+    assert cell["active"]["mean"] == pytest.approx(1.0) and cell["command"] == "b"
+    assert missing["seeds"] == [] and missing["emb_norm"] is None
+    text = screening.table([aux, cell, missing])
+    assert "| E | 0, 1, 2 | 80.7 ± 6.2 | +1.0 ± 2.0 (1/2) |" in text and "| missing | – | not run |" in text
