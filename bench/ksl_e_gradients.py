@@ -12,6 +12,8 @@ with the network in training mode (BatchNorm on batch statistics, as in a traini
   one checkpoint answers "what would each term do here". KSL-E is evaluated on raw and on
   L2-normalised embeddings (``ksl_ep/raw``, ``ksl_ep/normalised``, the same for ``ksl_ea``); the
   triplet and KSL-H terms as the checkpoint's recipe computes them.
+* **agreement with classification**: the cosine between each term's trunk gradient and cross-entropy's
+  (``cos_to_ce/<term>``; below 0, descending the term climbs cross-entropy to first order).
 * **branch agreement**: the mean L2 norm of each branch's embeddings, the mean cosine similarity
   between each auxiliary branch's embedding and the main branch's for the same image, and the mean
   distance between them relative to the main branch's norm.
@@ -47,10 +49,11 @@ def shared_trunk_parameters(net: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
-def grad_norm(term: torch.Tensor, params: List[torch.nn.Parameter]) -> float:
+def trunk_gradient(term: torch.Tensor, params: List[torch.nn.Parameter]) -> torch.Tensor:
+    """∂term/∂θ over `params`, flattened into one float64 vector (zeros where the term does not reach)."""
     grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-    return sq ** 0.5
+    return torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten()
+                      for g, p in zip(grads, params, strict=True)])
 
 
 def probe_batches(cfg, dataset, epoch: int, count: int):
@@ -93,6 +96,7 @@ def measure(path: str, batches: int = 4) -> Dict:
         outs = probe(images)
         z, e = [o[0] for o in outs], [o[1] for o in outs]
         row: Dict[str, float] = {}
+        grads: Dict[str, torch.Tensor] = {}
         for flavour, crit in crits.items():
             for name, t in crit(z, e, pids, epoch=epoch).terms.items():
                 # KSL-E is kept from both criteria; every other term is the same in both, kept once.
@@ -102,8 +106,14 @@ def measure(path: str, batches: int = 4) -> Dict:
                     key = name
                 else:
                     continue
-                row[f"grad/{key}"] = grad_norm(t, params)
+                grads[key] = trunk_gradient(t, params)
+                row[f"grad/{key}"] = float(grads[key].norm())
                 row[f"value/{key}"] = float(t.detach())
+        # Whether a term pulls the trunk with or against classification: the cosine between its
+        # gradient and cross-entropy's (negative: a step down the term is a step up cross-entropy).
+        for key, g in grads.items():
+            if key != "ce":
+                row[f"cos_to_ce/{key}"] = float(F.cosine_similarity(g, grads["ce"], dim=0))
         with torch.no_grad():
             main = e[0].detach()
             for b, eb in enumerate(e):
