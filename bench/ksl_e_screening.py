@@ -30,7 +30,7 @@ BACKBONE = "shufflenetv2"
 # except the BN-neck cells, whose AUX has the same neck).
 _VAL = "python bench/ablation.py --split val --jobs 2"
 COMMANDS = {
-    "e25_ts": f"{_VAL} --seeds 0-4 --tag e25_ts --rows aux ksl-e ksl",
+    "e25_ts": f"{_VAL} --seeds 0-4 --tag e25_ts --rows aux ksl-p ksl-e ksl",
     "e25_e1": f"{_VAL} --seeds 0-2 --tag e25_e1 --consensus-start 0 --rows ksl-e ksl",
     "e25_raw_ts": f"{_VAL} --seeds 0-4 --tag e25_raw_ts --no-normalize-e --rows ksl-e ksl",
     "e25_raw_e1": f"{_VAL} --seeds 0-2 --tag e25_raw_e1 --no-normalize-e --consensus-start 0 --rows ksl-e ksl",
@@ -40,6 +40,7 @@ COMMANDS = {
 # (label, tag, losses, tag of the AUX runs it is paired with)
 CELLS = [
     ("AUX", "e25_ts", "aux", None),
+    ("KSL-P (no KSL-E)", "e25_ts", "ksl-p", "e25_ts"),
     ("KSL-E, normalised, from the triplet start (ksl-ops)", "e25_ts", "ksl-e", "e25_ts"),
     ("KSL-E, normalised, from epoch 1", "e25_e1", "ksl-e", "e25_ts"),
     ("KSL-E, raw, from the triplet start", "e25_raw_ts", "ksl-e", "e25_ts"),

@@ -145,6 +145,26 @@ def test_detached_gradient_is_student_only(device, reduction):
     assert (full - got).abs().max() > 1e-6
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(2, 5), N=st.integers(1, 6), K=st.integers(2, 7), temperature=st.sampled_from([1.0, 0.5, 3.0]),
+       seed=st.integers(0, 2**16))
+def test_detached_pairwise_gradient_is_b_minus_1_times_the_average_ones(device, B, N, K, temperature, seed):
+    # With the targets detached, d pp / d z^b = (B - 1) * d pa / d z^b: both pull p^b towards the mean
+    # of the other branches (design.md, 3.1), so KSL-PP and KSL-PA differ in weight, not in direction.
+    gen = torch.Generator().manual_seed(seed)
+    z = (3 * torch.randn(B, N, K, generator=gen, dtype=torch.float64)).to(device).requires_grad_()
+    pp, pa = _fused(z, temperature, True, "mean")
+    g_pp = torch.autograd.grad(pp, z, retain_graph=True)[0]
+    g_pa = torch.autograd.grad(pa, z)[0]
+    assert _rel_err(g_pp, (B - 1) * g_pa) < 1e-12
+    # Not so for the full gradient with three branches or more, where the targets move too (with two,
+    # the average of the others is the other branch, and pa is pp term for term).
+    if B >= 3:
+        pp, pa = _fused(z, temperature, False, "mean")
+        full_pp = torch.autograd.grad(pp, z, retain_graph=True)[0]
+        assert (full_pp - (B - 1) * torch.autograd.grad(pa, z)[0]).abs().max() > 1e-9
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("args", [(1.0, True, 1, True), (2.0, False, 0, False), (0.7, True, 2, False),
                                   (1.0, False, 1, True)])
