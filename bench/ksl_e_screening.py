@@ -101,29 +101,46 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], out: Path) -> None:
+def plot(rows: List[dict], out: Path, clip: float = 15.0) -> None:
+    """Δ R1 per cell (green: above 0 by more than its standard error, red: below, grey: neither) next to
+    the end-of-training embedding norm and active-anchor share; AUX's values as dashed lines. A Δ beyond
+    ±clip (a collapse) is drawn at the edge with its value written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if "delta_R1" in r]
+    aux = next((r for r in rows if r["losses"] == "aux" and r["seeds"]), None)
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(shown) + 1.8), sharey=True,
                              gridspec_kw={"width_ratios": [2, 1, 1]})
     ys = list(range(len(shown)))[::-1]
     for y, r in zip(ys, shown, strict=True):
         d = r["delta_R1"]
-        color = "tab:green" if d["mean"] > 0 else "tab:red"
-        axes[0].errorbar(d["mean"], y, xerr=d["se"] or 0, fmt="o", color=color, capsize=3)
-        axes[0].scatter(d["per_seed"], [y] * len(d["per_seed"]), s=10, color="grey", alpha=0.6, zorder=3)
+        se = d["se"] or 0.0
+        color = "tab:green" if d["mean"] - se > 0 else "tab:red" if d["mean"] + se < 0 else "tab:grey"
+        mean = max(-clip, min(clip, d["mean"]))
+        if mean != d["mean"]:
+            axes[0].annotate(f"{d['mean']:+.1f}", (mean, y), textcoords="offset points", xytext=(8, -3),
+                             fontsize=8, color=color)
+        else:
+            axes[0].errorbar(mean, y, xerr=se, fmt="o", color=color, capsize=3)
+        per_seed = [max(-clip, min(clip, v)) for v in d["per_seed"]]
+        axes[0].scatter(per_seed, [y] * len(per_seed), s=10, color="black", alpha=0.4, zorder=3)
+        axes[0].scatter([mean], [y], marker="o", color=color, zorder=4)
         axes[1].barh(y, r["emb_norm"]["mean"], color="tab:blue")
         axes[2].barh(y, 100 * r["active"]["mean"], color="tab:purple")
     axes[0].axvline(0, color="black", lw=0.8)
+    axes[0].set_xlim(-clip - 1, clip + 1)
     axes[0].set_yticks(ys, [r["row"] for r in shown], fontsize=8)
-    axes[0].set_xlabel("Δ R1 vs AUX of the same seeds (mean ± s.e.; grey: per seed)")
+    axes[0].set_xlabel("Δ R1 vs AUX of the same seeds (mean ± s.e.; black: per seed)")
     axes[1].set_xlabel("main-branch embedding norm, end")
     axes[1].set_xscale("log")
     axes[2].set_xlabel("triplet anchors with a non-zero loss, end (%)")
+    if aux is not None:
+        axes[1].axvline(aux["emb_norm"]["mean"], color="black", ls="--", lw=0.8, label="AUX")
+        axes[2].axvline(100 * aux["active"]["mean"], color="black", ls="--", lw=0.8, label="AUX")
+        axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle("KSL-E screening: ShuffleNetV2, synthetic set, validation split, 60 epochs", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
