@@ -75,7 +75,8 @@ class KSLLoss(nn.Module):
     - `weight_e`: KSL-E's two terms enter `total` multiplied by this (>= 0); `terms` keeps their
       unweighted values, the equations' own. On unit vectors a distance is at most 2, so the
       normalised terms pull on the trunk about 19 times less than the raw ones at the consensus
-      start (docs/recipe.md); a weight is how to give them back that share.
+      start; weighting them back to that share (19) measured worse on the synthetic set, so both
+      recipes keep 1 (docs/recipe.md, "KSL-E: why it does not help here").
 
     Inputs: logits [B, N, K] (or a list of B tensors [N, K]), embeddings [B, N, L] (or a list), labels
     int64 [N]. With a single branch (B = 1, the paper's baseline) only "ce" and "triplet" apply.
