@@ -34,8 +34,8 @@ COMMANDS = {
     "e25_e1": f"{_VAL} --seeds 0-2 --tag e25_e1 --consensus-start 0 --rows ksl-e ksl",
     "e25_raw_ts": f"{_VAL} --seeds 0-4 --tag e25_raw_ts --no-normalize-e --rows ksl-e ksl",
     "e25_raw_e1": f"{_VAL} --seeds 0-2 --tag e25_raw_e1 --no-normalize-e --consensus-start 0 --rows ksl-e ksl",
-    "e25_w19": f"{_VAL} --seeds 0-2 --tag e25_w19 --weight-e 19 --rows ksl-e ksl",
-    "e25_bnneck": f"{_VAL} --seeds 0-2 --tag e25_bnneck --neck bnneck --rows aux ksl-e ksl",
+    "e25_w19": f"{_VAL} --seeds 0-4 --tag e25_w19 --weight-e 19 --rows ksl-e ksl",
+    "e25_bnneck": f"{_VAL} --seeds 0-4 --tag e25_bnneck --neck bnneck --rows aux ksl-e ksl",
 }
 # (label, tag, losses, tag of the AUX runs it is paired with)
 CELLS = [
