@@ -223,12 +223,13 @@ class KSLLoss(nn.Module):
                     terms["ksl_ep"] = ep
                 if self.use_ea:
                     terms["ksl_ea"] = ea
-        total = torch.stack([t.to(z.dtype) * self._weight(name) for name, t in terms.items()]).sum()
+        # Every term enters the total with weight 1 but KSL-E's two, which take weight_e.
+        total = torch.stack([t.to(z.dtype) * self.weight_e if name in _KSL_E_TERMS else t.to(z.dtype)
+                             for name, t in terms.items()]).sum()
         return KSLOutput(total, terms)
 
-    def _weight(self, term: str) -> float:
-        """The weight of a term in the total: `weight_e` for KSL-E's two terms, 1 for the others."""
-        return self.weight_e if term in ("ksl_ep", "ksl_ea") else 1.0
+
+_KSL_E_TERMS = ("ksl_ep", "ksl_ea")
 
 
 def _check_labels(labels: object, n: int, name: str) -> None:
