@@ -5,12 +5,17 @@ own batch and DDP gives the gradient of the mean of the per-rank losses.
 
 Starting processes is slow, so one spawn runs every multi-process case (module fixture `ddp_results`):
 each case is a module-level function (the spawned processes import this module) that raises on a
-mismatch; each rank records what every case raised, and the tests below read their case's result.
+mismatch; each rank records what every case raised, and the tests below read their case's result. A
+case that raises stops both ranks there (neither is left in a collective the other will not join), and
+a rank that dies is reported with the end of its stderr.
 """
 import datetime
+import faulthandler
 import json
 import os
+import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -33,19 +38,28 @@ BACKENDS = ["reference"] + (["fused"] if ksl_ops.backend() != "none" else [])
 
 
 def _worker(rank, init_file, out_dir, cases):
+    # This rank's stderr goes to a file that the fixtures show if the rank dies: a C++ abort's message
+    # ("terminate called after ...") and faulthandler's traceback of every thread name what it died in.
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(log, all_threads=True)
     torch.set_num_threads(1)
-    # A case that fails on one rank only must not leave the other waiting forever in a collective.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         for name, fn, args in cases:
+            print(f"case {name}", file=log)
             try:
                 fn(rank, *args)
-                results[name] = None
+                dist.barrier()
             except Exception:
+                # The other rank may be in a collective that this one will not join: stop, so that its
+                # collective fails at once on the closed connection (recorded there) instead of pairing
+                # with a different collective or waiting for the timeout. Later cases are not run.
                 results[name] = traceback.format_exc()
-            dist.barrier()
+                break
+            results[name] = None
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -217,10 +231,55 @@ CASES = ([(f"triplet-{b}-{m}", _triplet_cross_rank, (b, m)) for b in BACKENDS fo
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     """Spawn the 2 gloo ranks once and run every case; {case: [rank 0's error or None, rank 1's]}."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out / "init"), str(out), CASES), nprocs=WORLD, join=True)
+    try:
+        return _cases_on_ranks(CASES, tmp_path_factory, "ddp")
+    except _RankDied as exc:
+        pytest.fail(str(exc))
+
+
+class _RankDied(RuntimeError):
+    """A spawned rank ended by a signal, an exit code or an exception instead of returning."""
+
+    def __init__(self, report, by_signal):
+        super().__init__(report)
+        self.by_signal = by_signal
+
+
+def _spawn_cases(cases, out, lines=40):
+    """Run `cases` on WORLD spawned gloo ranks: {case: [rank 0's error or None, rank 1's]}. A rank that
+    dies raises _RankDied with the end of every rank's stderr: the case each was in, the C++ message,
+    faulthandler's tracebacks."""
+    try:
+        mp.spawn(_worker, args=(str(out / "init"), str(out), cases), nprocs=WORLD, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:  # a signal, an exit code, an exception
+        logs = []
+        for r in range(WORLD):
+            path = out / f"rank{r}.log"
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
+            logs.append(f"--- rank {r} stderr (last {lines} lines) ---\n" + "\n".join(tail))
+        raise _RankDied(f"a rank died: {exc}\n" + "\n".join(logs),
+                        by_signal=getattr(exc, "signal_name", None) is not None) from exc
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    return {name: [p.get(name, "not run") for p in per_rank] for name, _, _ in CASES}
+    return {name: [p.get(name, "not run: an earlier case failed") for p in per_rank] for name, _, _ in cases}
+
+
+def _cases_on_ranks(cases, tmp_path_factory, name):
+    """_spawn_cases, run once more from a fresh start if a rank was killed by a signal. gloo's TCP
+    transport handles socket events on its own threads, where an error it cannot hand to Python ends
+    the process (SIGABRT) whatever the cases compute. The first death is a warning with its whole
+    report; a second death, or one by an exit code or an exception, raises _RankDied. Every value is
+    compared on the run that completes, and a crash that a case always causes happens on both runs."""
+    try:
+        return _spawn_cases(cases, tmp_path_factory.mktemp(name))
+    except _RankDied as first:
+        if not first.by_signal:
+            raise
+        warnings.warn(f"{name}: a rank was killed by a signal; running the cases once more. {first}",
+                      stacklevel=1)
+    try:
+        return _spawn_cases(cases, tmp_path_factory.mktemp(name))
+    except _RankDied as second:
+        raise _RankDied(f"{second}\n(a rank had died the same way on the first run)", second.by_signal) from second
 
 
 def _expect(results, name):
@@ -269,13 +328,10 @@ MISMATCH_CASES = [("mismatched-dtypes", _mismatched_dtypes, ()), ("mismatched-de
 def mismatch_results(tmp_path_factory):
     """MISMATCH_CASES on 2 spawned gloo ranks; a rank that dies (a signal, an abort) makes every case
     report the crash instead of ending the test run."""
-    out = tmp_path_factory.mktemp("ddp-mismatch")
     try:
-        mp.spawn(_worker, args=(str(out / "init"), str(out), MISMATCH_CASES), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException as exc:
-        return {name: [f"a rank died: {exc}"] * WORLD for name, _, _ in MISMATCH_CASES}
-    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    return {name: [p.get(name, "not run") for p in per_rank] for name, _, _ in MISMATCH_CASES}
+        return _cases_on_ranks(MISMATCH_CASES, tmp_path_factory, "ddp-mismatch")
+    except _RankDied as exc:
+        return {name: [str(exc)] * WORLD for name, _, _ in MISMATCH_CASES}
 
 
 def test_mismatched_dtypes_across_ranks_raise_on_every_rank(mismatch_results):
@@ -284,6 +340,42 @@ def test_mismatched_dtypes_across_ranks_raise_on_every_rank(mismatch_results):
 
 def test_mismatched_devices_across_ranks_raise_on_every_rank(mismatch_results):
     _expect(mismatch_results, "mismatched-devices")
+
+
+def _abort_on_rank_1(rank):
+    if rank == 1:
+        os.abort()
+    time.sleep(60)  # rank 0 outside any collective until spawn ends it, so that rank 1 is the one reported
+
+
+def test_a_rank_killed_twice_is_reported_with_its_case_and_traceback(tmp_path_factory):
+    # What CI shows when a rank dies: a warning for the first death, then the signal, the case the rank
+    # was in and where in Python it was.
+    with pytest.warns(UserWarning, match="abort: a rank was killed by a signal; running the cases once more"):
+        with pytest.raises(_RankDied) as info:
+            _cases_on_ranks([("abort-on-rank-1", _abort_on_rank_1, ())], tmp_path_factory, "abort")
+    report = str(info.value)
+    assert "process 1 terminated with signal SIGABRT" in report and "on the first run" in report, report
+    rank1 = report.split("--- rank 1 stderr")[1]
+    assert "case abort-on-rank-1" in rank1, report
+    assert "Fatal Python error: Aborted" in rank1 and "in _abort_on_rank_1" in rank1, report
+
+
+def _raise_on_rank_1_before_a_collective(rank):
+    if rank == 1:
+        raise AssertionError("rank 1 alone fails")
+    ksl_ops.branch_triplet(torch.randn(B, 4, L), torch.arange(4), process_group=dist.group.WORLD)
+
+
+def test_a_case_failing_on_one_rank_stops_both_with_their_errors(tmp_path):
+    # Rank 1 raises while rank 0 enters an all-gather: rank 1 stops, and rank 0's all-gather fails on
+    # the closed connection (not on the 120 s timeout); the next case runs on neither.
+    results = _spawn_cases([("one-rank", _raise_on_rank_1_before_a_collective, ()),
+                            ("next", _unequal_shapes, ())], tmp_path)
+    rank0, rank1 = results["one-rank"]
+    assert "AssertionError: rank 1 alone fails" in rank1, rank1
+    assert "RuntimeError" in rank0 and "all_gather" in rank0 and "imeout" not in rank0, rank0
+    assert results["next"] == ["not run: an earlier case failed"] * WORLD
 
 
 def test_process_group_without_init_raises():
