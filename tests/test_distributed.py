@@ -279,7 +279,8 @@ def _cases_on_ranks(cases, tmp_path_factory, name):
     try:
         return _spawn_cases(cases, tmp_path_factory.mktemp(name))
     except _RankDied as second:
-        raise _RankDied(f"{second}\n(a rank had died the same way on the first run)", second.by_signal) from second
+        raise _RankDied(f"{second}\n(on the first run a rank had been killed by a signal)",
+                        second.by_signal) from second
 
 
 def _expect(results, name):
